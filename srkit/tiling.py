@@ -1,0 +1,182 @@
+"""One tiler for pixel and latent space: tile grids, blending weights, and OOM back-off.
+
+Why tiles at all: memory.  Why blending: a network sees less context at a tile's border, so hard-edged tiles
+(Real-ESRGAN's tiler) leave seams on flat regions and gradients.  Here neighbouring tiles overlap and are
+blended with weights that are zero near each tile's inner borders, so every output pixel comes from tile
+interiors.  The grid is a Cartesian product of per-axis plans, and every weight is a product of per-axis
+weights, so normalising each axis to sum to one normalises the 2-D blend exactly, with no weight-sum
+accumulator the size of the output.  Input and output stay on the CPU; only tiles move to the device.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+TileFn = Callable[[torch.Tensor], torch.Tensor]
+WeightFn = Callable[[int, int, int], torch.Tensor]
+"""(tile length, overlap with the previous tile, overlap with the next tile; 0 = none) -> 1-D weights."""
+
+
+def plan_axis(length: int, tile: int, overlap: int) -> list[int]:
+    """Tile starts along one axis: the fewest tiles with at least `overlap` shared, spread evenly.
+
+    Even spreading (rather than full tiles plus one thin remainder) keeps every overlap about equal, so no tile
+    is blended over a sliver.
+    """
+    if tile >= length:
+        return [0]
+    if overlap >= tile:
+        raise ValueError(f"tile overlap ({overlap}) must be smaller than the tile ({tile})")
+    count = math.ceil((length - overlap) / (tile - overlap))
+    stride = (length - tile) / (count - 1)
+    return [round(i * stride) for i in range(count)]
+
+
+def feather_weights(length: int, before: int, after: int) -> torch.Tensor:
+    """Raised-cosine ramps over the central half of each shared overlap; flat where there is no neighbour.
+
+    The outer quarter of an overlap gets weight 0, so border-affected pixels never reach the output.
+    """
+    pos = torch.arange(length, dtype=torch.float64) + 0.5
+
+    def ramp(distance: torch.Tensor, overlap: int) -> torch.Tensor:
+        if overlap <= 0:
+            return torch.ones_like(distance)
+        margin = overlap / 4
+        r = ((distance - margin) / (overlap - 2 * margin)).clamp(0, 1)
+        return 0.5 - 0.5 * torch.cos(math.pi * r)
+
+    return ramp(pos, before) * ramp(length - pos, after)
+
+
+def gaussian_weights(length: int, before: int, after: int, var: float = 0.01) -> torch.Tensor:
+    """The Gaussian tile weights of the diffusion-SR repos (relative variance 0.01, centred on the tile)."""
+    midpoint = (length - 1) / 2
+    x = torch.arange(length, dtype=torch.float64)
+    return torch.exp(-((x - midpoint) ** 2) / (length * length) / (2 * var)) / math.sqrt(2 * math.pi * var)
+
+
+def axis_weights(starts: Sequence[int], tile: int, length: int, weight_fn: WeightFn) -> list[torch.Tensor]:
+    """Per-tile weights along one axis, normalised so that they sum to one at every position."""
+    total = torch.zeros(length, dtype=torch.float64)
+    raw = []
+    for index, start in enumerate(starts):
+        size = min(tile, length - start)
+        before = starts[index - 1] + tile - start if index > 0 else 0
+        after = start + size - starts[index + 1] if index + 1 < len(starts) else 0
+        w = weight_fn(size, before, after)
+        raw.append(w)
+        total[start : start + size] += w
+    if (total <= 0).any():
+        raise ValueError("tile weights leave positions uncovered; increase the overlap")
+    return [w / total[s : s + w.numel()] for w, s in zip(raw, starts)]
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """Tile starts in input coordinates and the blending weights in output coordinates."""
+
+    ys: list[int]
+    xs: list[int]
+    tile: int
+    scale: int
+    wy: list[torch.Tensor]
+    wx: list[torch.Tensor]
+
+    @classmethod
+    def plan(
+        cls, height: int, width: int, tile: int, overlap: int, scale: int = 1, weight_fn: WeightFn = feather_weights
+    ) -> TileGrid:
+        ys, xs = plan_axis(height, tile, overlap), plan_axis(width, tile, overlap)
+        out_tile = tile * scale
+        wy = axis_weights([y * scale for y in ys], out_tile, height * scale, weight_fn)
+        wx = axis_weights([x * scale for x in xs], out_tile, width * scale, weight_fn)
+        return cls(ys, xs, tile, scale, wy, wx)
+
+    def __len__(self) -> int:
+        return len(self.ys) * len(self.xs)
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    )
+
+
+def run_tiled(
+    fn: TileFn,
+    image: torch.Tensor,
+    scale: int,
+    tile: int | None,
+    overlap: int,
+    *,
+    weight_fn: WeightFn = feather_weights,
+    min_tile: int = 32,
+    on_tile: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """Apply `fn` (B,C,h,w -> B,C',h*scale,w*scale) to `image` tile by tile and blend the results.
+
+    `image` and the result live where `image` lives (the CPU); `fn` moves each tile to its device.  When a tile
+    runs out of memory, that tile and every later one are processed as sub-tiled pieces of half the size, so the
+    work already done is kept ("halve and resume").
+    """
+    _, _, height, width = image.shape
+    if tile is None or (height <= tile and width <= tile):
+        return _call_with_backoff(fn, image, scale, tile or max(height, width), overlap, weight_fn, min_tile)
+    grid = TileGrid.plan(height, width, tile, overlap, scale, weight_fn)
+    out: torch.Tensor | None = None
+    inner = tile
+    done = 0
+    for iy, y in enumerate(grid.ys):
+        for ix, x in enumerate(grid.xs):
+            piece = image[:, :, y : y + tile, x : x + tile]
+            if inner >= tile:
+                try:
+                    result = fn(piece)
+                except Exception as exc:  # noqa: BLE001 - only OOM is handled, the rest re-raised
+                    if not is_oom(exc):
+                        raise
+                    _free_cuda_cache()
+                    inner = _halve(tile, min_tile, exc)
+                    result = run_tiled(fn, piece, scale, inner, overlap, weight_fn=weight_fn, min_tile=min_tile)
+            else:
+                result = run_tiled(fn, piece, scale, inner, overlap, weight_fn=weight_fn, min_tile=min_tile)
+            result = result.to(image.device, torch.float32)
+            if out is None:
+                out = torch.zeros(
+                    (image.shape[0], result.shape[1], height * scale, width * scale), dtype=torch.float32
+                )
+            weight = (grid.wy[iy][:, None] * grid.wx[ix][None, :]).to(torch.float32)
+            oy, ox = y * scale, x * scale
+            out[:, :, oy : oy + result.shape[2], ox : ox + result.shape[3]] += result * weight
+            done += 1
+            if on_tile:
+                on_tile(done, len(grid))
+    assert out is not None
+    return out
+
+
+def _call_with_backoff(fn, image, scale, tile, overlap, weight_fn, min_tile) -> torch.Tensor:
+    try:
+        return fn(image)
+    except Exception as exc:  # noqa: BLE001
+        if not is_oom(exc):
+            raise
+        _free_cuda_cache()
+        return run_tiled(fn, image, scale, _halve(tile, min_tile, exc), overlap, weight_fn=weight_fn, min_tile=min_tile)
+
+
+def _halve(tile: int, min_tile: int, exc: BaseException) -> int:
+    half = tile // 2
+    if half < min_tile:
+        raise MemoryError(f"out of memory even with {tile}-pixel tiles; free device memory or use --device cpu") from exc
+    return half
+
+
+def _free_cuda_cache() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
