@@ -32,10 +32,6 @@ class EngineSpec:
     tiling: TilingSpace = "pixel"
     cuda_dtypes: tuple[str, ...] = ("float16", "bfloat16", "float32")
     stochastic: bool = False
-    min_size: int = 1
-    """Smallest input side the network accepts; smaller inputs are reflect-padded by the api."""
-    multiple_of: int = 1
-    """Input sides must be a multiple of this (the api pads and crops)."""
 
 
 @dataclass

