@@ -88,11 +88,6 @@ def read_image(path: str | Path) -> ImageData:
         raise ImageReadError(f"{path} is empty (0 bytes)")
     header = _read_header(path)
     width, height = header.size
-    if width * height > max_pixels():
-        raise ImageReadError(
-            f"{path} is {width}x{height} ({width * height / 1e6:.0f} MP), above the {max_pixels() / 1e6:.0f} MP "
-            "safety limit; set SRKIT_MAX_PIXELS to allow it"
-        )
     exif = header.exif
     orientation = exif.get(EXIF_ORIENTATION, 1)
     pixels, alpha, depth = _decode(raw, header, path)
@@ -123,16 +118,43 @@ class _Header:
 
 
 def _read_header(path: Path) -> _Header:
-    """Format, size and metadata without decoding pixels (Pillow opens lazily)."""
+    """Format, size and metadata without decoding pixels (Pillow opens lazily); refuses oversized images."""
     try:
         with Image.open(path) as image:
-            return _Header(image.format or "?", image.mode, image.size, image.getexif(), image.info.get("icc_profile"))
+            width, height = image.size
+            if width * height > max_pixels():
+                raise ImageReadError(
+                    f"{path} is {width}x{height} ({width * height / 1e6:.0f} MP), above the "
+                    f"{max_pixels() / 1e6:.0f} MP safety limit; set SRKIT_MAX_PIXELS to allow it"
+                )
+            exif = _png_exif(path) if image.format == "PNG" else image.getexif()
+            return _Header(image.format or "?", image.mode, image.size, exif, image.info.get("icc_profile"))
     except Image.DecompressionBombError:
         raise ImageReadError(f"{path} declares absurd dimensions (decompression bomb); refused") from None
     except UnidentifiedImageError:
         raise ImageReadError(f"{path} is not an image or its format is not supported") from None
-    except (OSError, SyntaxError, ValueError) as exc:
+    except (OSError, SyntaxError, ValueError, struct.error) as exc:
+        if isinstance(exc, ImageReadError):
+            raise
         raise ImageReadError(f"{path} has a corrupt header: {exc}") from None
+
+
+def _png_exif(path: Path) -> Image.Exif:
+    """The eXIf chunk of a PNG, found by walking chunk headers (Pillow would decode the whole image for it)."""
+    exif = Image.Exif()
+    with open(path, "rb") as fh:
+        fh.seek(8)
+        while header := fh.read(8):
+            if len(header) < 8:
+                break
+            length, kind = struct.unpack(">I4s", header)
+            if kind == b"eXIf":
+                exif.load(b"Exif\x00\x00" + fh.read(length))
+                break
+            if kind == b"IEND":
+                break
+            fh.seek(length + 4, os.SEEK_CUR)
+    return exif
 
 
 def _decode(raw: bytes, header: _Header, path: Path) -> tuple[np.ndarray, np.ndarray | None, int]:

@@ -82,9 +82,10 @@ class _BlobReader:
 
 def read_weights(param_path: Path, bin_path: Path) -> list[tuple[str, list[torch.Tensor]]]:
     """(layer kind, [tensors]) for every layer that carries weights, in file order."""
+    layers = parse_param(param_path)
     reader = _BlobReader(Path(bin_path).read_bytes())
     found: list[tuple[str, list[torch.Tensor]]] = []
-    for layer in parse_param(param_path):
+    for layer in layers:
         if layer.kind == "Convolution":
             out_ch, k = layer.int_param(0), layer.int_param(1, 1)
             size = layer.int_param(6)

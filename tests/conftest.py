@@ -1,0 +1,64 @@
+"""Shared fixtures: an isolated weights cache, tiny official-layout checkpoints, and generated images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+def compact_state_dict(num_feat: int = 8, num_conv: int = 2, scale: int = 4, seed: int = 0) -> dict:
+    """Official SRVGGNetCompact keys (body.N over convolutions and PReLUs) with random values."""
+    gen = torch.Generator().manual_seed(seed)
+    state: dict[str, torch.Tensor] = {}
+    index = 0
+    channels_in = 3
+    for _ in range(num_conv + 1):
+        state[f"body.{index}.weight"] = torch.randn(num_feat, channels_in, 3, 3, generator=gen) * 0.1
+        state[f"body.{index}.bias"] = torch.randn(num_feat, generator=gen) * 0.01
+        state[f"body.{index + 1}.weight"] = torch.full((num_feat,), 0.25)
+        index += 2
+        channels_in = num_feat
+    state[f"body.{index}.weight"] = torch.randn(3 * scale * scale, num_feat, 3, 3, generator=gen) * 0.05
+    state[f"body.{index}.bias"] = torch.zeros(3 * scale * scale)
+    return state
+
+
+@pytest.fixture(autouse=True)
+def srkit_home(tmp_path_factory, monkeypatch) -> Path:
+    """Every test gets the same session cache, never the user's ~/.cache/srkit, and never the network."""
+    home = tmp_path_factory.getbasetemp() / "srkit-home"
+    monkeypatch.setenv("SRKIT_HOME", str(home))
+    monkeypatch.setenv("SRKIT_OFFLINE", "1")
+    return home
+
+
+@pytest.fixture(scope="session")
+def tiny_compact_pth(tmp_path_factory) -> Path:
+    """A tiny x4 compact model saved like the official release files (dict with params_ema)."""
+    path = tmp_path_factory.mktemp("weights") / "tiny_compact_x4.pth"
+    torch.save({"params_ema": compact_state_dict()}, path)
+    return path
+
+
+def smooth_image(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """Float32 H×W×3 test picture: gradients plus a few soft blobs (no flat areas that hide errors)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    image = np.stack([x / width, y / height, 0.5 + 0.3 * np.sin(x / 9 + y / 13)], axis=2)
+    for _ in range(6):
+        cy, cx, r = rng.uniform(0, height), rng.uniform(0, width), rng.uniform(6, 30)
+        image += 0.15 * np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / (2 * r * r))[:, :, None] * rng.uniform(-1, 1, 3)
+    return np.clip(image, 0, 1).astype(np.float32)
+
+
+def shared_data(*parts: str) -> Path:
+    path = SHARED.joinpath("data", *parts)
+    if not path.exists():
+        pytest.skip(f"{path} is absent (benchmark data lives in the workspace's shared/ folder, not in the repo)")
+    return path
