@@ -21,6 +21,7 @@ from PIL import Image
 
 import srkit.engines  # noqa: F401  (declares the model names)
 from srkit import registry
+from srkit.alpha import bleed_colour
 from srkit.engines.base import Engine, EngineSpec, WeightsSet, build_options, get_engine
 from srkit.imageio import WRITE_FORMATS, ImageData, ImageReadError, is_image_path, read_image, write_image
 from srkit.tiling import run_tiled
@@ -182,11 +183,11 @@ class Upscaler:
         resize_filter: str = "lanczos",
         seed: int | None = None,
     ) -> ImageData:
-        """Upscale one decoded image: premultiplied alpha, gray kept gray, final resize to `scale`."""
+        """Upscale one decoded image: alpha (see srkit.alpha), gray kept gray, final resize to `scale`."""
         if alpha not in ALPHA_MODES:
             raise ValueError(f"--alpha must be one of {', '.join(ALPHA_MODES)}")
         rgb = image.rgb()
-        planes = [rgb * image.alpha[:, :, None] if image.alpha is not None and alpha != "drop" else rgb]
+        planes = [bleed_colour(rgb, image.alpha) if image.alpha is not None and alpha != "drop" else rgb]
         if image.alpha is not None and alpha == "model":
             planes.append(np.repeat(image.alpha[:, :, None], 3, axis=2))
         batch = torch.from_numpy(np.stack(planes)).permute(0, 3, 1, 2).contiguous()
@@ -200,7 +201,6 @@ class Upscaler:
                 out_alpha = resize_array(image.alpha[:, :, None], out_rgb.shape[1], out_rgb.shape[0], resize_filter)[
                     :, :, 0
                 ]
-            out_rgb = unpremultiply(out_rgb, out_alpha)
         target_w, target_h = target_size(image.width, image.height, scale or self.spec.scale)
         if (target_w, target_h) != (out_rgb.shape[1], out_rgb.shape[0]):
             out_rgb = resize_array(out_rgb, target_w, target_h, resize_filter)
@@ -242,12 +242,6 @@ def resize_array(array: np.ndarray, width: int, height: int, resize_filter: str)
         for c in range(array.shape[2])
     ]
     return np.stack(channels, axis=2)
-
-
-def unpremultiply(rgb: np.ndarray, alpha: np.ndarray, floor: float = 1 / 512) -> np.ndarray:
-    """Undo premultiplication; where alpha is ~0 the colour is meaningless and left black."""
-    safe = np.maximum(alpha, floor)[:, :, None]
-    return np.where(alpha[:, :, None] > floor, np.clip(rgb / safe, 0, 1), 0.0).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -203,6 +203,8 @@ def download(url: str, dest: Path, sha256: str | None, progress: Callable[[int, 
                 done += len(chunk)
                 if progress:
                     progress(done, total)
+    if total is not None and done < total:
+        raise WeightsError(f"download of {url} stopped at {done} of {total} bytes; run the command again to resume")
     if sha256 and (got := sha256_of(part)) != sha256:
         part.unlink()
         raise WeightsError(f"checksum mismatch for {url}: expected {sha256}, got {got}; the partial file was removed")

@@ -1,0 +1,120 @@
+"""Weights registry: the table is complete, sources are tried in order, downloads resume and verify."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import threading
+from pathlib import Path
+
+import pytest
+
+from srkit import registry
+from srkit.engines.base import get_engine, model_names
+
+
+def test_every_entry_is_complete():
+    reg = registry.load_registry()
+    for name, entry in reg.entries.items():
+        assert entry.files, name
+        assert entry.licence and entry.licence != "unknown", name
+        for file in entry.files:
+            assert file.sources or entry.status == "unreleased", f"{name}/{file.path} has no source"
+            assert file.sha256 is None or len(file.sha256) == 64
+
+
+def test_every_model_names_registered_weights():
+    reg = registry.load_registry()
+    for name in model_names():
+        try:
+            _, spec = get_engine(name)
+        except ImportError:
+            continue
+        for key in spec.weights:
+            assert key in reg.entries, f"model {name} needs unregistered weights {key}"
+
+
+def test_embedded_default_builds_offline_from_the_wheel(srkit_home):
+    path = registry.resolve("realesrgan-x4plus", offline=True, log=lambda m: None)
+    assert path.suffix == ".safetensors" and path.is_relative_to(srkit_home)
+    assert registry.is_cached(registry.load_registry().entry("realesrgan-x4plus"))
+    assert [status for _, status in registry.verify("realesrgan-x4plus")] == ["unverified"]
+
+
+def test_offline_without_a_local_source_says_what_to_run():
+    with pytest.raises(registry.WeightsError, match=r"srkit weights pull realesrgan-x2plus"):
+        registry.resolve("realesrgan-x2plus", offline=True)
+
+
+class _RangeHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves files with Range support; the first request for a file is cut short to force a resume."""
+
+    cut_once: set[str] = set()
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):  # noqa: N802
+        data = Path(self.directory, self.path.lstrip("/")).read_bytes()
+        start = int(self.headers.get("Range", "bytes=0-").split("=")[1].split("-")[0])
+        body = data[start:]
+        self.send_response(206 if start else 200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.path not in self.cut_once:
+            self.cut_once.add(self.path)
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            self.connection.close()
+            return
+        self.wfile.write(body)
+
+
+@pytest.fixture()
+def server(tmp_path):
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = lambda *a, **k: _RangeHandler(*a, directory=str(root), **k)  # noqa: E731
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def test_download_resumes_and_verifies(server, tmp_path):
+    root, base = server
+    payload = bytes(range(256)) * 4000
+    (root / "w.bin").write_bytes(payload)
+    dest = tmp_path / "cache" / "w.bin"
+    digest = hashlib.sha256(payload).hexdigest()
+    with pytest.raises(Exception):
+        registry.download(f"{base}/w.bin", dest, digest)  # the connection drops half-way
+    assert not dest.exists() and dest.with_name("w.bin.part").exists()
+    registry.download(f"{base}/w.bin", dest, digest)  # resumes from the .part file
+    assert dest.read_bytes() == payload and not dest.with_name("w.bin.part").exists()
+
+
+def test_download_with_a_wrong_hash_is_rejected(server, tmp_path):
+    root, base = server
+    (root / "x.bin").write_bytes(b"abc" * 100)
+    _RangeHandler.cut_once.add("/x.bin")
+    with pytest.raises(registry.WeightsError, match="checksum mismatch"):
+        registry.download(f"{base}/x.bin", tmp_path / "x.bin", "0" * 64)
+    assert not (tmp_path / "x.bin").exists() and not (tmp_path / "x.bin.part").exists()
+
+
+def test_import_verifies_the_registered_hash(tmp_path):
+    fake = tmp_path / "RealESRGAN_x2plus.pth"
+    fake.write_bytes(b"not the real weights")
+    with pytest.raises(registry.WeightsError, match="sha256"):
+        registry.import_file("realesrgan-x2plus", fake)
+
+
+def test_import_of_a_file_without_hash_lands_in_the_cache(tmp_path, srkit_home):
+    fake = tmp_path / "RealESRNet_x4plus.pth"
+    fake.write_bytes(b"user supplied")
+    dest = registry.import_file("realesrnet-x4plus", fake)
+    assert dest == srkit_home / "weights" / "realesrnet-x4plus" / "RealESRNet_x4plus.pth"
+    assert dest.read_bytes() == b"user supplied"
+    dest.unlink()
