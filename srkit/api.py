@@ -383,7 +383,10 @@ def upscale_paths(
     """Upscale files/folders/globs into `output`; each file succeeds or fails on its own."""
     report = BatchReport(model)
     found, missing = collect_inputs(inputs, recursive, lambda m: (report.warnings.append(m), warn(m)))
-    report.results += [FileResult(m, "failed", error=f"{m}: no such file or folder") for m in missing]
+    for item in missing:
+        report.results.append(FileResult(item, "failed", error="no such file or folder"))
+        if on_file:
+            on_file(report.results[-1], 0, len(found))
     if samples < 1:
         raise ValueError("--samples must be at least 1")
     if upscaler is None and found:

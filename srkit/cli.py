@@ -18,8 +18,8 @@ from srkit.engines.base import get_engine, model_names
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Super-resolution: GAN and one-step diffusion models.")
 weights_app = typer.Typer(no_args_is_help=True, help="List, fetch, verify and import model weights.")
 app.add_typer(weights_app, name="weights")
-err = Console(stderr=True)
-out = Console()
+err = Console(stderr=True, soft_wrap=True)  # one message = one line, whatever the width
+out = Console(width=None if sys.stdout.isatty() else 200)  # pipes and files get whole lines
 
 
 class CliError(Exception):
@@ -152,6 +152,15 @@ def weights_status(name: str) -> str:
     return "not cached"
 
 
+def _table(*columns: str) -> Table:
+    """Names never wrap or get cut (scripts grep them); only the last column folds."""
+    table = Table()
+    for index, column in enumerate(columns):
+        last = index == len(columns) - 1
+        table.add_column(column, no_wrap=not last, overflow="fold" if last else "ellipsis")
+    return table
+
+
 @app.command()
 def models(name: Annotated[Optional[str], typer.Argument(help="Show one model's options.")] = None) -> None:
     """List the models: native scale, steps, weights status and licence."""
@@ -170,7 +179,7 @@ def models(name: Annotated[Optional[str], typer.Argument(help="Show one model's 
             table.add_row(fld.name, str(fld.type), repr(default))
         out.print(table)
         return
-    table = Table("model", "scale", "steps", "weights", "licence", "description")
+    table = _table("model", "scale", "steps", "weights", "licence", "description")
     for model_name in model_names():
         try:
             _, spec = get_engine(model_name)
@@ -185,7 +194,7 @@ def models(name: Annotated[Optional[str], typer.Argument(help="Show one model's 
 @weights_app.command("list")
 def weights_list() -> None:
     """Every registered checkpoint, its status and licence."""
-    table = Table("name", "engine", "format", "status", "licence")
+    table = _table("name", "engine", "format", "status", "licence")
     for name, entry in registry.load_registry().entries.items():
         table.add_row(name, entry.engine, entry.format, weights_status(name), entry.licence)
     out.print(table)

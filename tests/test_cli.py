@@ -1,0 +1,122 @@
+"""The `srkit` command line through Typer's runner, plus one real subprocess run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from srkit.cli import app
+
+runner = CliRunner()
+REPO = Path(__file__).resolve().parents[1]
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+@pytest.fixture()
+def photos(tmp_path) -> Path:
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.jpg", "sub/c.png"):
+        Image.fromarray(rng.integers(0, 255, (10, 14, 3), dtype=np.uint8)).save(folder / name)
+    return folder
+
+
+def test_upscale_a_folder_recursively_with_json(photos, tmp_path, tiny_compact_pth):
+    result = invoke("upscale", str(photos), "-o", str(tmp_path / "out"), "-r", "--json",
+                    "--model", "realesr-animevideov3", "--weights", str(tiny_compact_pth))
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["counts"] == {"ok": 3, "skipped": 0, "failed": 0}
+    assert Image.open(tmp_path / "out" / "sub" / "c.png").size == (56, 40)
+    assert (tmp_path / "out" / "b.jpg").exists()
+
+
+def test_exit_code_is_nonzero_when_any_file_fails(photos, tmp_path, tiny_compact_pth):
+    (photos / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnope")
+    result = invoke("upscale", str(photos), "-o", str(tmp_path / "out"), "--weights", str(tiny_compact_pth),
+                    "--model", "realesr-animevideov3", "-q")
+    assert result.exit_code == 1
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "b.jpg"]
+
+
+def test_scale_ext_suffix_and_skip_existing(photos, tmp_path, tiny_compact_pth):
+    common = ["--model", "realesr-animevideov3", "--weights", str(tiny_compact_pth), "-q"]
+    result = invoke("upscale", str(photos / "a.png"), "-o", str(tmp_path / "o"), "--scale", "1.5",
+                    "--ext", "webp", "--suffix", "_big", *common)
+    assert result.exit_code == 0
+    assert Image.open(tmp_path / "o" / "a_big.webp").size == (21, 15)
+    again = invoke("upscale", str(photos / "a.png"), "-o", str(tmp_path / "o"), "--ext", "webp",
+                   "--suffix", "_big", "--skip-existing", "--json", *common)
+    assert json.loads(again.stdout)["counts"]["skipped"] == 1
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["upscale", "x.png", "--model", "nope"], "unknown model 'nope'"),
+        (["upscale", "x.png", "--model", "realesrgan-x2plus", "--offline"], "srkit weights pull realesrgan-x2plus"),
+        (["upscale", "x.png", "--option", "guidance"], "key=value"),
+        (["upscale", "x.png", "--guidance", "2"], "not known to this model"),
+    ],
+)
+def test_bad_usage_is_one_clear_line(tmp_path, args, message):
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    os.chdir(tmp_path)
+    result = invoke(*args)
+    assert result.exit_code == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_missing_input_fails(tmp_path):
+    result = invoke("upscale", str(tmp_path / "missing.png"))
+    assert result.exit_code == 1
+    assert "no such file" in result.stderr or "no input" in result.stderr
+
+
+def test_models_and_weights_listings():
+    models = invoke("models")
+    assert models.exit_code == 0 and "realesrgan-x4plus" in models.stdout and "BSD-3-Clause" in models.stdout
+    detail = invoke("models", "realesr-general-x4v3")
+    assert detail.exit_code == 0 and "denoise_strength" in detail.stdout
+    weights = invoke("weights", "list")
+    assert weights.exit_code == 0 and "realesrgan-x4plus" in weights.stdout
+
+
+def test_weights_path_pull_verify_offline(srkit_home):
+    assert invoke("weights", "path", "realesrgan-x4plus").stdout.strip().startswith(str(srkit_home))
+    pulled = invoke("weights", "pull", "realesr-animevideov3")
+    assert pulled.exit_code == 0
+    assert "unverified" in invoke("weights", "verify", "realesr-animevideov3").stdout
+    failed = invoke("weights", "pull", "realesrnet-x4plus")
+    assert failed.exit_code == 1 and "srkit weights import realesrnet-x4plus" in failed.stderr
+
+
+@pytest.mark.parametrize("command", ["finetune", "distill"])
+def test_training_commands_say_they_are_not_built(command):
+    result = invoke(command, "--recipe", "gdpo")
+    assert result.exit_code == 2 and "not built yet" in result.stderr
+
+
+def test_real_subprocess_upscale_of_the_example(tmp_path):
+    """The README's promise: the embedded default upscales the example photo offline."""
+    env = {**os.environ, "SRKIT_OFFLINE": "1"}
+    out = tmp_path / "photo_x4.png"
+    done = subprocess.run(
+        [sys.executable, "-m", "srkit.cli", "upscale", str(REPO / "examples" / "photo.png"), "-o", str(out), "-q"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    assert Image.open(out).size == (512, 512)
