@@ -154,6 +154,7 @@ class Upscaler:
     def generator(self, seed: int) -> torch.Generator:
         return torch.Generator(self.device).manual_seed(seed)
 
+    @torch.inference_mode()
     def upscale_tensor(self, batch: torch.Tensor, seed: int | None = None) -> torch.Tensor:
         """CPU Tensor[B,3,h,w] in [0,1] -> CPU Tensor[B,3,h·s,w·s]; tiles go to the device one at a time."""
         seed = self.engine.options.seed if seed is None else seed
@@ -162,7 +163,7 @@ class Upscaler:
             self.log(f"{self.spec.name}: non-finite output in {self.engine.dtype}; retrying in fp32")
             self.engine.to_dtype(torch.float32)
             output = self._run(batch, seed)
-        return output.clamp(0, 1)
+        return output.clamp_(0, 1)  # in place: the output is the largest buffer of a run
 
     def _run(self, batch: torch.Tensor, seed: int) -> torch.Tensor:
         generator = self.generator(seed) if self.spec.stochastic else None
@@ -203,12 +204,12 @@ class Upscaler:
                 ]
         target_w, target_h = target_size(image.width, image.height, scale or self.spec.scale)
         if (target_w, target_h) != (out_rgb.shape[1], out_rgb.shape[0]):
-            out_rgb = resize_array(out_rgb, target_w, target_h, resize_filter)
+            out_rgb = np.clip(resize_array(out_rgb, target_w, target_h, resize_filter), 0, 1)
             if out_alpha is not None:
-                out_alpha = resize_array(out_alpha[:, :, None], target_w, target_h, resize_filter)[:, :, 0]
+                out_alpha = np.clip(resize_array(out_alpha[:, :, None], target_w, target_h, resize_filter)[:, :, 0], 0, 1)
         if image.is_gray:
             out_rgb = out_rgb.mean(axis=2, keepdims=True)
-        return image.with_pixels(np.clip(out_rgb, 0, 1).astype(np.float32), out_alpha)
+        return image.with_pixels(out_rgb, out_alpha)
 
     def upscale(self, image: Image.Image | np.ndarray, **kwargs: Any) -> Image.Image | np.ndarray:
         """PIL image -> PIL image (8-bit), or float32 H×W×3 array in [0,1] -> array. kwargs as `process`."""

@@ -227,8 +227,12 @@ def output_format(path: Path) -> str:
 
 
 def to_integer(values: np.ndarray, bit_depth: int) -> np.ndarray:
+    """Round to 8 or 16 bits with one float temporary (outputs can be gigabytes)."""
     top = 65535 if bit_depth == 16 else 255
-    return np.rint(np.clip(values, 0, 1) * top).astype(np.uint16 if bit_depth == 16 else np.uint8)
+    scaled = np.multiply(values, top, dtype=np.float32)
+    np.clip(scaled, 0, top, out=scaled)
+    np.rint(scaled, out=scaled)
+    return scaled.astype(np.uint16 if bit_depth == 16 else np.uint8)
 
 
 def encode_image(image: ImageData, fmt: str, quality: int = 95) -> bytes:

@@ -169,3 +169,43 @@ def test_denoise_strength_interpolates_the_two_general_models(tmp_path, tiny_com
         assert np.allclose(outs[1.0], plain, atol=1e-6)
     finally:
         (srkit_home / "weights" / "realesr-general-wdn-x4v3" / wdn.name).unlink()
+
+
+class _HalfEngineThatOverflows:
+    """Stands in for a CUDA fp16 engine whose output overflows to NaN until it is switched to fp32."""
+
+    def __init__(self):
+        import torch
+
+        self.device, self.dtype = torch.device("cpu"), torch.float16
+        self.options = type("Options", (), {"seed": 0})()
+
+    def upscale(self, batch, generator=None):
+        import torch
+
+        up = torch.nn.functional.interpolate(batch, scale_factor=2)
+        return up * float("nan") if self.dtype == torch.float16 else up
+
+    def to_dtype(self, dtype):
+        self.dtype = dtype
+
+
+def test_non_finite_half_output_is_retried_in_fp32():
+    import torch
+
+    from srkit.api import Upscaler
+    from srkit.engines.base import EngineSpec
+
+    spec = EngineSpec("fake", 2, 1, (), "none", "test double")
+    messages: list[str] = []
+    upscaler = Upscaler(_HalfEngineThatOverflows(), spec, None, 8, messages.append)
+    out = upscaler.upscale_tensor(torch.rand(1, 3, 4, 4))
+    assert torch.isfinite(out).all() and out.shape == (1, 3, 8, 8)
+    assert upscaler.engine.dtype == torch.float32 and "retrying in fp32" in messages[0]
+
+
+def test_glob_inputs(tmp_path, fast_engine):
+    for name in ("a.png", "b.png", "c.jpg"):
+        Image.new("RGB", (6, 6)).save(tmp_path / name)
+    report = upscale_paths([str(tmp_path / "*.png")], tmp_path / "out", upscaler=fast_engine)
+    assert sorted(r.input.split("/")[-1] for r in report.results) == ["a.png", "b.png"]
