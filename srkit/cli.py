@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -44,16 +44,16 @@ def _engine_options(pairs: list[str], named: dict[str, Any]) -> dict[str, Any]:
 @app.command()
 def upscale(
     inputs: Annotated[list[str], typer.Argument(help="Image files, folders or glob patterns.")],
-    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output file (one input) or folder.")] = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Output file (one input) or folder.")] = None,
     model: Annotated[str, typer.Option("-m", "--model", help="Model name; see `srkit models`.")] = api.DEFAULT_MODEL,
-    scale: Annotated[Optional[float], typer.Option("-s", "--scale", help="Output scale (default: the model's).")] = None,
+    scale: Annotated[float | None, typer.Option("-s", "--scale", help="Output scale (default: the model's).")] = None,
     resize_filter: Annotated[str, typer.Option("--resize-filter", help="Filter for the final resize to --scale.")] = "lanczos",
     tile: Annotated[str, typer.Option("--tile", help="Pixel tile size: auto, a number, or 0 for none.")] = "auto",
     tile_overlap: Annotated[int, typer.Option("--tile-overlap", help="Tile overlap in input pixels.")] = api.DEFAULT_OVERLAP,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="auto (fp32 on CPU, bf16/fp16 on CUDA), fp32, fp16, bf16.")] = "auto",
-    weights: Annotated[Optional[Path], typer.Option("--weights", help="Use this checkpoint instead of the registry's.")] = None,
-    suffix: Annotated[Optional[str], typer.Option("--suffix", help="Appended to output names (default: '' in -o, else _x{scale}).")] = None,
+    weights: Annotated[Path | None, typer.Option("--weights", help="Use this checkpoint instead of the registry's.")] = None,
+    suffix: Annotated[str | None, typer.Option("--suffix", help="Appended to output names (default: '' in -o, else _x{scale}).")] = None,
     ext: Annotated[str, typer.Option("--ext", help="Output format: auto (as input), png, jpg, webp, tif.")] = "auto",
     recursive: Annotated[bool, typer.Option("-r", "--recursive", help="Descend into sub-folders.")] = False,
     skip_existing: Annotated[bool, typer.Option("--skip-existing", help="Skip inputs whose output exists.")] = False,
@@ -62,10 +62,10 @@ def upscale(
     seed: Annotated[int, typer.Option("--seed", help="Seed for every random draw.")] = 0,
     quality: Annotated[int, typer.Option("--quality", help="JPEG/WebP quality.")] = 95,
     offline: Annotated[bool, typer.Option("--offline", help="Never touch the network (also SRKIT_OFFLINE=1).")] = False,
-    denoise_strength: Annotated[Optional[float], typer.Option("--denoise-strength", help="realesr-general-x4v3: 0 keeps noise, 1 removes it.")] = None,
-    guidance: Annotated[Optional[float], typer.Option("--guidance", help="Diffusion models with CFG: guidance scale.")] = None,
-    color_fix: Annotated[Optional[str], typer.Option("--color-fix", help="Diffusion models: wavelet, adain or none.")] = None,
-    prompt: Annotated[Optional[str], typer.Option("--prompt", help="Diffusion models: positive prompt.")] = None,
+    denoise_strength: Annotated[float | None, typer.Option("--denoise-strength", help="realesr-general-x4v3: 0 keeps noise, 1 removes it.")] = None,
+    guidance: Annotated[float | None, typer.Option("--guidance", help="Diffusion models with CFG: guidance scale.")] = None,
+    color_fix: Annotated[str | None, typer.Option("--color-fix", help="Diffusion models: wavelet, adain or none.")] = None,
+    prompt: Annotated[str | None, typer.Option("--prompt", help="Diffusion models: positive prompt.")] = None,
     option: Annotated[list[str], typer.Option("-O", "--option", help="Any engine option as key=value (see `srkit models NAME`).")] = [],  # noqa: B006
     as_json: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No progress bars or messages.")] = False,
@@ -162,7 +162,7 @@ def _table(*columns: str) -> Table:
 
 
 @app.command()
-def models(name: Annotated[Optional[str], typer.Argument(help="Show one model's options.")] = None) -> None:
+def models(name: Annotated[str | None, typer.Argument(help="Show one model's options.")] = None) -> None:
     """List the models: native scale, steps, weights status and licence."""
     import dataclasses
 
@@ -212,7 +212,7 @@ def weights_pull(names: Annotated[list[str], typer.Argument(help="Registry names
 
 
 @weights_app.command("verify")
-def weights_verify(names: Annotated[Optional[list[str]], typer.Argument(help="Default: all cached.")] = None) -> None:
+def weights_verify(names: Annotated[list[str] | None, typer.Argument(help="Default: all cached.")] = None) -> None:
     """Re-hash cached files against the registry."""
     reg = registry.load_registry()
     selected = _expand_names(names) if names else [n for n, e in reg.entries.items() if registry.is_cached(e)]
@@ -239,7 +239,7 @@ def weights_path(name: str) -> None:
 def weights_import(
     name: str,
     file: Annotated[Path, typer.Argument(help="A checkpoint file, or a diffusers folder.")],
-    as_path: Annotated[Optional[str], typer.Option("--as", help="Which file of the entry this is.")] = None,
+    as_path: Annotated[str | None, typer.Option("--as", help="Which file of the entry this is.")] = None,
 ) -> None:
     """Put a checkpoint you obtained elsewhere into the cache (verified when the registry knows its sha256)."""
     try:

@@ -14,13 +14,14 @@ import importlib.util
 import os
 import shutil
 import sys
-import tomllib
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
+
+import tomllib
 
 REGISTRY_FILE = Path(__file__).with_name("weights.toml")
 USER_AGENT = "srkit (+https://pypi.org/project/srkit)"

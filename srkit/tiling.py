@@ -137,7 +137,7 @@ def run_tiled(
             if inner >= tile:
                 try:
                     result = fn(piece)
-                except Exception as exc:  # noqa: BLE001 - only OOM is handled, the rest re-raised
+                except Exception as exc:
                     if not is_oom(exc):
                         raise
                     _free_cuda_cache()
@@ -163,7 +163,7 @@ def run_tiled(
 def _call_with_backoff(fn, image, scale, tile, overlap, weight_fn, min_tile) -> torch.Tensor:
     try:
         return fn(image)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         if not is_oom(exc):
             raise
         _free_cuda_cache()

@@ -7,8 +7,8 @@ import hashlib
 import cv2
 import numpy as np
 import pytest
-from PIL import Image
 from conftest import smooth_image
+from PIL import Image
 
 from srkit.api import load_engine, target_size, upscale_paths
 from srkit.imageio import read_image
@@ -153,8 +153,8 @@ def test_cpu_refuses_half_precision():
 def test_denoise_strength_interpolates_the_two_general_models(tmp_path, tiny_compact_pth, srkit_home):
     """DNI: strength·general + (1−strength)·wdn, key by key (both twins imported as tiny stand-ins)."""
     import torch
-
     from conftest import compact_state_dict
+
     from srkit import registry
 
     wdn = tmp_path / "realesr-general-wdn-x4v3.pth"

@@ -30,7 +30,8 @@ def write_ncnn(state: dict[str, torch.Tensor], folder: Path, fp16: bool = True) 
             lines.append(f"PReLU prelu{i} 1 1 b{i} b{i + 1} 0={weight.numel()}")
             blobs += weight.numpy().astype("<f4").tobytes()
     param = folder / "m.param"
-    param.write_text("7767517\n%d %d\nInput in 0 1 b0\n%s\n" % (len(lines) + 1, len(lines) + 1, "\n".join(lines)))
+    body = "\n".join(lines)
+    param.write_text(f"7767517\n{len(lines) + 1} {len(lines) + 1}\nInput in 0 1 b0\n{body}\n")
     (folder / "m.bin").write_bytes(bytes(blobs))
     return param, folder / "m.bin"
 

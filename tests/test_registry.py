@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import threading
+import typing
 from pathlib import Path
 
 import pytest
@@ -49,12 +50,12 @@ def test_offline_without_a_local_source_says_what_to_run():
 class _RangeHandler(http.server.SimpleHTTPRequestHandler):
     """Serves files with Range support; the first request for a file is cut short to force a resume."""
 
-    cut_once: set[str] = set()
+    cut_once: typing.ClassVar[set[str]] = set()
 
     def log_message(self, *args):
         pass
 
-    def do_GET(self):  # noqa: N802
+    def do_GET(self):
         data = Path(self.directory, self.path.lstrip("/")).read_bytes()
         start = int(self.headers.get("Range", "bytes=0-").split("=")[1].split("-")[0])
         body = data[start:]
@@ -74,7 +75,7 @@ class _RangeHandler(http.server.SimpleHTTPRequestHandler):
 def server(tmp_path):
     root = tmp_path / "www"
     root.mkdir()
-    handler = lambda *a, **k: _RangeHandler(*a, directory=str(root), **k)  # noqa: E731
+    handler = lambda *a, **k: _RangeHandler(*a, directory=str(root), **k)
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -88,7 +89,7 @@ def test_download_resumes_and_verifies(server, tmp_path):
     (root / "w.bin").write_bytes(payload)
     dest = tmp_path / "cache" / "w.bin"
     digest = hashlib.sha256(payload).hexdigest()
-    with pytest.raises(Exception):
+    with pytest.raises(registry.WeightsError, match="stopped at .* run the command again to resume"):
         registry.download(f"{base}/w.bin", dest, digest)  # the connection drops half-way
     assert not dest.exists() and dest.with_name("w.bin.part").exists()
     registry.download(f"{base}/w.bin", dest, digest)  # resumes from the .part file

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -20,7 +22,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 def test_plan_covers_the_axis_with_the_requested_overlap(length, tile, overlap):
     starts = plan_axis(length, tile, overlap)
     assert starts[0] == 0 and min(starts[-1] + tile, length) == length
-    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
     assert all(tile - g >= overlap for g in gaps)
     assert not gaps or max(gaps) - min(gaps) <= 1  # spread evenly, no thin remainder tile
 
@@ -37,7 +39,7 @@ def test_axis_weights_sum_to_one_and_vanish_at_inner_borders():
 
 def test_pointwise_function_is_reproduced_exactly():
     image = torch.rand(2, 3, 150, 170)
-    up = lambda t: F.interpolate(t, scale_factor=3, mode="nearest")  # noqa: E731
+    up = lambda t: F.interpolate(t, scale_factor=3, mode="nearest")
     tiled = run_tiled(up, image, 3, 64, 16)
     assert torch.allclose(tiled, up(image), atol=1e-6)
 
