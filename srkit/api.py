@@ -23,7 +23,15 @@ import srkit.engines  # noqa: F401  (declares the model names)
 from srkit import registry
 from srkit.alpha import bleed_colour
 from srkit.engines.base import Engine, EngineSpec, WeightsSet, build_options, get_engine
-from srkit.imageio import WRITE_FORMATS, ImageData, ImageReadError, is_image_path, read_image, write_image
+from srkit.imageio import (
+    WRITE_FORMATS,
+    ImageData,
+    ImageReadError,
+    is_image_path,
+    read_image,
+    to_integer,
+    write_image,
+)
 from srkit.tiling import run_tiled
 
 DEFAULT_MODEL = "realesrgan-x4plus"
@@ -223,7 +231,8 @@ class Upscaler:
         data = ImageData(array[:, :, :3], array[:, :, 3] if has_alpha else None)
         out = self.process(data, **kwargs)
         planes = [out.pixels] + ([out.alpha[:, :, None]] if out.alpha is not None else [])
-        return Image.fromarray(np.rint(np.concatenate(planes, axis=2) * 255).astype(np.uint8))
+        array = to_integer(np.concatenate(planes, axis=2), 8)
+        return Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
 
 
 def target_size(width: int, height: int, scale: float) -> tuple[int, int]:
