@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,7 +53,7 @@ def bare_loop(model: str, images: list[Path], out_dir: Path) -> float:
     out_dir.mkdir(parents=True, exist_ok=True)
     with torch.inference_mode():
         for path in images:
-            x = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"))).permute(2, 0, 1)[None].float() / 255
+            x = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)[None].float() / 255
             y = network(x).clamp(0, 1)[0].permute(1, 2, 0).mul(255).round().byte().numpy()
             Image.fromarray(y).save(out_dir / path.name)
     return time.perf_counter() - started
@@ -84,6 +85,7 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=10)
     parser.add_argument("--models", default="realesr-animevideov3,realesrgan-x4plus")
     parser.add_argument("--big", type=int, default=2048, help="side of the memory test input")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats; medians are reported")
     parser.add_argument("--skip-memory", action="store_true")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores")
@@ -91,13 +93,18 @@ def main() -> None:
         work = Path(tmp)
         images = sample_images(args.images, args.count, work)
         print(f"\n## Overhead ({len(images)} images from {images[0].parent})\n")
-        print("| model | bare loop s/img | srkit s/img | ratio |\n|---|---|---|---|")
+        print("| model | bare loop s/img | srkit s/img | ratio (median of repeats) |\n|---|---|---|---|")
         for model in args.models.split(","):
             bare_loop(model, images[:1], work / "warm")  # first-touch costs (conversion, page cache) out of both
-            bare = bare_loop(model, images, work / f"bare_{model}")
-            ours = srkit_pipeline(model, images, work / f"srkit_{model}")
-            n = len(images)
-            print(f"| {model} | {bare / n:.3f} | {ours / n:.3f} | {ours / bare:.3f} |")
+            bare_times, ours_times = [], []
+            for repeat in range(args.repeats):  # interleaved, alternating order: CPU clock drift hits both
+                runs = [("bare", bare_loop), ("srkit", srkit_pipeline)]
+                for label, run in runs if repeat % 2 == 0 else runs[::-1]:
+                    seconds = run(model, images, work / f"{label}_{model}")
+                    (bare_times if label == "bare" else ours_times).append(seconds / len(images))
+            bare, ours = statistics.median(bare_times), statistics.median(ours_times)
+            ratio = statistics.median(o / b for o, b in zip(ours_times, bare_times))
+            print(f"| {model} | {bare:.3f} | {ours:.3f} | {ratio:.3f} |")
         if args.skip_memory:
             return
         big = work / "big.png"

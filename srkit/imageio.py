@@ -14,6 +14,7 @@ import tempfile
 import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import BinaryIO
 
 import cv2
 import numpy as np
@@ -226,23 +227,26 @@ def output_format(path: Path) -> str:
         ) from None
 
 
-def to_integer(values: np.ndarray, bit_depth: int) -> np.ndarray:
-    """Round to 8 or 16 bits with one float temporary (outputs can be gigabytes)."""
+def to_integer(values: np.ndarray, bit_depth: int, rows_per_block: int = 256) -> np.ndarray:
+    """Round to 8 or 16 bits a block of rows at a time: outputs can be gigabytes, temporaries stay small."""
     top = 65535 if bit_depth == 16 else 255
-    scaled = np.multiply(values, top, dtype=np.float32)
-    np.clip(scaled, 0, top, out=scaled)
-    np.rint(scaled, out=scaled)
-    return scaled.astype(np.uint16 if bit_depth == 16 else np.uint8)
+    result = np.empty(values.shape, np.uint16 if bit_depth == 16 else np.uint8)
+    for start in range(0, values.shape[0], rows_per_block):
+        block = np.multiply(values[start : start + rows_per_block], top, dtype=np.float32)
+        np.clip(block, 0, top, out=block)
+        result[start : start + rows_per_block] = np.rint(block, out=block)
+    return result
 
 
-def encode_image(image: ImageData, fmt: str, quality: int = 95) -> bytes:
-    """File bytes for `image` in `fmt`; 16-bit only where the format holds it, alpha only where it fits."""
+def encode_image(image: ImageData, fmt: str, sink: BinaryIO, quality: int = 95) -> None:
+    """Write `image` as `fmt` to `sink`; 16-bit only where the format holds it, alpha only where it fits."""
     depth = image.bit_depth if fmt in HIGH_DEPTH_FORMATS else 8
     alpha = image.alpha if fmt in ALPHA_FORMATS else None
     planes = [image.pixels] + ([alpha[:, :, None]] if alpha is not None else [])
-    array = to_integer(np.concatenate(planes, axis=2), depth)
+    array = np.concatenate([to_integer(plane, depth) for plane in planes], axis=2)
     if depth == 16:
-        return _encode_16bit(array, fmt, image)
+        sink.write(_encode_16bit(array, fmt, image))
+        return
     mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[array.shape[2]]
     pil = Image.fromarray(array[:, :, 0] if mode == "L" else array, mode)
     options: dict = {}
@@ -252,10 +256,8 @@ def encode_image(image: ImageData, fmt: str, quality: int = 95) -> bytes:
         options["exif"] = image.exif
     if fmt in ("JPEG", "WEBP"):
         options["quality"] = quality
-    with tempfile.SpooledTemporaryFile() as buffer:
-        pil.save(buffer, format=fmt, **options)
-        buffer.seek(0)
-        return buffer.read()
+    del array  # Pillow holds its own copy; free ours before encoding
+    pil.save(sink, format=fmt, **options)
 
 
 def _encode_16bit(array: np.ndarray, fmt: str, image: ImageData) -> bytes:
@@ -292,14 +294,14 @@ def _umask() -> int:
 
 
 def write_image(path: str | Path, image: ImageData, quality: int = 95) -> Path:
-    """Encode fully in memory, then write a temporary file beside `path` and rename it into place."""
+    """Encode into a temporary file beside `path`, then rename it into place: readers never see half a file."""
     path = Path(path)
-    data = encode_image(image, output_format(path), quality)
+    fmt = output_format(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".srkit-tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            encode_image(image, fmt, fh, quality)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; outputs get the usual permissions
         os.replace(tmp, path)
     except BaseException:
