@@ -142,7 +142,10 @@ class _offline_env:
 
 
 def weights_status(name: str) -> str:
-    entry = registry.load_registry().entry(name)
+    try:
+        entry = registry.load_registry().entry(name)
+    except registry.WeightsError:
+        return "unregistered"
     if registry.is_cached(entry):
         return "cached"
     if entry.status == "unreleased":
@@ -261,6 +264,51 @@ def _expand_names(names: list[str]) -> list[str]:
         else:
             _fail(f"'{name}' is neither a weights entry nor a model; see `srkit weights list`")
     return list(dict.fromkeys(expanded))
+
+
+@app.command()
+def benchmark(
+    sets: Annotated[list[str], typer.Option("--set", help="Dataset name(s); see --list-sets.")] = [],  # noqa: B006
+    model: Annotated[list[str], typer.Option("-m", "--model", help="Model(s) to run; see `srkit models`.")] = [],  # noqa: B006
+    lr: Annotated[Path | None, typer.Option("--lr", help="A local LR folder (with --hr for full-reference metrics).")] = None,
+    hr: Annotated[Path | None, typer.Option("--hr", help="The matching ground-truth folder.")] = None,
+    sr_dir: Annotated[Path | None, typer.Option("--sr-dir", help="Score outputs made by another tool.")] = None,
+    metrics: Annotated[str | None, typer.Option("--metrics", help="Comma-separated: psnr,ssim,lpips,dists,niqe,musiq,maniqa,maniqa-pipal,clipiqa,fid (default: all).")] = None,
+    out_dir: Annotated[Path, typer.Option("-o", "--out", help="Report folder (CSV, JSON, Markdown, plot, SR images).")] = Path("results/benchmark"),
+    root: Annotated[Path | None, typer.Option("--root", help="Where the sets live (also $SRKIT_DATA).")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", help="Only the first N images of each set.")] = None,
+    reuse: Annotated[bool, typer.Option("--reuse", help="Re-score cached SR images instead of re-running models.")] = False,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for stochastic models.")] = 0,
+    device: Annotated[str, typer.Option("--device")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype")] = "auto",
+    tile: Annotated[str, typer.Option("--tile", help="Pixel tile size for GAN models: auto, N, 0.")] = "auto",
+    option: Annotated[list[str], typer.Option("-O", "--option", help="Engine option key=value for every model.")] = [],  # noqa: B006
+    list_sets: Annotated[bool, typer.Option("--list-sets", help="List the known datasets and exit.")] = False,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet")] = False,
+) -> None:
+    """Score models (or another tool's outputs) by the papers' protocol: quality, time and memory per image."""
+    from srkit.bench import datasets, runner
+
+    if list_sets:
+        table = _table("set", "scale", "images", "ground truth", "licence", "title")
+        for entry in datasets.list_sets():
+            table.add_row(entry.name, f"x{entry.scale}", str(entry.images), "yes" if entry.has_gt else "no (NR only)",
+                          entry.licence, entry.title)
+        out.print(table)
+        return
+    log = (lambda message: None) if quiet else (lambda message: err.print(message, highlight=False, markup=False))
+    try:
+        config = runner.BenchmarkConfig(
+            sets=tuple(sets), lr_dir=lr, hr_dir=hr, sr_dir=sr_dir, models=tuple(model),
+            metrics=tuple(m.strip() for m in metrics.split(",")) if metrics else None, out_dir=out_dir, limit=limit,
+            reuse=reuse, seed=seed, device=device, dtype=dtype, root=root, tile=tile,
+            options=_engine_options(option, {}), progress=not quiet, log=log,
+        )
+        result = runner.run_benchmark(config)
+    except (CliError, ValueError, KeyError, LookupError, registry.WeightsError) as exc:
+        _fail(str(exc).strip("'\""))
+    for label, path in result.files.items():
+        log(f"{label}: {path}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

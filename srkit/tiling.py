@@ -180,3 +180,82 @@ def _halve(tile: int, min_tile: int, exc: BaseException) -> int:
 def _free_cuda_cache() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Latent tiling as the one-step diffusion SR repos (S3Diff, OSEDiff) do it.  Their tile positions and weights are
+# part of their outputs, so they are reproduced exactly rather than replaced by the even grid above.
+
+
+def plan_axis_snapped(length: int, tile: int, overlap: int) -> list[int]:
+    """Tile starts k·(tile − overlap) for as many tiles as reach the end, the last one snapped to length − tile."""
+    if tile >= length:
+        return [0]
+    if overlap >= tile:
+        raise ValueError(f"tile overlap ({overlap}) must be smaller than the tile ({tile})")
+    stride = tile - overlap
+    count = 1
+    while (count - 1) * stride + tile < length:
+        count += 1
+    return [k * stride for k in range(count - 1)] + [length - tile]
+
+
+def gaussian_weights_rows(length: int, before: int, after: int, var: float = 0.01) -> torch.Tensor:
+    """`gaussian_weights` centred at length/2 instead of (length−1)/2: the upstream code's quirk for rows."""
+    x = torch.arange(length, dtype=torch.float64)
+    return torch.exp(-((x - length / 2) ** 2) / (length * length) / (2 * var)) / math.sqrt(2 * math.pi * var)
+
+
+def plan_latent_tiles(height: int, width: int, tile: int = 96, overlap: int = 32) -> TileGrid | None:
+    """The latent grid of the one-step SR repos, or None when they would not tile.
+
+    They tile only when the latent *area* exceeds tile² (so 128×64 is one piece), use square tiles of
+    min(tile, height, width), snap the last tile to the border, and blend with Gaussian weights (relative
+    variance 0.01; rows centred at H/2, columns at (W−1)/2).  Blending by per-axis normalised weights equals
+    their division by the summed 2-D weights, because the weights and the grid are separable.
+    """
+    if height * width <= tile * tile:
+        return None
+    side = min(tile, height, width)
+    ys, xs = plan_axis_snapped(height, side, overlap), plan_axis_snapped(width, side, overlap)
+    wy = axis_weights(ys, side, height, gaussian_weights_rows)
+    wx = axis_weights(xs, side, width, gaussian_weights)
+    return TileGrid(ys, xs, side, 1, wy, wx)
+
+
+def run_latent_tiled(
+    fn: TileFn,
+    latents: torch.Tensor,
+    tile: int = 96,
+    overlap: int = 32,
+    *,
+    tile_batch: int = 1,
+    on_tile: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """Apply `fn` (B,C,t,t -> B,C',t,t, e.g. the guided ε of a UNet) over the upstream latent grid and blend.
+
+    `tile_batch` tiles go through `fn` in one call (stacked along the batch: the first tile's B samples, then the
+    next tile's ...), which fills an accelerator better; the blend is the same.  The result is float32 on the
+    latents' device.
+    """
+    grid = plan_latent_tiles(latents.shape[-2], latents.shape[-1], tile, overlap)
+    if grid is None:
+        return fn(latents).float()
+    batch = latents.shape[0]
+    positions = [(iy, ix) for iy in range(len(grid.ys)) for ix in range(len(grid.xs))]
+    out: torch.Tensor | None = None
+    side = grid.tile
+    for first in range(0, len(positions), max(1, tile_batch)):
+        group = positions[first : first + max(1, tile_batch)]
+        pieces = [latents[:, :, grid.ys[iy] : grid.ys[iy] + side, grid.xs[ix] : grid.xs[ix] + side] for iy, ix in group]
+        results = fn(torch.cat(pieces)).float().split(batch)
+        for (iy, ix), result in zip(group, results):
+            if out is None:
+                out = torch.zeros((batch, result.shape[1], *latents.shape[-2:]), dtype=torch.float32, device=latents.device)
+            weight = (grid.wy[iy][:, None] * grid.wx[ix][None, :]).to(latents.device, torch.float32)
+            y, x = grid.ys[iy], grid.xs[ix]
+            out[:, :, y : y + side, x : x + side] += result * weight
+        if on_tile:
+            on_tile(first + len(group), len(positions))
+    assert out is not None
+    return out

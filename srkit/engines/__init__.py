@@ -14,3 +14,5 @@ declare(
     "realesr-animevideov3",
     "realesr-general-x4v3",
 )
+declare("srkit.engines.osediff", "osediff", "naosd", "gdpo")
+declare("srkit.engines.gendr", "gendr")
