@@ -119,7 +119,7 @@ def test_cli_upscale_end_to_end(gendr_files, tmp_path, monkeypatch):
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (14, 18, 3), dtype=np.uint8)).save(source)
     runner = CliRunner()
     missing = runner.invoke(app, ["upscale", str(source), "-o", str(tmp_path / "x.png"), "--model", "gendr", "-q"])
-    assert missing.exit_code == 1 and "srkit distill --recipe cida" in missing.stderr
+    assert missing.exit_code == 2 and "srkit distill --recipe cida" in missing.stderr
     result = runner.invoke(
         app,
         ["upscale", str(source), "-o", str(tmp_path / "out.png"), "--model", "gendr",
