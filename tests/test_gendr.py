@@ -51,7 +51,8 @@ def gendr_files(tmp_path_factory):
     root = tmp_path_factory.mktemp("gendr")
     tiny_vae16().save_pretrained(root / "vae16")
     unet = tiny_unet16()
-    save_gendr(root / "gendr.safetensors", unet, torch.randn(1, 77, CROSS_DIM, generator=torch.Generator().manual_seed(5)))
+    prompt = torch.randn(1, 77, CROSS_DIM, generator=torch.Generator().manual_seed(5))
+    save_gendr(root / "gendr.safetensors", unet, prompt)
     return {"ckpt": root / "gendr.safetensors", "vae": root / "vae16", "unet": unet, "root": root}
 
 

@@ -61,7 +61,8 @@ def engine():
             "prompt_embeds": str(GOLDEN / "prompt_embeds.safetensors"),
         },
     )
-    weights = WeightsSet({"osediff": GOLDEN / "osediff.pkl", "sd21-base": GOLDEN / "base", "sd21-text": GOLDEN / "base"})
+    base = GOLDEN / "base"  # unet, vae, scheduler; no text encoder (the prompt embedding is precomputed)
+    weights = WeightsSet({"osediff": GOLDEN / "osediff.pkl", "sd21-base": base, "sd21-text": base})
     return engine_class.from_weights(weights, torch.device("cpu"), torch.float32, options)
 
 

@@ -250,6 +250,18 @@ def test_osediff_output_is_exactly_four_times_any_input(tiny):
     assert out.min() >= 0 and out.max() <= 1
 
 
+def test_large_inputs_use_latent_tiles_and_the_tiled_vae(tiny):
+    """Small tile options force every tiled path (latent grid, VAE encoder and decoder) on a 512×640 input."""
+    from srkit.tiling import plan_latent_tiles
+
+    tiles = {"latent_tile": 32, "latent_overlap": 8, "vae_encoder_tile": 256, "vae_decoder_tile": 32}
+    engine = build("gdpo", {"gdpo": tiny["merged"], "sd21-text": tiny["text"]}, official_8bit=False, **tiles)
+    assert plan_latent_tiles(64, 80, 32, 8) is not None
+    assert engine.vae_tiling.use_encoder_tiles(torch.zeros(1, 3, 512, 640))
+    out = engine.upscale(image(32, 40), generator=torch.Generator().manual_seed(0))
+    assert out.shape == (1, 3, 128, 160) and torch.isfinite(out).all()
+
+
 def test_gdpo_noise_is_seeded(tiny):
     engine = build("gdpo", {"gdpo": tiny["merged"], "sd21-text": tiny["text"]}, official_8bit=False)
     lr = image(16, 16)

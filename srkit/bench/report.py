@@ -136,7 +136,7 @@ def _format(value: float | None, column: str) -> str:
 
 def _best(entries: list[dict[str, Any]], column: str, higher_better: bool) -> float | None:
     values = [e[column] for e in entries if e.get(column) is not None]
-    if len(values) < 2:
+    if len(set(values)) < 2:  # one model, or all equal: nothing stands out
         return None
     return max(values) if higher_better else min(values)
 
@@ -173,6 +173,7 @@ def quality_vs_time_plot(path: Path, summary: list[dict[str, Any]], specs: list[
     """One panel per quality metric: mean score against mean seconds per image. Returns why it was skipped."""
     try:
         from matplotlib.figure import Figure
+        from matplotlib.lines import Line2D
     except ImportError:
         return "plot skipped: matplotlib is not installed (pip install 'srkit[bench]')"
     timed = [e for e in summary if e["seconds"] is not None]
@@ -183,12 +184,14 @@ def quality_vs_time_plot(path: Path, summary: list[dict[str, Any]], specs: list[
     rows = math.ceil(len(panels) / cols)
     figure = Figure(figsize=(4.2 * cols, 3.4 * rows), layout="constrained")
     markers = dict(zip(dict.fromkeys(e["set"] for e in timed), "osD^v<>phX*", strict=False))
+    colours = {model: f"C{index % 10}" for index, model in enumerate(dict.fromkeys(e["model"] for e in timed))}
     seconds = [e["seconds"] for e in timed]
     log_x = min(seconds) > 0 and max(seconds) / min(seconds) > 20
     for index, spec in enumerate(panels):
         axes = figure.add_subplot(rows, cols, index + 1)
         for entry in (e for e in timed if e.get(spec.name) is not None):
-            axes.scatter(entry["seconds"], entry[spec.name], marker=markers.get(entry["set"], "o"), label=entry["set"])
+            axes.scatter(entry["seconds"], entry[spec.name], marker=markers.get(entry["set"], "o"),
+                         color=colours[entry["model"]])
             axes.annotate(entry["model"], (entry["seconds"], entry[spec.name]), fontsize=7,
                           xytext=(3, 3), textcoords="offset points")
         axes.set_title(f"{spec.label} {spec.arrow}", fontsize=9)
@@ -199,10 +202,9 @@ def quality_vs_time_plot(path: Path, summary: list[dict[str, Any]], specs: list[
             axes.set_xscale("log")
         else:
             axes.set_xlim(left=0)
-    if len(markers) > 1:
-        handles, labels = figure.axes[0].get_legend_handles_labels()
-        unique = dict(zip(labels, handles, strict=False))
-        figure.legend(unique.values(), unique.keys(), loc="outside lower center", ncols=len(unique), fontsize=8)
+    if len(markers) > 1:  # colour = model (named on the points), marker = set
+        handles = [Line2D([], [], linestyle="", marker=m, color="grey", label=name) for name, m in markers.items()]
+        figure.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120)
     _atomic_write(path, buffer.getvalue())

@@ -158,7 +158,7 @@ GENDR_SPEC = EngineSpec(
     scale=4,
     steps=1,
     weights=("gendr", "vae-kl-f8-d16"),
-    licence="your own (weights unreleased); UNet from SD2.1 CreativeML-OpenRAIL++-M, VAE MIT",
+    licence="unreleased (yours if srkit-trained) + SD2.1 CreativeML-OpenRAIL++-M, VAE MIT",
     description="GenDR: one-step SD2.1 on a 16-channel VAE, no text encoder; weights unreleased, --weights FILE",
     tiling="latent",
     stochastic=True,
@@ -172,6 +172,7 @@ class GenDREngine(OneStepEngine):
 
     def __init__(self, unet, vae, prompt_embeds, settings: Mapping[str, float], device, dtype, options) -> None:
         super().__init__(unet, vae, prompt_embeds, device, dtype, options)
+        # Options win over the checkpoint's trained values, which win over the paper's defaults.
         self.alpha = float(settings["alpha"] if options.alpha is None else options.alpha)
         self.beta = float(settings["beta"] if options.beta is None else options.beta)
         self.timestep = int(settings["timestep"] if options.timestep is None else options.timestep)
@@ -194,6 +195,7 @@ class GenDREngine(OneStepEngine):
         return cls(unet, vae, checkpoint.prompt_embeds, checkpoint.settings, device, dtype, options)
 
     def denoise(self, latents, *, generator, noise):
+        # z_g = (z_l − β̄·ε̂(z_l, t_s))/ᾱ, in float32.
         eps = self.eps(latents, self.timestep)
         return (latents.float() - self.beta * eps) / self.alpha
 

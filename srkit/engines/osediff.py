@@ -37,8 +37,8 @@ from srkit.nn.tiled_vae import VAETiling
 from srkit.registry import WeightsError
 from srkit.tiling import run_latent_tiled
 
-SD21_LICENCE = "CreativeML-OpenRAIL++-M (SD2.1-base)"
-GDPO_LICENCE = "Apache-2.0 per README, no LICENSE file; base CreativeML-OpenRAIL++-M"
+SD21_LICENCE = "SD2.1 CreativeML-OpenRAIL++-M"
+GDPO_LICENCE = "Apache-2.0 (README only, no LICENSE file) + " + SD21_LICENCE
 TAGGERS = ("none",)
 PROMPT_KEY = "prompt"
 """Key of the positive prompt in a precomputed `prompt_embeds` file."""
@@ -158,17 +158,28 @@ def resize_to(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 class OneStepEngine(Engine):
     """prepare → encode → denoise (engine-specific, one UNet call) → decode → colour fix → exactly scale×.
 
-    Subclasses provide `from_weights` and `denoise`; everything else is the same for every one-step model.
+    Subclasses provide `from_weights` (which calls `check_options` before reading any file) and `denoise`;
+    everything else is the same for every one-step model.
     """
 
     options_class: ClassVar[type[EngineOptions]] = OneStepOptions
 
-    def __init__(self, unet, vae, prompt_embeds: torch.Tensor, device, dtype, options: OneStepOptions) -> None:
+    def __init__(
+        self,
+        unet,
+        vae,
+        prompt_embeds: torch.Tensor,
+        device: torch.device,
+        dtype: torch.dtype,
+        options: OneStepOptions,
+        schedule: sd.NoiseSchedule | None = None,
+    ) -> None:
         super().__init__(device, dtype, options)
-        check_options(options)
         self.unet = unet
         self.vae = vae
         self.prompt_embeds = prompt_embeds
+        self.schedule = schedule
+        """ᾱ table of the base model, for engines whose one step is defined by it (not GenDR)."""
         self.vae_tiling = VAETiling(encoder_tile=options.vae_encoder_tile, decoder_tile=options.vae_decoder_tile)
         sd.set_attention(self.unet, options.attention, device)
         sd.set_attention(self.vae, options.attention, device)
@@ -176,8 +187,8 @@ class OneStepEngine(Engine):
         self._unet_call = sd.maybe_compile(self.unet, options.compile)
 
     def to_dtype(self, dtype: torch.dtype) -> None:
-        place_module(self.unet, self.device, dtype)
-        place_module(self.vae, self.device, sd.vae_dtype(self.vae, dtype))
+        sd.prepare_module(self.unet, self.device, dtype)
+        sd.prepare_module(self.vae, self.device, sd.vae_dtype(self.vae, dtype))
         self.dtype = dtype
 
     @torch.inference_mode()
@@ -186,7 +197,7 @@ class OneStepEngine(Engine):
         scale = self.spec.scale
         # 1. Official input preparation: min side 128, bicubic ×4, multiple of 8.
         prepared = prepare_batch(batch, scale)
-        # 2-5. Encode, one UNet evaluation, decode, colour fix.
+        # 2-5. Encode, one step, decode (`restore`), colour fix.
         enhanced = self.enhance(prepared, generator=generator)
         # 6. Exactly scale× the input (upstream meant to resize back, but its resize is a no-op).
         return resize_to(enhanced, (height * scale, width * scale))
@@ -205,10 +216,12 @@ class OneStepEngine(Engine):
         `noise` replaces the noise an engine would draw (tests replay upstream's recorded noise).
         """
         with sd.inference(self.device, self.dtype):
-            latents = sd.vae_encode(
-                self.vae, image.to(self.device), latent=self.options.latent, generator=generator, tiling=self.vae_tiling
-            )
+            # 2. Encode: seeded posterior sample (upstream) or its mode, tiled VAE for large images.
+            pixels = image.to(self.device)
+            latents = sd.vae_encode(self.vae, pixels, latent=self.options.latent, generator=generator, tiling=self.vae_tiling)
+            # 3. The engine's one step: one UNet evaluation (latent-tiled when large) -> clean latent.
             clean = self.denoise(latents, generator=generator, noise=noise)
+            # 4. Decode and clamp.
             decoded = sd.vae_decode(self.vae, clean, tiling=self.vae_tiling)
         return decoded.float().clamp(-1, 1)
 
@@ -226,18 +239,6 @@ class OneStepEngine(Engine):
 
         tile = self.options.latent_tile or max(latents.shape[-2:])
         return run_latent_tiled(one_tile, latents, tile, self.options.latent_overlap)
-
-
-def place_module(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    """Move a network to its device and dtype, keeping the default memory format.
-
-    Not `sd.prepare_module`: its channels-last layout on the CPU changes fp32 results by ~1e-4, which OSEDiff's
-    x0 at t=999 (×14.6) turns into ~2e-3 and the golden parity (1e-4) fails.  The dtype is only set when it
-    changes, which also keeps diffusers from warning about casts on every build.
-    """
-    module.to(device=device)
-    if next(module.parameters()).dtype != dtype:
-        module.to(dtype=dtype)
 
 
 def draw_noise(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -267,7 +268,7 @@ class OSEDiffCheckpoint:
         try:
             raw = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # any unpickling failure means "not an osediff.pkl"
-            raise WeightsError(f"{path} is not a readable OSEDiff checkpoint ({exc.__class__.__name__}: {exc})") from exc
+            raise WeightsError(f"{path} is not a readable OSEDiff checkpoint ({type(exc).__name__}: {exc})") from exc
         required = ("state_dict_unet", "state_dict_vae", "rank_unet", "rank_vae", "vae_lora_encoder_modules")
         missing = [key for key in required if not isinstance(raw, dict) or key not in raw]
         if missing:
@@ -304,7 +305,7 @@ OSEDIFF_SPEC = EngineSpec(
     scale=4,
     steps=1,
     weights=("osediff", "sd21-base", "sd21-text"),
-    licence="Apache-2.0 (weights); base " + SD21_LICENCE,
+    licence="Apache-2.0 + " + SD21_LICENCE,
     description="OSEDiff: one-step SD2.1 with LoRA (t=999), faithful real-world SR; --prompt, AdaIN colour fix",
     tiling="latent",
     stochastic=True,
@@ -316,21 +317,20 @@ class OSEDiffEngine(OneStepEngine):
     spec = OSEDIFF_SPEC
     options_class = OSEDiffOptions
 
-    def __init__(self, unet, vae, schedule: sd.NoiseSchedule, prompt_embeds, device, dtype, options) -> None:
-        super().__init__(unet, vae, prompt_embeds, device, dtype, options)
-        self.schedule = schedule
-
     @classmethod
     def from_weights(cls, weights: WeightsSet, device, dtype, options: OSEDiffOptions) -> OSEDiffEngine:
         check_options(options)
-        checkpoint = OSEDiffCheckpoint.load(weights["osediff"])
         base = weights["sd21-base"]
+        schedule = sd.load_noise_schedule(base)
+        schedule.alpha_bar(options.timestep)  # range check before the heavy loads
+        checkpoint = OSEDiffCheckpoint.load(weights["osediff"])
         unet, vae = sd.load_unet(base), sd.load_vae(base)
         checkpoint.apply(unet, vae)
-        schedule = sd.load_noise_schedule(base)
-        return cls(unet, vae, schedule, fixed_prompt(options, weights["sd21-text"]), device, dtype, options)
+        prompt = fixed_prompt(options, weights["sd21-text"])
+        return cls(unet, vae, prompt, device, dtype, options, schedule)
 
     def denoise(self, latents, *, generator, noise):
+        # x0 at t=999 from the LR latent itself: ẑ = (z − √(1−ᾱ)·ε)/√ᾱ.
         t = self.options.timestep
         return self.schedule.predict_x0(latents, self.eps(latents, t), t)
 
@@ -344,25 +344,21 @@ class NoiseInjectionEngine(OneStepEngine):
 
     options_class = NoiseInjectionOptions
 
-    def __init__(self, unet, vae, schedule: sd.NoiseSchedule, prompt_embeds, device, dtype, options) -> None:
-        super().__init__(unet, vae, prompt_embeds, device, dtype, options)
-        self.schedule = schedule
-        for name in ("t_add", "t_diff"):
-            schedule.alpha_bar(getattr(options, name))  # range check at build time
-
     @classmethod
     def from_weights(cls, weights: WeightsSet, device, dtype, options: NoiseInjectionOptions) -> NoiseInjectionEngine:
         check_options(options)
-        merged = weights[cls.spec.weights[0]]
+        merged, text = weights[cls.spec.weights[0]], weights["sd21-text"]
         if not Path(merged).is_dir():
             raise WeightsError(f"{cls.spec.name} needs a merged diffusers folder (unet/, vae/), not the file {merged}")
-        unet, vae = sd.load_unet(merged), sd.load_vae(merged)
-        text = weights["sd21-text"]
         schedule = sd.load_noise_schedule(text)
-        return cls(unet, vae, schedule, fixed_prompt(options, text), device, dtype, options)
+        for t in (options.t_add, options.t_diff):
+            schedule.alpha_bar(t)  # range check before the heavy loads
+        unet, vae = sd.load_unet(merged), sd.load_vae(merged)
+        return cls(unet, vae, fixed_prompt(options, text), device, dtype, options, schedule)
 
     def denoise(self, latents, *, generator, noise):
         options = self.options
+        # Noise to t_add with seeded noise (or replayed noise), then x0 as if the UNet saw t_diff.
         if noise is None:
             noise = draw_noise(latents, generator)
         noisy = self.schedule.add_noise(latents, noise.to(latents.device), options.t_add)

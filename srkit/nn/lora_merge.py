@@ -90,5 +90,5 @@ def merge_peft_state(
 
 def _assign(param: torch.Tensor, value: torch.Tensor, key: str) -> None:
     if param.shape != value.shape:
-        raise ValueError(f"'{key}' has shape {tuple(value.shape)} in the checkpoint, {tuple(param.shape)} in the model")
+        raise ValueError(f"'{key}' is {tuple(value.shape)} in the checkpoint but {tuple(param.shape)} in the model")
     param.copy_(value.to(param.device, param.dtype))
