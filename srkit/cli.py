@@ -66,6 +66,9 @@ def upscale(
     guidance: Annotated[float | None, typer.Option("--guidance", help="Diffusion models with CFG: guidance scale.")] = None,
     color_fix: Annotated[str | None, typer.Option("--color-fix", help="Diffusion models: wavelet, adain or none.")] = None,
     prompt: Annotated[str | None, typer.Option("--prompt", help="Diffusion models: positive prompt.")] = None,
+    blur: Annotated[float | None, typer.Option("--blur", help="s3diff: blur degree 0..1 instead of the estimate.")] = None,
+    noise: Annotated[float | None, typer.Option("--noise", help="s3diff: noise degree 0..1 instead of the estimate.")] = None,
+    latent: Annotated[str | None, typer.Option("--latent", help="s3diff: sample (seeded, official) or mode (deterministic).")] = None,
     option: Annotated[list[str], typer.Option("-O", "--option", help="Any engine option as key=value (see `srkit models NAME`).")] = [],  # noqa: B006
     as_json: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No progress bars or messages.")] = False,
@@ -74,7 +77,9 @@ def upscale(
     log = (lambda message: None) if quiet else (lambda message: err.print(message, highlight=False, markup=False))
     try:
         engine_options = _engine_options(
-            option, {"denoise_strength": denoise_strength, "guidance": guidance, "color_fix": color_fix, "prompt": prompt}
+            option,
+            {"denoise_strength": denoise_strength, "guidance": guidance, "color_fix": color_fix, "prompt": prompt,
+             "blur": blur, "noise": noise, "latent": latent},
         )
         with _progress(quiet or as_json) as progress:
             files_task = progress.add_task("files", total=None)

@@ -33,6 +33,21 @@ LatentMode = Literal["sample", "mode"]
 AttentionBackend = Literal["sdpa", "xformers"]
 
 
+SD_TURBO_SCHEDULER = {
+    "_class_name": "EulerDiscreteScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "clip_sample": False,
+    "timestep_spacing": "trailing",
+    "steps_offset": 1,
+}
+"""SD-Turbo's published `scheduler_config.json` (SD 2.1's DDPM betas): what a model built without the hub
+(benchmarks, tests) pairs with its random weights so that ᾱ and the x0 step are the real ones."""
+
+
 class SDLoadError(RuntimeError):
     """A diffusers folder or an embeddings file is missing or incomplete; the message says what to do."""
 
@@ -173,9 +188,10 @@ class TextEncoder:
 
     @torch.inference_mode()
     def __call__(self, prompt: str) -> torch.Tensor:
+        length = min(self.tokenizer.model_max_length, self.model.config.max_position_embeddings)
         tokens = self.tokenizer(
             [prompt],
-            max_length=self.tokenizer.model_max_length,
+            max_length=length,
             padding="max_length",
             truncation=True,
             return_tensors="pt",

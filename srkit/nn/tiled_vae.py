@@ -20,12 +20,12 @@ How (written for srkit from the description of the method, not from any existing
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -61,7 +61,7 @@ def split_axis(length: int, tile: int, pad: int, align: int) -> list[tuple[int, 
     count = max(1, math.ceil((length - 2 * pad) / tile))
     bounds = [0] + [round(k * length / count / align) * align for k in range(1, count)] + [length]
     pad = math.ceil(pad / align) * align
-    return [(max(0, a - pad), min(length, b + pad), a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+    return [(max(0, a - pad), min(length, b + pad), a, b) for a, b in itertools.pairwise(bounds) if b > a]
 
 
 @dataclass

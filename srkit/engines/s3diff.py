@@ -1,0 +1,370 @@
+"""S3Diff (Zhang et al., 2024, arXiv:2409.17058): one-step SR on SD-Turbo with degradation-guided LoRA.
+
+The official inference (ArcticHare105/S3Diff, `src/inference_s3diff.py` + `src/s3diff_tile.py`), step by step:
+estimate (blur, noise) degrees of the LR with a small CNN, turn them into per-layer r×r matrices that modulate the
+LoRA of the VAE encoder and the UNet, upsample ×4 bilinearly, encode, run the UNet once at t = 999 with the fixed
+positive and negative prompts (guidance 1.07), take x0, decode, then colour-correct against the upsampled input.
+srkit does the same with the same numbers; what differs is speed and reach: prompts are embedded once, the two
+guidance passes are one batched UNet call, the LoRA is merged per image, the posterior sample is seeded, and any
+image size runs through latent tiles and a tiled VAE.
+
+Checkpoints: the official `s3diff.pkl` layout is read (with `weights_only=True`) and written, so weights trained
+elsewhere or by srkit move both ways.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from srkit.colorfix import COLOR_FIXES, color_fix
+from srkit.engines import sd
+from srkit.engines.base import Engine, EngineOptions, EngineSpec, WeightsSet, register
+from srkit.nn.de_net import DegradationEstimator, load_degradation_estimator
+from srkit.nn.dg_lora import DegradationGuidance, DGLoRALayer, Modulation, inject, unet_block, vae_block
+from srkit.nn.tiled_vae import VAETiling
+from srkit.tiling import run_latent_tiled
+
+SCALE = 4
+TIMESTEP = 999
+PAD_MULTIPLE = 64
+POSITIVE_PROMPT = (
+    "A high-resolution, 8K, ultra-realistic image with sharp focus, vibrant colors, and natural lighting."
+)
+NEGATIVE_PROMPT = "oil painting, cartoon, blur, dirty, messy, low quality, deformation, low resolution, oversmooth"
+UNET_TARGETS = [
+    "to_k", "to_q", "to_v", "to_out.0", "conv", "conv1", "conv2", "conv_shortcut", "conv_out",
+    "proj_in", "proj_out", "ff.net.2", "ff.net.0.proj",
+]  # fmt: skip
+VAE_TARGETS = r"^encoder\..*(conv1|conv2|conv_in|conv_shortcut|conv|conv_out|to_k|to_q|to_v|to_out\.0)$"
+UNET_ADAPTER, VAE_ADAPTER = "default", "vae_skip"
+
+
+@dataclass
+class S3DiffOptions(EngineOptions):
+    guidance: float = 1.07
+    """Classifier-free guidance scale between the positive and negative prompt (1 = positive prompt only)."""
+    color_fix: str = "wavelet"
+    """wavelet | adain | none, against the bilinear-upsampled input."""
+    latent: str = "sample"
+    """sample: seeded VAE posterior sample (the official behaviour); mode: deterministic posterior mean."""
+    blur: float | None = None
+    """Override the estimated blur degree (0 = sharp ... 1 = heavily blurred)."""
+    noise: float | None = None
+    """Override the estimated noise degree (0 = clean ... 1 = very noisy)."""
+    prompt: str = POSITIVE_PROMPT
+    negative_prompt: str = NEGATIVE_PROMPT
+    prompt_embeds: str | None = None
+    """A .safetensors file with `pos` and `neg` embeddings, used instead of the text encoder and the prompts."""
+    latent_tile: int = 96
+    latent_overlap: int = 32
+    tile_batch: int = 1
+    """Latent tiles per UNet call (more fills a GPU better; same result)."""
+    vae_encoder_tile: int = 1024
+    """Tiled VAE encoder tile in pixels (0 = never tile)."""
+    vae_decoder_tile: int = 224
+    """Tiled VAE decoder tile in latent pixels (0 = never tile)."""
+    lora_merge: bool = True
+    """Merge each image's LoRA into a cached copy of the wrapped weights (faster; one extra copy of those weights
+    in memory, ~3.4 GB for SD-Turbo in fp32); false runs the peft-style unmerged branch (less memory)."""
+    official_8bit: bool = True
+    """Quantise like the official script (8-bit truncation before and after the colour fix); false = float."""
+    attention: str = "sdpa"
+    """sdpa | xformers (CUDA)."""
+    compile: bool = False
+    """torch.compile the UNet (pays off for many images of one size)."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Networks and checkpoints
+
+
+@dataclass
+class S3DiffNetworks:
+    """Everything S3Diff runs: SD-Turbo's UNet/VAE with DG-LoRA attached, the guidance MLPs, the estimator."""
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    guidance: DegradationGuidance
+    estimator: DegradationEstimator
+    schedule: sd.NoiseSchedule
+    unet_modulation: Modulation
+    vae_modulation: Modulation
+    unet_targets: list[str]
+    vae_targets: str
+
+    def set_degradation(self, scores: torch.Tensor) -> None:
+        """Per-image modulation matrices for every DG-LoRA layer, from (B, 2) degradation scores (float32)."""
+        with sd.fp32_region(scores.device):
+            vae_c, unet_c = self.guidance(scores.float())
+        self.vae_modulation.matrices = vae_c
+        self.unet_modulation.matrices = unet_c
+
+    def set_merge(self, merge: bool) -> None:
+        """Merged (one cached merge per image) or unmerged (peft-style) DG-LoRA forward; outputs agree to float
+        rounding.  Switching merging off frees the merged-weight buffers."""
+        self.unet_modulation.merge = self.vae_modulation.merge = merge
+        if not merge:
+            for layer in self.lora_layers():
+                layer.release_merged()
+
+    def lora_layers(self) -> list[DGLoRALayer]:
+        return [m for net in (self.unet, self.vae) for m in net.modules() if isinstance(m, DGLoRALayer)]
+
+    def merged_cache_bytes(self) -> int:
+        """Memory held by the per-image merged weights (the price of `lora_merge`)."""
+        return sum(layer.merged_bytes for layer in self.lora_layers())
+
+
+def attach_dg_lora(
+    unet: torch.nn.Module,
+    vae: torch.nn.Module,
+    *,
+    rank_unet: int = 32,
+    rank_vae: int = 16,
+    unet_targets: list[str] | None = None,
+    vae_targets: str | None = None,
+) -> tuple[DegradationGuidance, Modulation, Modulation]:
+    """Wrap the S3Diff LoRA sites of a UNet and a VAE encoder (freshly initialised); returns the guidance network
+    and the two shared modulations."""
+    unet_mod, vae_mod = Modulation(), Modulation()
+    inject(unet, unet_targets or UNET_TARGETS, rank_unet, UNET_ADAPTER, unet_block, unet_mod)
+    inject(vae, vae_targets or VAE_TARGETS, rank_vae, VAE_ADAPTER, vae_block, vae_mod)
+    return DegradationGuidance(rank_vae, rank_unet), unet_mod, vae_mod
+
+
+_HEAD_PARTS = ("de_mlp", "block_mlp", "fuse_mlp")
+"""MLPs of a ModulationHead, stored as `state_dict_{vae,unet}_{part}`."""
+_REQUIRED_KEYS = (
+    "unet_lora_target_modules", "vae_lora_target_modules", "rank_unet", "rank_vae", "state_dict_unet",
+    "state_dict_vae", "w", "state_embeddings",
+    *(f"state_dict_{net}_{part}" for net in ("vae", "unet") for part in _HEAD_PARTS),
+)  # fmt: skip
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """An official-layout `s3diff.pkl`, read with `weights_only=True` (tensors, Parameters, lists, str, int)."""
+    checkpoint = torch.load(Path(path), map_location="cpu", weights_only=True)
+    missing = [k for k in _REQUIRED_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]
+    if missing:
+        raise ValueError(f"{path} is not an S3Diff checkpoint (missing {', '.join(missing)})")
+    return checkpoint
+
+
+def load_checkpoint_into(unet: torch.nn.Module, vae: torch.nn.Module, checkpoint: dict):
+    """Attach DG-LoRA with the checkpoint's ranks and targets and load every stored tensor, strictly."""
+    guidance, unet_mod, vae_mod = attach_dg_lora(
+        unet,
+        vae,
+        rank_unet=int(checkpoint["rank_unet"]),
+        rank_vae=int(checkpoint["rank_vae"]),
+        unet_targets=list(checkpoint["unet_lora_target_modules"]),
+        vae_targets=str(checkpoint["vae_lora_target_modules"]),
+    )
+    _load_partial(unet, checkpoint["state_dict_unet"], "UNet")
+    _load_partial(vae, checkpoint["state_dict_vae"], "VAE")
+    # The official class sizes the fuse layers from its constructor ranks; the checkpoint's own shapes decide here.
+    for net in ("vae", "unet"):
+        head = getattr(guidance, net)
+        for part in _HEAD_PARTS:
+            getattr(head, part).load_state_dict(checkpoint[f"state_dict_{net}_{part}"])
+        head.block_embeddings.load_state_dict(checkpoint["state_embeddings"][f"state_dict_{net}_block"])
+    guidance.w.data.copy_(checkpoint["w"].detach())
+    return guidance, unet_mod, vae_mod
+
+
+def _load_partial(model: torch.nn.Module, state: dict, label: str) -> None:
+    """Load a subset of parameters; every stored key must land, and every LoRA factor must be stored."""
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise ValueError(f"the checkpoint's {label} entries do not fit this model: {result.unexpected_keys[:3]}")
+    lora_missing = [k for k in result.missing_keys if ".lora_" in k]
+    if lora_missing:
+        raise ValueError(f"the checkpoint lacks {len(lora_missing)} {label} LoRA tensors, e.g. {lora_missing[0]}")
+
+
+def checkpoint_state(networks: S3DiffNetworks) -> dict:
+    """The official `s3diff.pkl` dictionary for these networks (what `S3Diff.save_model` writes)."""
+
+    def cpu(state: dict) -> dict:
+        return {k: v.detach().float().cpu().clone() for k, v in state.items()}
+
+    state = {
+        "unet_lora_target_modules": list(networks.unet_targets),
+        "vae_lora_target_modules": networks.vae_targets,
+        "rank_unet": networks.guidance.unet.rank,
+        "rank_vae": networks.guidance.vae.rank,
+        "state_dict_unet": cpu({k: v for k, v in networks.unet.state_dict().items() if "lora" in k or "conv_in" in k}),
+        "state_dict_vae": cpu({k: v for k, v in networks.vae.state_dict().items() if "lora" in k}),
+        "w": torch.nn.Parameter(networks.guidance.w.detach().float().cpu().clone(), requires_grad=False),
+        "state_embeddings": {
+            f"state_dict_{net}_block": cpu(getattr(networks.guidance, net).block_embeddings.state_dict())
+            for net in ("vae", "unet")
+        },
+    }
+    for net in ("vae", "unet"):
+        head = getattr(networks.guidance, net)
+        for part in _HEAD_PARTS:
+            state[f"state_dict_{net}_{part}"] = cpu(getattr(head, part).state_dict())
+    return state
+
+
+def save_checkpoint(networks: S3DiffNetworks, path: str | Path) -> Path:
+    """Write an official-layout `s3diff.pkl` (loadable by the official code and by srkit)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(checkpoint_state(networks), tmp)
+    tmp.replace(path)
+    return path
+
+
+def load_networks(base: str | Path, checkpoint: str | Path, de_net: str | Path) -> S3DiffNetworks:
+    """SD-Turbo folder + `s3diff.pkl` + `de_net.pth` -> networks in float32 on the CPU."""
+    unet, vae = sd.load_unet(base), sd.load_vae(base)
+    state = read_checkpoint(checkpoint)
+    guidance, unet_mod, vae_mod = load_checkpoint_into(unet, vae, state)
+    return S3DiffNetworks(
+        unet=unet,
+        vae=vae,
+        guidance=guidance.eval().requires_grad_(False),
+        estimator=load_degradation_estimator(de_net),
+        schedule=sd.load_noise_schedule(base),
+        unet_modulation=unet_mod,
+        vae_modulation=vae_mod,
+        unet_targets=list(state["unet_lora_target_modules"]),
+        vae_targets=str(state["vae_lora_target_modules"]),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The engine
+
+
+SPEC = EngineSpec(
+    name="s3diff",
+    scale=SCALE,
+    steps=1,
+    weights=("s3diff", "s3diff-de-net", "sd-turbo"),
+    licence="Apache-2.0 (S3Diff); base SD-Turbo: Stability AI non-commercial research community licence",
+    description="S3Diff: one-step diffusion SR on SD-Turbo with degradation-guided LoRA (x4, seeded)",
+    tiling="latent",
+    stochastic=True,
+)
+
+
+@register(SPEC)
+class S3DiffEngine(Engine):
+    spec = SPEC
+    options_class = S3DiffOptions
+
+    def __init__(
+        self,
+        networks: S3DiffNetworks,
+        embeddings: dict[str, torch.Tensor],
+        device: torch.device,
+        dtype: torch.dtype,
+        options: S3DiffOptions,
+    ) -> None:
+        super().__init__(device, dtype, options)
+        _check_options(options)
+        self.networks = networks
+        self.embeddings = embeddings
+        self.vae_tiling = VAETiling(encoder_tile=options.vae_encoder_tile, decoder_tile=options.vae_decoder_tile)
+        networks.set_merge(options.lora_merge)
+        networks.guidance.to(device)
+        networks.estimator.to(device)
+        self.to_dtype(dtype)
+        sd.set_attention(networks.unet, options.attention, device)
+        sd.set_attention(networks.vae, "sdpa", device)  # upstream uses xformers for the UNet only
+        self._unet = sd.maybe_compile(networks.unet, options.compile)
+
+    @classmethod
+    def from_weights(cls, weights: WeightsSet, device, dtype, options: S3DiffOptions) -> S3DiffEngine:
+        base = weights["sd-turbo"]
+        networks = load_networks(base, weights["s3diff"], weights["s3diff-de-net"])
+        embeddings = sd.prompt_embeddings(
+            {"pos": options.prompt, "neg": options.negative_prompt}, folder=base, precomputed=options.prompt_embeds
+        )
+        return cls(networks, embeddings, torch.device(device), dtype, options)
+
+    def to_dtype(self, dtype: torch.dtype) -> None:
+        """UNet and VAE in `dtype` (VAE kept fp32 where fp16 overflows); estimator and guidance stay float32."""
+        sd.prepare_module(self.networks.unet, self.device, dtype)
+        sd.prepare_module(self.networks.vae, self.device, sd.vae_dtype(self.networks.vae, dtype))
+        self.embeddings = {k: v.to(self.device, dtype) for k, v in self.embeddings.items()}
+        self.dtype = dtype
+
+    def upscale(self, batch: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        options, nets = self.options, self.networks
+        with sd.inference(self.device, self.dtype):
+            lr = batch.to(self.device, torch.float32)
+            # 1. Degradation scores of the raw LR (or the user's override) -> modulation of every DG-LoRA layer.
+            nets.set_degradation(self.degradation_scores(lr))
+            # 2. Bilinear x4, to [-1, 1], reflect-pad to a multiple of 64.
+            upsampled = F.interpolate(lr, size=(lr.shape[2] * SCALE, lr.shape[3] * SCALE), mode="bilinear")
+            image, size = sd.pad_to_multiple((upsampled * 2 - 1).clamp(-1, 1), PAD_MULTIPLE)
+            # 3. Latent: seeded posterior sample (or mode) of the DG-LoRA VAE encoder.
+            z = sd.vae_encode(nets.vae, image, latent=options.latent, generator=generator, tiling=self.vae_tiling)
+            # 4. Guided ε at t = 999, positive and negative prompt in one UNet call, on latent tiles if large.
+            eps = run_latent_tiled(
+                self.guided_eps, z, options.latent_tile, options.latent_overlap, tile_batch=options.tile_batch
+            )
+            # 5. One step to x0, in float32.
+            x0 = nets.schedule.predict_x0(z, eps, TIMESTEP)
+            # 6. Decode with the untouched decoder, clamp, crop the padding.
+            sr = sd.crop_to(sd.vae_decode(nets.vae, x0, tiling=self.vae_tiling).float().clamp(-1, 1), size)
+            # 7. Colour fix against the upsampled input, in [0, 1].
+            with sd.fp32_region(self.device):
+                return color_fix(sr * 0.5 + 0.5, upsampled, options.color_fix, official_8bit=options.official_8bit)
+
+    def degradation_scores(self, lr: torch.Tensor) -> torch.Tensor:
+        """(B, 2) = (blur, noise) degrees from the estimator, with --blur/--noise overriding their column."""
+        override = (self.options.blur, self.options.noise)
+        if None in override:
+            with sd.fp32_region(self.device):
+                scores = self.networks.estimator(lr.float())
+        else:
+            scores = lr.new_zeros((lr.shape[0], 2))
+        for column, value in enumerate(override):
+            if value is not None:
+                scores[:, column] = value
+        return scores
+
+    def guided_eps(self, latents: torch.Tensor) -> torch.Tensor:
+        """ε_neg + g·(ε_pos − ε_neg) for a (batch of) latent tile(s)."""
+        return sd.unet_eps(
+            self._unet, latents, TIMESTEP, self.embeddings["pos"], self.embeddings["neg"], self.options.guidance
+        )
+
+
+def _check_options(options: S3DiffOptions) -> None:
+    if options.color_fix not in COLOR_FIXES:
+        raise ValueError(f"--color-fix must be one of {', '.join(COLOR_FIXES)}, got '{options.color_fix}'")
+    if options.latent not in ("sample", "mode"):
+        raise ValueError(f"latent must be 'sample' or 'mode', got '{options.latent}'")
+    for name in ("blur", "noise"):
+        value = getattr(options, name)
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise ValueError(f"--{name} must be a degree in [0, 1], got {value}")
+    if options.latent_overlap >= options.latent_tile or options.latent_overlap < 0:
+        raise ValueError("latent_overlap must be at least 0 and smaller than latent_tile")
+    if options.tile_batch < 1:
+        raise ValueError("tile_batch must be at least 1")
+
+
+__all__ = [
+    "NEGATIVE_PROMPT",
+    "POSITIVE_PROMPT",
+    "S3DiffEngine",
+    "S3DiffNetworks",
+    "S3DiffOptions",
+    "attach_dg_lora",
+    "checkpoint_state",
+    "load_checkpoint_into",
+    "load_networks",
+    "read_checkpoint",
+    "save_checkpoint",
+]

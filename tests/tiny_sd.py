@@ -1,0 +1,58 @@
+"""Tiny random Stable-Diffusion-layout models (SD2 block types, linear attention projections) for the tests.
+
+Every engine test needs a UNet/VAE pair in the diffusers format that builds and runs in a fraction of a second;
+the shapes differ per test only in a few arguments, which callers pass as overrides.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from srkit.engines import sd
+
+
+def tiny_unet(seed: int | None = None, **overrides):
+    """A 4-level SD2-style UNet (8/8/16/16 channels, cross-attention dim 8) in eval mode."""
+    from diffusers import UNet2DConditionModel
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    config = {
+        "sample_size": 16,
+        "block_out_channels": (8, 8, 16, 16),
+        "layers_per_block": 1,
+        "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        "cross_attention_dim": 8,
+        "attention_head_dim": 4,
+        "norm_num_groups": 4,
+        "use_linear_projection": True,
+    }
+    return UNet2DConditionModel(**{**config, **overrides}).eval()
+
+
+def tiny_vae(seed: int | None = None, **overrides):
+    """A 4-level SD-style AutoencoderKL (8/8/16/16 channels, 4 latent channels) in eval mode."""
+    from diffusers import AutoencoderKL
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    config = {
+        "block_out_channels": (8, 8, 16, 16),
+        "down_block_types": ("DownEncoderBlock2D",) * 4,
+        "up_block_types": ("UpDecoderBlock2D",) * 4,
+        "layers_per_block": 1,
+        "norm_num_groups": 4,
+        "latent_channels": 4,
+        "sample_size": 32,
+    }
+    return AutoencoderKL(**{**config, **overrides}).eval()
+
+
+def write_scheduler(folder: Path, config: dict | None = None) -> None:
+    """`folder/scheduler/scheduler_config.json` (SD-Turbo's values unless given)."""
+    (folder / "scheduler").mkdir(parents=True, exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(config or sd.SD_TURBO_SCHEDULER))
