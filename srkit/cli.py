@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from srkit import api, registry
+from srkit.degrade.cli import degrade
 from srkit.engines.base import get_engine, model_names
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Super-resolution: GAN and one-step diffusion models.")
@@ -317,6 +318,9 @@ def benchmark(
 
 
 # ---------------------------------------------------------------------------------------------------------------
+app.command()(degrade)  # LR/HR pairs through the Real-ESRGAN degradation (srkit/degrade/)
+
+
 # Training commands: registered so that users see them; the recipes are separate issues.
 
 NOT_BUILT = "{what} is not built yet in this version of srkit (recipes: {recipes}); follow the project's issues."
