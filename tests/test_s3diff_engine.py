@@ -124,8 +124,12 @@ def test_s3diff_checkpoint_rejects_foreign_files(tmp_path) -> None:
 
     with open(tmp_path / "evil.pkl", "wb") as fh:
         pickle.dump({"w": Payload()}, fh, protocol=2)
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(ValueError, match="not a loadable S3Diff checkpoint") as caught:
         read_checkpoint(tmp_path / "evil.pkl")
+    assert isinstance(caught.value.__cause__, pickle.UnpicklingError)  # refused, never executed
+    (tmp_path / "truncated.pkl").write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(ValueError, match="not a loadable S3Diff checkpoint"):
+        read_checkpoint(tmp_path / "truncated.pkl")
 
 
 def test_s3diff_seeded_sample_and_mode(tiny_s3diff) -> None:
@@ -273,6 +277,10 @@ def test_s3diff_cli_upscale_from_the_weights_cache(tiny_s3diff, tmp_path, monkey
                                    "-O", f"prompt_embeds={embeds}", "--blur", "1.5"])  # fmt: skip
     assert bad.exit_code != 0 and "--blur must be a degree in [0, 1]" in bad.output
     assert not (tmp_path / "bad.png").exists()
+    missing = CliRunner().invoke(app, ["upscale", str(source), "-o", str(tmp_path / "bad.png"), "--model", "s3diff",
+                                       "-O", f"prompt_embeds={tmp_path / 'none.safetensors'}"])  # fmt: skip
+    assert missing.exit_code != 0 and "none.safetensors does not exist" in missing.output
+    assert missing.exception is None or isinstance(missing.exception, SystemExit)  # an error line, no traceback
 
 
 def test_s3diff_spec_and_offline_message() -> None:

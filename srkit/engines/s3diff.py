@@ -14,6 +14,7 @@ elsewhere or by srkit move both ways.
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,7 +148,11 @@ _REQUIRED_KEYS = (
 
 def read_checkpoint(path: str | Path) -> dict:
     """An official-layout `s3diff.pkl`, read with `weights_only=True` (tensors, Parameters, lists, str, int)."""
-    checkpoint = torch.load(Path(path), map_location="cpu", weights_only=True)
+    try:
+        checkpoint = torch.load(Path(path), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:  # weights_only refuses arbitrary objects
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{path} is not a loadable S3Diff checkpoint ({first_line})") from exc
     missing = [k for k in _REQUIRED_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]
     if missing:
         raise ValueError(f"{path} is not an S3Diff checkpoint (missing {', '.join(missing)})")

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from srkit.nn.tiled_vae import VAETiling, tiled_decode, tiled_encode
+from srkit.registry import WeightsError
 
 LatentMode = Literal["sample", "mode"]
 AttentionBackend = Literal["sdpa", "xformers"]
@@ -48,7 +49,7 @@ SD_TURBO_SCHEDULER = {
 (benchmarks, tests) pairs with its random weights so that ᾱ and the x0 step are the real ones."""
 
 
-class SDLoadError(RuntimeError):
+class SDLoadError(WeightsError):
     """A diffusers folder or an embeddings file is missing or incomplete; the message says what to do."""
 
 
