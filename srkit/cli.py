@@ -15,6 +15,8 @@ from rich.table import Table
 from srkit import api, registry
 from srkit.degrade.cli import degrade
 from srkit.engines.base import get_engine, model_names
+from srkit.train.run import describe_settings
+from srkit.train.run import finetune as finetune_recipe
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Super-resolution: GAN and one-step diffusion models.")
 weights_app = typer.Typer(no_args_is_help=True, help="List, fetch, verify and import model weights.")
@@ -326,10 +328,48 @@ app.command()(degrade)  # LR/HR pairs through the Real-ESRGAN degradation (srkit
 NOT_BUILT = "{what} is not built yet in this version of srkit (recipes: {recipes}); follow the project's issues."
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def finetune(recipe: Annotated[str, typer.Option("--recipe", help="gdpo, naosd, s3diff, rfsr, consissr")] = "") -> None:
-    """Fine-tune a model with a paper's recipe (not built yet)."""
-    _fail(NOT_BUILT.format(what="`srkit finetune`", recipes="gdpo, naosd, s3diff, rfsr, consissr"), code=2)
+@app.command()
+def finetune(
+    recipe: Annotated[str, typer.Option("--recipe", help="naosd (built); gdpo, s3diff, rfsr, consissr (planned).")],
+    data: Annotated[Path, typer.Option("--data", help="Folder of HR images (degraded on the fly).")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Run folder: checkpoints/, export/, tensorboard/.")],
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Optimiser steps.")] = 10_000,
+    base: Annotated[Path | None, typer.Option("--base", help="Base diffusers folder (naosd: SD2.1-base; default: the registry's).")] = None,
+    text: Annotated[Path | None, typer.Option("--text", help="Folder with tokenizer/text_encoder/scheduler (default: registry sd21-text).")] = None,
+    prompt_embeds: Annotated[Path | None, typer.Option("--prompt-embeds", help="Precomputed `prompt`/`neg` embeddings instead of a text encoder.")] = None,
+    crop: Annotated[int, typer.Option("--crop", help="HR crop side (multiple of 4).")] = 512,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per process and step.")] = 1,
+    grad_accum: Annotated[int, typer.Option("--grad-accum", min=1, help="Micro-batches per optimiser step.")] = 1,
+    lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate (paper: 5e-5).")] = 5e-5,
+    max_grad_norm: Annotated[float, typer.Option("--max-grad-norm", help="Gradient clipping (0: off).")] = 1.0,
+    mixed_precision: Annotated[str, typer.Option("--mixed-precision", help="no, fp16, bf16 (CUDA only).")] = "no",
+    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=1, help="Steps between checkpoints.")] = 500,
+    ema: Annotated[float, typer.Option("--ema", help="EMA decay of the trained weights (0: off).")] = 0.0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of data order, crops, degradations and noise.")] = 123,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in --out.")] = False,
+    tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Also log to OUT/tensorboard.")] = False,
+    device: Annotated[str, typer.Option("--device", help="auto or cpu. Several processes: `accelerate launch --multi_gpu -m srkit.cli finetune ...` (GPUs) or `torchrun --nproc_per_node N -m srkit.cli finetune ...` (CPU, gloo).")] = "auto",
+    offline: Annotated[bool, typer.Option("--offline", help="Never touch the network.")] = False,
+    option: Annotated[list[str], typer.Option("-O", "--option", help="Recipe hyper-parameter key=value (see the list below).")] = [],  # noqa: B006
+) -> None:
+    """Fine-tune or pre-train a model with a paper's recipe; the result loads with `srkit upscale --weights`."""
+    config = {"steps": steps, "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr,
+              "max_grad_norm": max_grad_norm, "mixed_precision": mixed_precision,
+              "checkpoint_every": checkpoint_every, "ema_decay": ema, "seed": seed, "resume": resume,
+              "tensorboard": tensorboard}  # fmt: skip
+    try:
+        exported = finetune_recipe(
+            recipe, data=data, out=out, base=base, text=text, prompt_embeds=prompt_embeds, crop=crop, config=config,
+            settings=_engine_options(option, {}), device=device, offline=offline,
+        )  # fmt: skip
+    except (CliError, ValueError, KeyError, registry.WeightsError) as exc:
+        _fail(str(exc).strip("'\""), code=2)
+    err.print(f"done: {exported}", highlight=False)
+
+
+finetune.__doc__ = (finetune.__doc__ or "") + "\n\nnaosd hyper-parameters (-O key=value, paper defaults): " + ", ".join(
+    describe_settings("naosd").splitlines()
+)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

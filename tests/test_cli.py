@@ -104,10 +104,13 @@ def test_weights_path_pull_verify_offline(srkit_home):
     assert failed.exit_code == 1 and "srkit weights import realesrnet-x4plus" in failed.stderr
 
 
-@pytest.mark.parametrize("command", ["finetune", "distill"])
-def test_training_commands_say_they_are_not_built(command):
-    result = invoke(command, "--recipe", "gdpo")
+def test_planned_recipes_and_distill_say_they_are_not_built(tmp_path):
+    result = invoke("finetune", "--recipe", "gdpo", "--data", str(tmp_path), "--out", str(tmp_path / "run"))
+    assert result.exit_code == 2 and "recipe 'gdpo' is not built yet" in result.stderr
+    result = invoke("distill", "--recipe", "cida")
     assert result.exit_code == 2 and "not built yet" in result.stderr
+    unknown = invoke("finetune", "--recipe", "magic", "--data", str(tmp_path), "--out", str(tmp_path / "run"))
+    assert unknown.exit_code == 2 and "unknown recipe 'magic'" in unknown.stderr
 
 
 def test_real_subprocess_upscale_of_the_example(tmp_path):

@@ -8,13 +8,13 @@ path works, and `--samples` gives distinct, reproducible outputs through the CLI
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_sd import SD2_SCHEDULER, write_scheduler, write_text_side
 from typer.testing import CliRunner
 
 from srkit import registry
@@ -26,18 +26,6 @@ from srkit.registry import WeightsError
 
 pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config`:UserWarning")
 CROSS_DIM = 16
-SD2_SCHEDULER = {
-    "_class_name": "PNDMScheduler",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "clip_sample": False,
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-}
 UNET_PATTERNS = ("to_k", "to_q", "to_v", "to_out.0", "conv", "conv1", "conv2", "conv_in", "conv_shortcut",
                  "conv_out", "proj_out", "proj_in", "ff.net.2", "ff.net.0.proj")
 VAE_PATTERNS = ("conv1", "conv2", "conv_in", "conv_shortcut", "conv", "conv_out", "to_k", "to_q", "to_v", "to_out.0")
@@ -67,37 +55,6 @@ def tiny_vae(seed: int = 1):
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=2,
         scaling_factor=0.18215,
     ).eval()
-
-
-def write_scheduler(folder: Path) -> None:
-    (folder / "scheduler").mkdir(parents=True, exist_ok=True)
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD2_SCHEDULER))
-
-
-def write_text_side(folder: Path) -> Path:
-    """The `sd21-text` layout: a character-level CLIP tokenizer, a 2-layer CLIP text model, the scheduler."""
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    tokens = folder / "tokenizer"
-    tokens.mkdir(parents=True)
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for char in "abcdefghijklmnopqrstuvwxyz0123456789,-":
-        vocab[char] = len(vocab)
-        vocab[char + "</w>"] = len(vocab)
-    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-               "pad_token": "<|endoftext|>"}
-    (tokens / "vocab.json").write_text(json.dumps(vocab))
-    (tokens / "merges.txt").write_text("#version: 0.2\n")
-    (tokens / "special_tokens_map.json").write_text(json.dumps(special))
-    (tokens / "tokenizer_config.json").write_text(
-        json.dumps({"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, **special})
-    )
-    torch.manual_seed(2)
-    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=CROSS_DIM, intermediate_size=32, num_hidden_layers=2,
-                            num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1)
-    CLIPTextModel(config).save_pretrained(folder / "text_encoder")
-    write_scheduler(folder)
-    return folder
 
 
 def lora_targets(model, patterns: tuple[str, ...], keep) -> list[str]:
@@ -160,10 +117,10 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     unet, vae = tiny_unet(), tiny_vae()
     unet.save_pretrained(root / "base" / "unet")
     vae.save_pretrained(root / "base" / "vae")
-    write_scheduler(root / "base")
+    write_scheduler(root / "base", SD2_SCHEDULER)
     tiny_unet(seed=3).save_pretrained(root / "merged" / "unet")
     tiny_vae(seed=4).save_pretrained(root / "merged" / "vae")
-    write_text_side(root / "text")
+    write_text_side(root / "text", CROSS_DIM)
     checkpoint, _, _ = make_osediff_checkpoint(unet, vae)
     torch.save(checkpoint, root / "osediff.pkl")
     return {"base": root / "base", "merged": root / "merged", "text": root / "text", "pkl": root / "osediff.pkl"}

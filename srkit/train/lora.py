@@ -1,0 +1,51 @@
+"""LoRA for training through peft, on diffusers models, with the target rules of the OSEDiff family, and export by
+folding the adapters into a fresh copy of the base weights (srkit/nn/lora_merge.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+UNET_PATTERNS = ("to_k", "to_q", "to_v", "to_out.0", "conv", "conv1", "conv2", "conv_shortcut", "conv_out",
+                 "proj_in", "proj_out", "ff.net.2", "ff.net.0.proj")  # fmt: skip
+"""OSEDiff/NAOSD/GDPO UNet LoRA sites (conv_in is trained in full instead)."""
+VAE_ENCODER_PATTERNS = ("conv1", "conv2", "conv_in", "conv_shortcut", "conv", "conv_out", "to_k", "to_q", "to_v",
+                        "to_out.0")  # fmt: skip
+"""OSEDiff/NAOSD VAE LoRA sites, encoder only (the decoder stays frozen)."""
+PEFT_DEFAULT_ALPHA = 8
+
+
+def target_modules(model: nn.Module, patterns: Iterable[str], prefix: str = "", exclude: Iterable[str] = ()) -> list[str]:
+    """Linear/Conv2d module names under `prefix` that equal a pattern or end with "." + pattern."""
+    patterns, exclude = tuple(patterns), set(exclude)
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.Linear, nn.Conv2d)) or not name.startswith(prefix) or name in exclude:
+            continue
+        if any(name == p or name.endswith("." + p) for p in patterns):
+            names.append(name)
+    return names
+
+
+def add_lora(model: nn.Module, targets: list[str], rank: int, adapter: str = "default") -> dict[str, nn.Parameter]:
+    """Attach a fresh peft LoRA (gaussian A, zero B: the model is unchanged at step 0); its parameters by name."""
+    from peft import LoraConfig
+
+    model.add_adapter(LoraConfig(r=rank, init_lora_weights="gaussian", target_modules=targets), adapter_name=adapter)
+    return {name: p for name, p in model.named_parameters() if f".lora_A.{adapter}." in name or f".lora_B.{adapter}." in name}
+
+
+def lora_scaling(rank: int) -> float:
+    return PEFT_DEFAULT_ALPHA / rank
+
+
+@torch.no_grad()
+def merged_copy(fresh: nn.Module, trained: nn.Module, rank: int) -> nn.Module:
+    """`fresh` (the base model, freshly loaded) with `trained`'s full tensors and LoRA folded in: W + (8/r)·B·A."""
+    from srkit.nn.lora_merge import merge_peft_state
+
+    state = {k: v for k, v in trained.state_dict().items() if ".lora_" in k or k.startswith("conv_in.")}
+    merge_peft_state(fresh, state, lora_scaling(rank))
+    return fresh

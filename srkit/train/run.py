@@ -1,0 +1,68 @@
+"""`srkit finetune`'s body: build a recipe from names and paths, the degraded-HR dataset and the trainer; train.
+
+Kept out of the CLI (which only parses) so that Python users and tests call the same thing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from srkit.engines.base import build_options
+from srkit.train.data import DegradedHRDataset
+from srkit.train.trainer import TrainConfig, Trainer
+
+RECIPES = ("naosd",)
+PLANNED = ("gdpo", "s3diff", "rfsr", "consissr")
+
+
+def settings_class(recipe: str) -> type:
+    if recipe == "naosd":
+        from srkit.train.recipes.naosd import NAOSDSettings
+
+        return NAOSDSettings
+    if recipe in PLANNED:
+        raise ValueError(f"recipe '{recipe}' is not built yet in this version of srkit (built: {', '.join(RECIPES)})")
+    raise ValueError(f"unknown recipe '{recipe}'; choose one of: {', '.join(RECIPES + PLANNED)}")
+
+
+def describe_settings(recipe: str) -> str:
+    """One line per hyper-parameter with its default (the paper's), for --help and `srkit finetune --list`."""
+    lines = []
+    for field in dataclasses.fields(settings_class(recipe)):
+        value = str(field.default)
+        lines.append(f"{field.name}={value if len(value) <= 40 else value[:37] + '...'}")
+    return "\n".join(lines)
+
+
+def finetune(
+    recipe: str,
+    *,
+    data: str | Path,
+    out: str | Path,
+    base: str | Path | None = None,
+    text: str | Path | None = None,
+    prompt_embeds: str | Path | None = None,
+    crop: int = 512,
+    config: dict[str, Any] | None = None,
+    settings: dict[str, Any] | None = None,
+    device: str = "auto",
+    offline: bool = False,
+) -> Path:
+    """Train `recipe` on the HR images in `data`; returns the exported model folder (load with --weights)."""
+    from srkit import registry
+
+    values = build_options(settings_class(recipe), settings or {})
+    train_config = TrainConfig(out=Path(out), **(config or {}))
+    dataset = DegradedHRDataset(data, crop=crop, scale=4, seed=train_config.seed)
+    if recipe == "naosd":
+        from srkit.train.perceptual import lpips_vgg
+        from srkit.train.recipes.naosd import NAOSDRecipe
+
+        base = Path(base) if base else registry.resolve("sd21-base", offline=offline)
+        if text is None and prompt_embeds is None:
+            text = registry.resolve("sd21-text", offline=offline)
+        perceptual = lpips_vgg() if values.lambda_lpips > 0 else None
+        built = NAOSDRecipe(base, values, text_folder=text, prompt_embeds=prompt_embeds, perceptual=perceptual)
+    return Trainer(built, dataset, train_config, device=device).train()

@@ -1,0 +1,148 @@
+"""NAOSD pre-training on a tiny SD-layout model and 8 HR crops: finite losses, checkpoints, exact resume, export
+that `srkit upscale --model naosd --weights` loads, the CLI, and a two-process run with the same layout."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import SHARED, smooth_image
+from PIL import Image
+from safetensors.torch import load_file
+from tiny_sd import SD2_SCHEDULER, tiny_unet, tiny_vae, write_scheduler, write_text_side
+from typer.testing import CliRunner
+
+from srkit import registry
+from srkit.cli import app
+from srkit.train.data import DegradedHRDataset
+from srkit.train.recipes.naosd import NAOSDRecipe, NAOSDSettings
+from srkit.train.trainer import TrainConfig, Trainer, checkpoints
+
+CROSS_DIM = 16
+CROP = 64
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    """A tiny SD2.1-layout base (unet, vae, scheduler), the `sd21-text` side, and 8 HR crops."""
+    root = tmp_path_factory.mktemp("naosd")
+    tiny_unet(seed=0, cross_attention_dim=CROSS_DIM).save_pretrained(root / "base" / "unet")
+    tiny_vae(seed=1).save_pretrained(root / "base" / "vae")
+    write_scheduler(root / "base", SD2_SCHEDULER)
+    write_text_side(root / "text", CROSS_DIM)
+    hr = root / "hr"
+    hr.mkdir()
+    realsr = SHARED / "data" / "realsr" / "test_HR"
+    sources = sorted(realsr.glob("*.png"))[:8] if realsr.is_dir() else []
+    for index in range(8):
+        if sources:
+            pixels = np.asarray(Image.open(sources[index]).convert("RGB"))[:96, :96]
+        else:
+            pixels = (smooth_image(96, 96, seed=index) * 255).round().astype(np.uint8)
+        Image.fromarray(pixels).save(hr / f"crop_{index}.png")
+    return {"base": root / "base", "text": root / "text", "hr": hr}
+
+
+class RandomFeatureDistance(torch.nn.Module):
+    """Stands in for LPIPS-VGG (whose weights cannot be fetched here) through the recipe's perceptual interface."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.features = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3))
+        self.requires_grad_(False)
+
+    def forward(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return (self.features(prediction) - self.features(target)).abs().mean()
+
+
+def train(files, out: Path, steps: int, resume: bool = False) -> Trainer:
+    recipe = NAOSDRecipe(files["base"], NAOSDSettings(), text_folder=files["text"], perceptual=RandomFeatureDistance())
+    dataset = DegradedHRDataset(files["hr"], crop=CROP, scale=4, seed=1)
+    config = TrainConfig(out=out, steps=steps, batch_size=2, checkpoint_every=2, log_every=1, seed=1, resume=resume)
+    trainer = Trainer(recipe, dataset, config, device="cpu")
+    trainer.train()
+    return trainer
+
+
+def test_naosd_trains_checkpoints_resumes_exactly_and_exports(files, tmp_path, monkeypatch):
+    straight = train(files, tmp_path / "straight", steps=3)
+    assert [p.name for p in checkpoints(tmp_path / "straight")] == ["step_0000002", "step_0000003"]
+    saved = checkpoints(tmp_path / "straight")[0]
+    assert {p.name for p in saved.iterdir()} == {
+        "trainable.safetensors", "optim_generator.pt", "optim_regulariser.pt", "rank0.pt", "state.json",
+    }  # fmt: skip
+    trained = load_file(str(saved / "trainable.safetensors"))
+    assert any(k.startswith("unet.conv_in") for k in trained) and any(".lora_A." in k for k in trained)
+    assert any(k.startswith("vae.encoder.") for k in trained) and any(k.startswith("fake.") for k in trained)
+    lora_b = [v for k, v in trained.items() if ".lora_B." in k and k.startswith("unet.")]
+    assert any(v.abs().sum() > 0 for v in lora_b)  # B starts at zero: the generator really moved
+
+    # Stop after 2 steps, resume to 3: the same weights as the uninterrupted run.
+    train(files, tmp_path / "resumed", steps=2)
+    resumed = train(files, tmp_path / "resumed", steps=3, resume=True)
+    assert resumed.step == 3
+    for name, value in straight.trainable_state().items():
+        torch.testing.assert_close(resumed.trainable_state()[name], value, rtol=0, atol=1e-6)
+
+    # The export loads where users load NAOSD weights.
+    monkeypatch.setenv("SRKIT_HOME", str(tmp_path / "home"))
+    registry.import_file("sd21-text", files["text"])
+    image = tmp_path / "in.png"
+    Image.fromarray((smooth_image(20, 24) * 255).round().astype(np.uint8)).save(image)
+    result = CliRunner().invoke(
+        app, ["upscale", str(image), "-o", str(tmp_path / "out.png"), "--model", "naosd",
+              "--weights", str(tmp_path / "straight" / "export")], catch_exceptions=False,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert Image.open(tmp_path / "out.png").size == (96, 80)
+
+
+def test_naosd_losses_are_finite_and_lora_starts_as_the_base(files):
+    recipe = NAOSDRecipe(files["base"], text_folder=files["text"], perceptual=RandomFeatureDistance())
+    batch = DegradedHRDataset(files["hr"], crop=CROP)[0]
+    batch = {k: v[None] for k, v in batch.items()}
+    torch.manual_seed(0)
+    steps = list(recipe.losses(batch, 0))
+    assert [group for group, _, _ in steps] == ["generator", "regulariser"]
+    assert all(torch.isfinite(loss) and loss.requires_grad for _, loss, _ in steps)
+    assert set(steps[0][2]) == {"l2", "lpips", "vsd"}
+    noisy, t = torch.randn(1, 4, 8, 8), torch.tensor([300])
+    text = recipe.prompt.expand(1, -1, -1)
+    with torch.no_grad():  # fresh LoRA (B = 0): the fake score equals the frozen base
+        torch.testing.assert_close(recipe.fake(noisy, t, text).sample, recipe.real(noisy, t, text).sample)
+
+
+def test_naosd_cli_and_two_processes_write_the_same_layout(files, tmp_path):
+    common = ["--data", str(files["hr"]), "--base", str(files["base"]), "--text", str(files["text"]),
+              "--crop", str(CROP), "--steps", "2", "--checkpoint-every", "1", "-O", "lambda_lpips=0",
+              "--device", "cpu", "--seed", "3"]  # fmt: skip
+    one = CliRunner().invoke(app, ["finetune", "--recipe", "naosd", "--out", str(tmp_path / "one"), *common])
+    assert one.exit_code == 0, one.output
+    launcher = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    if launcher is None:
+        pytest.skip("torch's launcher (torchrun) is not installed")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run(  # CPU processes talk over gloo; accelerate picks the setting up from torchrun's env
+        [launcher, "--standalone", "--nproc_per_node", "2", "-m", "srkit.cli", "finetune", "--recipe", "naosd",
+         "--out", str(tmp_path / "two"), *common],
+        check=False, capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert (tmp_path / "two" / "checkpoints" / "step_0000002" / "rank1.pt").is_file()  # really two processes
+
+    def layout(run: Path) -> set[str]:
+        return {str(p.relative_to(run)) for p in run.rglob("*") if "tensorboard" not in p.parts}
+
+    assert layout(tmp_path / "one") - {"checkpoints/rng"} == layout(tmp_path / "two") - {
+        "checkpoints/step_0000001/rank1.pt", "checkpoints/step_0000002/rank1.pt", "checkpoints/rng",
+    }  # fmt: skip
+    keys_one = load_file(str(tmp_path / "one" / "checkpoints" / "step_0000002" / "trainable.safetensors")).keys()
+    keys_two = load_file(str(tmp_path / "two" / "checkpoints" / "step_0000002" / "trainable.safetensors")).keys()
+    assert keys_one == keys_two
