@@ -330,11 +330,11 @@ NOT_BUILT = "{what} is not built yet in this version of srkit (recipes: {recipes
 
 @app.command()
 def finetune(
-    recipe: Annotated[str, typer.Option("--recipe", help="naosd (built); gdpo, s3diff, rfsr, consissr (planned).")],
+    recipe: Annotated[str, typer.Option("--recipe", help="naosd, gdpo (built); s3diff, rfsr, consissr (planned).")],
     data: Annotated[Path, typer.Option("--data", help="Folder of HR images (degraded on the fly).")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Run folder: checkpoints/, export/, tensorboard/.")],
     steps: Annotated[int, typer.Option("--steps", min=1, help="Optimiser steps.")] = 10_000,
-    base: Annotated[Path | None, typer.Option("--base", help="Base diffusers folder (naosd: SD2.1-base; default: the registry's).")] = None,
+    base: Annotated[Path | None, typer.Option("--base", help="Base diffusers folder (naosd: SD2.1-base, default the registry's; gdpo: the NAOSD export, required).")] = None,
     text: Annotated[Path | None, typer.Option("--text", help="Folder with tokenizer/text_encoder/scheduler (default: registry sd21-text).")] = None,
     prompt_embeds: Annotated[Path | None, typer.Option("--prompt-embeds", help="Precomputed `prompt`/`neg` embeddings instead of a text encoder.")] = None,
     crop: Annotated[int, typer.Option("--crop", help="HR crop side (multiple of 4).")] = 512,
@@ -350,6 +350,7 @@ def finetune(
     tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Also log to OUT/tensorboard.")] = False,
     device: Annotated[str, typer.Option("--device", help="auto or cpu. Several processes: `accelerate launch --multi_gpu -m srkit.cli finetune ...` (GPUs) or `torchrun --nproc_per_node N -m srkit.cli finetune ...` (CPU, gloo).")] = "auto",
     offline: Annotated[bool, typer.Option("--offline", help="Never touch the network.")] = False,
+    reward_metrics: Annotated[str | None, typer.Option("--reward-metrics", help="gdpo: reward metrics, e.g. psnr,musiq,maniqa (the paper's).")] = None,
     option: Annotated[list[str], typer.Option("-O", "--option", help="Recipe hyper-parameter key=value (see the list below).")] = [],  # noqa: B006
 ) -> None:
     """Fine-tune or pre-train a model with a paper's recipe; the result loads with `srkit upscale --weights`."""
@@ -360,15 +361,16 @@ def finetune(
     try:
         exported = finetune_recipe(
             recipe, data=data, out=out, base=base, text=text, prompt_embeds=prompt_embeds, crop=crop, config=config,
-            settings=_engine_options(option, {}), device=device, offline=offline,
+            settings=_engine_options(option, {"reward_metrics": reward_metrics}), device=device, offline=offline,
         )  # fmt: skip
     except (CliError, ValueError, KeyError, registry.WeightsError) as exc:
         _fail(str(exc).strip("'\""), code=2)
     err.print(f"done: {exported}", highlight=False)
 
 
-finetune.__doc__ = (finetune.__doc__ or "") + "\n\nnaosd hyper-parameters (-O key=value, paper defaults): " + ", ".join(
-    describe_settings("naosd").splitlines()
+finetune.__doc__ = (finetune.__doc__ or "") + "".join(
+    f"\n\n{name} hyper-parameters (-O key=value, paper defaults): " + ", ".join(describe_settings(name).splitlines())
+    for name in ("naosd", "gdpo")
 )
 
 

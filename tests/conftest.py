@@ -7,9 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+from tiny_sd import SD2_SCHEDULER, tiny_unet, tiny_vae, write_scheduler, write_text_side
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+TRAIN_CROSS_DIM = 16
+TRAIN_CROP = 64
 
 
 def compact_state_dict(num_feat: int = 8, num_conv: int = 2, scale: int = 4, seed: int = 0) -> dict:
@@ -62,3 +66,24 @@ def shared_data(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent (benchmark data lives in the workspace's shared/ folder, not in the repo)")
     return path
+
+
+@pytest.fixture(scope="session")
+def training_files(tmp_path_factory) -> dict[str, Path]:
+    """A tiny SD2.1-layout base (unet, vae, scheduler), the `sd21-text` side, and 8 HR crops."""
+    root = tmp_path_factory.mktemp("naosd")
+    tiny_unet(seed=0, cross_attention_dim=TRAIN_CROSS_DIM).save_pretrained(root / "base" / "unet")
+    tiny_vae(seed=1).save_pretrained(root / "base" / "vae")
+    write_scheduler(root / "base", SD2_SCHEDULER)
+    write_text_side(root / "text", TRAIN_CROSS_DIM)
+    hr = root / "hr"
+    hr.mkdir()
+    realsr = SHARED / "data" / "realsr" / "test_HR"
+    sources = sorted(realsr.glob("*.png"))[:8] if realsr.is_dir() else []
+    for index in range(8):
+        if sources:
+            pixels = np.asarray(Image.open(sources[index]).convert("RGB"))[:96, :96]
+        else:
+            pixels = (smooth_image(96, 96, seed=index) * 255).round().astype(np.uint8)
+        Image.fromarray(pixels).save(hr / f"crop_{index}.png")
+    return {"base": root / "base", "text": root / "text", "hr": hr}

@@ -105,8 +105,8 @@ def test_weights_path_pull_verify_offline(srkit_home):
 
 
 def test_planned_recipes_and_distill_say_they_are_not_built(tmp_path):
-    result = invoke("finetune", "--recipe", "gdpo", "--data", str(tmp_path), "--out", str(tmp_path / "run"))
-    assert result.exit_code == 2 and "recipe 'gdpo' is not built yet" in result.stderr
+    result = invoke("finetune", "--recipe", "rfsr", "--data", str(tmp_path), "--out", str(tmp_path / "run"))
+    assert result.exit_code == 2 and "recipe 'rfsr' is not built yet" in result.stderr
     result = invoke("distill", "--recipe", "cida")
     assert result.exit_code == 2 and "not built yet" in result.stderr
     unknown = invoke("finetune", "--recipe", "magic", "--data", str(tmp_path), "--out", str(tmp_path / "run"))

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED, smooth_image
+from conftest import TRAIN_CROP as CROP
+from conftest import smooth_image
 from PIL import Image
 from safetensors.torch import load_file
-from tiny_sd import SD2_SCHEDULER, tiny_unet, tiny_vae, write_scheduler, write_text_side
 from typer.testing import CliRunner
 
 from srkit import registry
@@ -23,30 +23,6 @@ from srkit.cli import app
 from srkit.train.data import DegradedHRDataset
 from srkit.train.recipes.naosd import NAOSDRecipe, NAOSDSettings
 from srkit.train.trainer import TrainConfig, Trainer, checkpoints
-
-CROSS_DIM = 16
-CROP = 64
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory) -> dict[str, Path]:
-    """A tiny SD2.1-layout base (unet, vae, scheduler), the `sd21-text` side, and 8 HR crops."""
-    root = tmp_path_factory.mktemp("naosd")
-    tiny_unet(seed=0, cross_attention_dim=CROSS_DIM).save_pretrained(root / "base" / "unet")
-    tiny_vae(seed=1).save_pretrained(root / "base" / "vae")
-    write_scheduler(root / "base", SD2_SCHEDULER)
-    write_text_side(root / "text", CROSS_DIM)
-    hr = root / "hr"
-    hr.mkdir()
-    realsr = SHARED / "data" / "realsr" / "test_HR"
-    sources = sorted(realsr.glob("*.png"))[:8] if realsr.is_dir() else []
-    for index in range(8):
-        if sources:
-            pixels = np.asarray(Image.open(sources[index]).convert("RGB"))[:96, :96]
-        else:
-            pixels = (smooth_image(96, 96, seed=index) * 255).round().astype(np.uint8)
-        Image.fromarray(pixels).save(hr / f"crop_{index}.png")
-    return {"base": root / "base", "text": root / "text", "hr": hr}
 
 
 class RandomFeatureDistance(torch.nn.Module):
@@ -62,17 +38,17 @@ class RandomFeatureDistance(torch.nn.Module):
         return (self.features(prediction) - self.features(target)).abs().mean()
 
 
-def train(files, out: Path, steps: int, resume: bool = False) -> Trainer:
-    recipe = NAOSDRecipe(files["base"], NAOSDSettings(), text_folder=files["text"], perceptual=RandomFeatureDistance())
-    dataset = DegradedHRDataset(files["hr"], crop=CROP, scale=4, seed=1)
+def train(training_files, out: Path, steps: int, resume: bool = False) -> Trainer:
+    recipe = NAOSDRecipe(training_files["base"], NAOSDSettings(), text_folder=training_files["text"], perceptual=RandomFeatureDistance())
+    dataset = DegradedHRDataset(training_files["hr"], crop=CROP, scale=4, seed=1)
     config = TrainConfig(out=out, steps=steps, batch_size=2, checkpoint_every=2, log_every=1, seed=1, resume=resume)
     trainer = Trainer(recipe, dataset, config, device="cpu")
     trainer.train()
     return trainer
 
 
-def test_naosd_trains_checkpoints_resumes_exactly_and_exports(files, tmp_path, monkeypatch):
-    straight = train(files, tmp_path / "straight", steps=3)
+def test_naosd_trains_checkpoints_resumes_exactly_and_exports(training_files, tmp_path, monkeypatch):
+    straight = train(training_files, tmp_path / "straight", steps=3)
     assert [p.name for p in checkpoints(tmp_path / "straight")] == ["step_0000002", "step_0000003"]
     saved = checkpoints(tmp_path / "straight")[0]
     assert {p.name for p in saved.iterdir()} == {
@@ -85,15 +61,15 @@ def test_naosd_trains_checkpoints_resumes_exactly_and_exports(files, tmp_path, m
     assert any(v.abs().sum() > 0 for v in lora_b)  # B starts at zero: the generator really moved
 
     # Stop after 2 steps, resume to 3: the same weights as the uninterrupted run.
-    train(files, tmp_path / "resumed", steps=2)
-    resumed = train(files, tmp_path / "resumed", steps=3, resume=True)
+    train(training_files, tmp_path / "resumed", steps=2)
+    resumed = train(training_files, tmp_path / "resumed", steps=3, resume=True)
     assert resumed.step == 3
     for name, value in straight.trainable_state().items():
         torch.testing.assert_close(resumed.trainable_state()[name], value, rtol=0, atol=1e-6)
 
     # The export loads where users load NAOSD weights.
     monkeypatch.setenv("SRKIT_HOME", str(tmp_path / "home"))
-    registry.import_file("sd21-text", files["text"])
+    registry.import_file("sd21-text", training_files["text"])
     image = tmp_path / "in.png"
     Image.fromarray((smooth_image(20, 24) * 255).round().astype(np.uint8)).save(image)
     result = CliRunner().invoke(
@@ -104,9 +80,9 @@ def test_naosd_trains_checkpoints_resumes_exactly_and_exports(files, tmp_path, m
     assert Image.open(tmp_path / "out.png").size == (96, 80)
 
 
-def test_naosd_losses_are_finite_and_lora_starts_as_the_base(files):
-    recipe = NAOSDRecipe(files["base"], text_folder=files["text"], perceptual=RandomFeatureDistance())
-    batch = DegradedHRDataset(files["hr"], crop=CROP)[0]
+def test_naosd_losses_are_finite_and_lora_starts_as_the_base(training_files):
+    recipe = NAOSDRecipe(training_files["base"], text_folder=training_files["text"], perceptual=RandomFeatureDistance())
+    batch = DegradedHRDataset(training_files["hr"], crop=CROP)[0]
     batch = {k: v[None] for k, v in batch.items()}
     torch.manual_seed(0)
     steps = list(recipe.losses(batch, 0))
@@ -119,8 +95,8 @@ def test_naosd_losses_are_finite_and_lora_starts_as_the_base(files):
         torch.testing.assert_close(recipe.fake(noisy, t, text).sample, recipe.real(noisy, t, text).sample)
 
 
-def test_naosd_cli_and_two_processes_write_the_same_layout(files, tmp_path):
-    common = ["--data", str(files["hr"]), "--base", str(files["base"]), "--text", str(files["text"]),
+def test_naosd_cli_and_two_processes_write_the_same_layout(training_files, tmp_path):
+    common = ["--data", str(training_files["hr"]), "--base", str(training_files["base"]), "--text", str(training_files["text"]),
               "--crop", str(CROP), "--steps", "2", "--checkpoint-every", "1", "-O", "lambda_lpips=0",
               "--device", "cpu", "--seed", "3"]  # fmt: skip
     one = CliRunner().invoke(app, ["finetune", "--recipe", "naosd", "--out", str(tmp_path / "one"), *common])

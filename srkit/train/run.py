@@ -6,15 +6,18 @@ Kept out of the CLI (which only parses) so that Python users and tests call the 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from srkit.engines.base import build_options
 from srkit.train.data import DegradedHRDataset
 from srkit.train.trainer import TrainConfig, Trainer
 
-RECIPES = ("naosd",)
-PLANNED = ("gdpo", "s3diff", "rfsr", "consissr")
+RECIPES = ("naosd", "gdpo")
+PLANNED = ("s3diff", "rfsr", "consissr")
 
 
 def settings_class(recipe: str) -> type:
@@ -22,6 +25,10 @@ def settings_class(recipe: str) -> type:
         from srkit.train.recipes.naosd import NAOSDSettings
 
         return NAOSDSettings
+    if recipe == "gdpo":
+        from srkit.train.recipes.gdpo import GDPOSettings
+
+        return GDPOSettings
     if recipe in PLANNED:
         raise ValueError(f"recipe '{recipe}' is not built yet in this version of srkit (built: {', '.join(RECIPES)})")
     raise ValueError(f"unknown recipe '{recipe}'; choose one of: {', '.join(RECIPES + PLANNED)}")
@@ -49,8 +56,12 @@ def finetune(
     settings: dict[str, Any] | None = None,
     device: str = "auto",
     offline: bool = False,
+    reward_metrics: Mapping[str, Callable[[np.ndarray, np.ndarray], float]] | None = None,
 ) -> Path:
-    """Train `recipe` on the HR images in `data`; returns the exported model folder (load with --weights)."""
+    """Train `recipe` on the HR images in `data`; returns the exported model folder (load with --weights).
+
+    `reward_metrics` (gdpo, Python only) replaces the metrics named by the `reward_metrics` setting.
+    """
     from srkit import registry
 
     values = build_options(settings_class(recipe), settings or {})
@@ -65,4 +76,13 @@ def finetune(
             text = registry.resolve("sd21-text", offline=offline)
         perceptual = lpips_vgg() if values.lambda_lpips > 0 else None
         built = NAOSDRecipe(base, values, text_folder=text, prompt_embeds=prompt_embeds, perceptual=perceptual)
+    else:
+        from srkit.train.recipes.gdpo import GDPORecipe
+
+        if base is None:
+            raise ValueError("gdpo starts from a NAOSD model: pass --base DIR (the export of `srkit finetune "
+                             "--recipe naosd`, or a merged NAOSD/GDPO diffusers folder)")
+        if text is None and prompt_embeds is None:
+            text = registry.resolve("sd21-text", offline=offline)
+        built = GDPORecipe(base, values, text_folder=text, prompt_embeds=prompt_embeds, metrics=reward_metrics)
     return Trainer(built, dataset, train_config, device=device).train()

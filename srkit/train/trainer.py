@@ -24,6 +24,7 @@ import math
 import shutil
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
@@ -198,32 +199,31 @@ class Trainer:
     # Checkpoints
 
     def save_checkpoint(self) -> Path:
-        from safetensors.torch import save_file
-
         folder = Path(self.config.out) / CHECKPOINTS / f"step_{self.step:07d}"
         rng_folder = Path(self.config.out) / CHECKPOINTS / "rng"
         rng_folder.mkdir(parents=True, exist_ok=True)
         torch.save(_rng_state(), rng_folder / f"step_{self.step:07d}_rank{self.accelerator.process_index}.pt")
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            partial = folder.with_name(folder.name + ".partial")
-            shutil.rmtree(partial, ignore_errors=True)
-            partial.mkdir(parents=True)
-            save_file(self.trainable_state(), str(partial / "trainable.safetensors"))
-            if self.ema is not None:
-                save_file({k: v.cpu().contiguous() for k, v in self.ema.items()}, str(partial / "ema.safetensors"))
-            for group, optimizer in self.optimizers.items():
-                torch.save(optimizer.state_dict(), partial / f"optim_{group}.pt")
-            config = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self.config).items()}
-            state = {"step": self.step, "recipe": self.recipe.name, "config": config}
-            (partial / "state.json").write_text(json.dumps(state, indent=2))
-            for rng in rng_folder.glob(f"step_{self.step:07d}_rank*.pt"):
-                shutil.move(rng, partial / rng.name.split("_", 2)[2])
-            shutil.rmtree(folder, ignore_errors=True)
-            partial.rename(folder)  # a checkpoint folder is complete or absent
+            with atomic_folder(folder) as partial:
+                self._write_checkpoint(partial, rng_folder)
             self._prune()
         self.accelerator.wait_for_everyone()
         return folder
+
+    def _write_checkpoint(self, partial: Path, rng_folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file(self.trainable_state(), str(partial / "trainable.safetensors"))
+        if self.ema is not None:
+            save_file({k: v.cpu().contiguous() for k, v in self.ema.items()}, str(partial / "ema.safetensors"))
+        for group, optimizer in self.optimizers.items():
+            torch.save(optimizer.state_dict(), partial / f"optim_{group}.pt")
+        config = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self.config).items()}
+        state = {"step": self.step, "recipe": self.recipe.name, "config": config}
+        (partial / "state.json").write_text(json.dumps(state, indent=2))
+        for rng in rng_folder.glob(f"step_{self.step:07d}_rank*.pt"):
+            shutil.move(rng, partial / rng.name.split("_", 2)[2])
 
     def _prune(self) -> None:
         keep = self.config.keep_checkpoints
@@ -282,3 +282,15 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextmanager
+def atomic_folder(folder: str | Path) -> Iterator[Path]:
+    """Write into `folder.partial`, then swap it in: a checkpoint or export folder is complete or absent."""
+    folder = Path(folder)
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    yield partial
+    shutil.rmtree(folder, ignore_errors=True)
+    partial.rename(folder)

@@ -29,6 +29,7 @@ from srkit.engines.osediff import PROMPT_KEY, compose_prompt
 from srkit.train.lora import UNET_PATTERNS, VAE_ENCODER_PATTERNS, add_lora, merged_copy, target_modules
 from srkit.train.losses import vsd_loss
 from srkit.train.timesteps import add_noise_at, predict_x0_at
+from srkit.train.trainer import atomic_folder
 
 NEGATIVE_KEY = "neg"
 DEFAULT_PROMPT = "clean, high-resolution, 8k"
@@ -73,6 +74,7 @@ class NAOSDRecipe:
         if s.lambda_lpips > 0 and perceptual is None:
             raise ValueError("NAOSD's LPIPS term needs a perceptual loss (LPIPS-VGG); pass one or set lambda_lpips 0")
         self.perceptual = perceptual
+        self.scheduler_folder = Path(text_folder or self.base) / "scheduler"
         self.schedule = sd.load_noise_schedule(text_folder or self.base)
         for t in (s.t_add, s.t_diff, s.vsd_t_min, s.vsd_t_max - 1):
             self.schedule.alpha_bar(t)
@@ -148,15 +150,12 @@ class NAOSDRecipe:
         return F.mse_loss(prediction.float(), noise.float())
 
     def export(self, folder: Path) -> Path:
-        """Merged diffusers `unet/` and `vae/` folders (+ the base scheduler) in `folder`."""
-        folder = Path(folder)
-        partial = folder.with_name(folder.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        s = self.settings
-        merged_copy(sd.load_unet(self.base), _plain(self.unet), s.rank_unet).save_pretrained(partial / "unet")
-        merged_copy(sd.load_vae(self.base), _plain(self.vae), s.rank_vae).save_pretrained(partial / "vae")
-        shutil.rmtree(folder, ignore_errors=True)
-        partial.rename(folder)
+        """Merged diffusers `unet/` and `vae/` folders and the scheduler config in `folder`."""
+        with atomic_folder(folder) as partial:
+            s = self.settings
+            merged_copy(sd.load_unet(self.base), _plain(self.unet), s.rank_unet).save_pretrained(partial / "unet")
+            merged_copy(sd.load_vae(self.base), _plain(self.vae), s.rank_vae).save_pretrained(partial / "vae")
+            shutil.copytree(self.scheduler_folder, partial / "scheduler")  # self-contained: gdpo can start from it
         return folder
 
 
