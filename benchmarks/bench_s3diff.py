@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from srkit.colorfix import color_fix
+from srkit.cpu_memory import keep_freed_memory
 from srkit.engines import sd
 from srkit.engines.s3diff import (
     NEGATIVE_PROMPT,
@@ -210,7 +211,16 @@ def main() -> None:
         "--real", action="store_true", help="use the cached real weights (srkit weights pull s3diff)"
     )
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--allocator",
+        choices=("srkit", "default"),
+        default="srkit",
+        help="srkit: keep freed memory in the heap as `srkit upscale` does on the CPU (srkit/cpu_memory.py); "
+        "default: glibc's mmap/unmap of large blocks. Process-wide, so both paths run under the same one.",
+    )
     args = parser.parse_args()
+    if args.allocator == "srkit":
+        keep_freed_memory()
 
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
@@ -247,10 +257,15 @@ def main() -> None:
         "weights": "sd-turbo + s3diff (cached)" if args.real else "random, SD-Turbo architecture",
         "output": f"{args.size * SCALE}x{args.size * SCALE}",
         "device": "cpu",
+        "allocator": args.allocator,
         "threads": torch.get_num_threads(),
         "seconds_per_image": seconds,
         "speed_ratio": seconds["reference"] / seconds["srkit"],
-        "peak_rss_increase_mib": {k: round(v / 2**20) for k, v in peaks.items()},
+        "peak_rss_increase_mib": (
+            {k: round(v / 2**20) for k, v in peaks.items()}
+            if args.allocator == "default"
+            else "not measurable: freed memory stays in the heap (run with --allocator default)"
+        ),
         "max_abs_output_diff": diff,
         "output_unsaturated_fraction": unsaturated,
         "srkit_merged_weight_cache_mib": round(networks.merged_cache_bytes() / 2**20),

@@ -22,6 +22,7 @@ from PIL import Image
 import srkit.engines  # noqa: F401  (declares the model names)
 from srkit import registry
 from srkit.alpha import bleed_colour
+from srkit.cpu_memory import keep_freed_memory
 from srkit.engines.base import Engine, EngineSpec, WeightsSet, build_options, get_engine
 from srkit.imageio import (
     WRITE_FORMATS,
@@ -129,6 +130,8 @@ def load_engine(
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device, spec)
     engine_options = build_options(engine_class.options_class, options)
+    if torch_device.type == "cpu":
+        keep_freed_memory()  # srkit/cpu_memory.py: no page-fault storm for large activations
     weight_set = resolve_weights(spec, weights, offline, log)
     engine = engine_class.from_weights(weight_set, torch_device, torch_dtype, engine_options)
     if tile == "auto":

@@ -32,6 +32,8 @@ from typing import Protocol
 import torch
 from rich.console import Console
 
+from srkit.cpu_memory import keep_freed_memory
+
 CHECKPOINTS = "checkpoints"
 
 
@@ -86,6 +88,8 @@ class Trainer:
         from accelerate.utils import set_seed
 
         cpu = device == "cpu" or not torch.cuda.is_available()
+        if cpu:
+            keep_freed_memory()
         self.accelerator = Accelerator(mixed_precision="no" if cpu else config.mixed_precision, cpu=cpu)
         set_seed(config.seed + self.accelerator.process_index)
         self.recipe, self.dataset, self.config = recipe, dataset, config
