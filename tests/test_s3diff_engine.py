@@ -163,6 +163,14 @@ def test_s3diff_guidance_one_is_the_positive_prompt_alone(tiny_s3diff) -> None:
     torch.testing.assert_close(eps, neg + 1.5 * (direct - neg), rtol=1e-4, atol=1e-5)
 
 
+def test_s3diff_lora_merge_off_gives_the_same_image_without_the_cache(tiny_s3diff) -> None:
+    merged = make_engine(tiny_s3diff, latent="mode", official_8bit=False, color_fix="none")
+    unmerged = make_engine(tiny_s3diff, latent="mode", official_8bit=False, color_fix="none", lora_merge="false")
+    image = lr_batch(1)
+    torch.testing.assert_close(unmerged.upscale(image), merged.upscale(image), rtol=1e-4, atol=2e-5)
+    assert merged.networks.merged_cache_bytes() > 0 and unmerged.networks.merged_cache_bytes() == 0
+
+
 def test_s3diff_batch_equals_images_one_by_one(tiny_s3diff) -> None:
     """Two images in one batch take the unmerged per-sample path; each must equal its own single run."""
     engine = make_engine(tiny_s3diff, latent="mode", official_8bit=False, color_fix="none")
