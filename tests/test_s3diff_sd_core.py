@@ -179,3 +179,18 @@ def test_s3diff_text_encoder_from_a_diffusers_folder(tmp_path) -> None:
     assert sd.has_text_encoder(folder)
     table = sd.prompt_embeddings({"pos": "a sharp photo", "neg": "blur"}, folder=folder)
     assert table["pos"].shape == (1, 77, 8) and not torch.equal(table["pos"], table["neg"])
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_schedule_per_sample_timesteps_equal_one_timestep_at_a_time(prediction_type: str) -> None:
+    schedule = sd.NoiseSchedule.from_config({**SD_TURBO_SCHEDULER, "prediction_type": prediction_type})
+    gen = torch.Generator().manual_seed(0)
+    x0, noise, out = (torch.randn(3, 4, 5, 5, generator=gen) for _ in range(3))
+    t = torch.tensor([20, 250, 999])
+    noisy = schedule.add_noise(x0, noise, t)
+    predicted = schedule.predict_x0(noisy, out, t)
+    for i, step in enumerate(t.tolist()):
+        torch.testing.assert_close(noisy[i : i + 1], schedule.add_noise(x0[i : i + 1], noise[i : i + 1], step))
+        torch.testing.assert_close(predicted[i : i + 1], schedule.predict_x0(noisy[i : i + 1], out[i : i + 1], step))
+    with pytest.raises(ValueError, match="outside the schedule"):
+        schedule.alpha_bar(torch.tensor([5, 1000]))

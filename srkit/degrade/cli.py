@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from srkit.api import resolve_device
 from srkit.degrade.config import DegradationConfig
 from srkit.degrade.pairs import CROP_MODES, write_pairs
 from srkit.degrade.pipeline import DegradationPipeline
@@ -23,15 +24,10 @@ def _fail(message: str) -> NoReturn:
 
 
 def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        _fail(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        _fail(f"device '{name}' asked for but CUDA is not available; use --device cpu")
-    return device
+        return resolve_device(name)
+    except ValueError as exc:
+        _fail(str(exc))
 
 
 def degrade(

@@ -122,20 +122,27 @@ class NoiseSchedule:
     def num_train_timesteps(self) -> int:
         return self.alphas_cumprod.numel()
 
-    def alpha_bar(self, t: int) -> torch.Tensor:
-        """ᾱ_t as a 0-dim float32 tensor."""
-        if not 0 <= t < self.num_train_timesteps:
+    def alpha_bar(self, t: int | torch.Tensor) -> torch.Tensor:
+        """ᾱ_t in float32: 0-dim for an int t, (B,) for per-sample timesteps (training draws one t per sample)."""
+        steps = torch.as_tensor(t).long().cpu()
+        if steps.numel() and not (0 <= int(steps.min()) and int(steps.max()) < self.num_train_timesteps):
             raise ValueError(f"timestep {t} is outside the schedule (0..{self.num_train_timesteps - 1})")
-        return self.alphas_cumprod[t]
+        return self.alphas_cumprod[steps]
 
-    def predict_x0(self, sample: torch.Tensor, model_output: torch.Tensor, t: int) -> torch.Tensor:
-        """The clean latent predicted at timestep t, in float32 whatever the inputs' dtype.
+    def _alpha_bar_like(self, t: int | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """ᾱ_t on `like`'s device, shaped to broadcast over its non-batch axes."""
+        a = self.alpha_bar(t).to(like.device)
+        return a.view(-1, *([1] * (like.dim() - 1))) if a.dim() else a
+
+    def predict_x0(self, sample: torch.Tensor, model_output: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
+        """The clean latent predicted at timestep t (an int, or one per sample), in float32 whatever the inputs'
+        dtype.
 
         For ε-prediction x0 = (z − √(1−ᾱ_t)·ε)/√ᾱ_t, which is exactly what one DDPM step from t to "before the
         first step" (ᾱ_prev = 1) returns, minus its 1e-10·noise term.
         """
         with fp32_region(sample.device):
-            a = self.alpha_bar(t).to(sample.device)
+            a = self._alpha_bar_like(t, sample)
             b = 1 - a
             z, out = sample.float(), model_output.float()
             if self.prediction_type == "epsilon":
@@ -150,10 +157,10 @@ class NoiseSchedule:
                 x0 = x0.clamp(-self.clip_sample_range, self.clip_sample_range)
             return x0
 
-    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
-        """x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·noise in float32 (the forward process at one timestep)."""
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
+        """x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·noise in float32 (t an int, or one per sample)."""
         with fp32_region(x0.device):
-            a = self.alpha_bar(t).to(x0.device)
+            a = self._alpha_bar_like(t, x0)
             return a.sqrt() * x0.float() + (1 - a).sqrt() * noise.float()
 
 

@@ -67,13 +67,13 @@ def finetune(
     values = build_options(settings_class(recipe), settings or {})
     train_config = TrainConfig(out=Path(out), **(config or {}))
     dataset = DegradedHRDataset(data, crop=crop, scale=4, seed=train_config.seed)
+    if text is None and prompt_embeds is None:  # both recipes read SD2.1's scheduler and prompts from it
+        text = registry.resolve("sd21-text", offline=offline)
     if recipe == "naosd":
         from srkit.train.perceptual import lpips_vgg
         from srkit.train.recipes.naosd import NAOSDRecipe
 
         base = Path(base) if base else registry.resolve("sd21-base", offline=offline)
-        if text is None and prompt_embeds is None:
-            text = registry.resolve("sd21-text", offline=offline)
         perceptual = lpips_vgg() if values.lambda_lpips > 0 else None
         built = NAOSDRecipe(base, values, text_folder=text, prompt_embeds=prompt_embeds, perceptual=perceptual)
     else:
@@ -82,7 +82,5 @@ def finetune(
         if base is None:
             raise ValueError("gdpo starts from a NAOSD model: pass --base DIR (the export of `srkit finetune "
                              "--recipe naosd`, or a merged NAOSD/GDPO diffusers folder)")
-        if text is None and prompt_embeds is None:
-            text = registry.resolve("sd21-text", offline=offline)
         built = GDPORecipe(base, values, text_folder=text, prompt_embeds=prompt_embeds, metrics=reward_metrics)
     return Trainer(built, dataset, train_config, device=device).train()

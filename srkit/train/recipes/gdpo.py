@@ -23,13 +23,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from srkit.engines import sd
 from srkit.engines.osediff import PROMPT_KEY, compose_prompt
 from srkit.train.lora import UNET_PATTERNS, add_lora, merged_copy, target_modules
 from srkit.train.losses import GDPO_OMEGA, gdpo_loss, per_sample_error
-from srkit.train.recipes.naosd import DEFAULT_PROMPT
+from srkit.train.recipes.naosd import DEFAULT_PROMPT, noise_injected_x0, upsampled_input
 from srkit.train.rewards import arf_rewards, attribute_ratios, group_advantages
 from srkit.train.trainer import atomic_folder
 
@@ -100,11 +99,9 @@ class GDPORecipe:
     def sample_group(self, lr: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """(B·G, 3, H, W) SR samples in [0, 1] from the frozen reference, b-major (G noises per LR latent)."""
         s = self.settings
-        image = F.interpolate(lr, size=size, mode="bicubic", align_corners=False).clamp(0, 1) * 2 - 1
-        z = sd.vae_encode(self.vae, image, latent="sample").repeat_interleave(s.group_size, dim=0)
-        noisy = self.schedule.add_noise(z, torch.randn_like(z), s.t_noise)
-        eps = self.reference(noisy, s.t_diff, encoder_hidden_states=self.prompt.expand(z.shape[0], -1, -1)).sample
-        decoded = sd.vae_decode(self.vae, self.schedule.predict_x0(noisy, eps, s.t_diff))
+        z = sd.vae_encode(self.vae, upsampled_input(lr, size), latent="sample").repeat_interleave(s.group_size, dim=0)
+        clean = noise_injected_x0(self.reference, self.schedule, z, self.prompt, s.t_noise, s.t_diff)
+        decoded = sd.vae_decode(self.vae, clean)
         return (decoded.float().clamp(-1, 1) + 1) / 2
 
     def rewards(self, samples: torch.Tensor, hr: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
@@ -146,7 +143,7 @@ class GDPORecipe:
     def export(self, folder: Path) -> Path:
         """Merged diffusers `unet/` (policy LoRA folded in) and the base `vae/`."""
         with atomic_folder(folder) as partial:
-            merged_copy(sd.load_unet(self.base), self.policy, self.settings.rank_unet).save_pretrained(partial / "unet")
+            merged_copy(copy.deepcopy(self.reference), self.policy, self.settings.rank_unet).save_pretrained(partial / "unet")
             self.vae.save_pretrained(partial / "vae")
             if (self.base / "scheduler").is_dir():
                 shutil.copytree(self.base / "scheduler", partial / "scheduler")

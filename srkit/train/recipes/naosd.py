@@ -28,7 +28,6 @@ from srkit.engines import sd
 from srkit.engines.osediff import PROMPT_KEY, compose_prompt
 from srkit.train.lora import UNET_PATTERNS, VAE_ENCODER_PATTERNS, add_lora, merged_copy, target_modules
 from srkit.train.losses import vsd_loss
-from srkit.train.timesteps import add_noise_at, predict_x0_at
 from srkit.train.trainer import atomic_folder
 
 NEGATIVE_KEY = "neg"
@@ -85,9 +84,9 @@ class NAOSDRecipe:
         )
         # clone: the text encoder runs under inference_mode, whose tensors cannot enter a training graph
         self.prompt, self.negative = table[PROMPT_KEY].clone(), table[NEGATIVE_KEY].clone()
-        self.unet, self.vae = _trainable(sd.load_unet(self.base)), _trainable(sd.load_vae(self.base))
-        self.real = sd.load_unet(self.base)  # frozen base score
-        self.fake = _trainable(copy.deepcopy(self.real))
+        self.real = sd.load_unet(self.base)  # frozen base score; the other UNets start as copies of it
+        self.unet, self.fake = _trainable(copy.deepcopy(self.real)), _trainable(copy.deepcopy(self.real))
+        self.vae = _trainable(sd.load_vae(self.base))
         self.unet.conv_in.requires_grad_(True)
         generator = {f"unet.{k}": v for k, v in self.unet.conv_in.named_parameters(prefix="conv_in")}
         generator |= {f"unet.{k}": v for k, v in add_lora(self.unet, target_modules(self.unet, UNET_PATTERNS, exclude={"conv_in"}), s.rank_unet).items()}
@@ -108,12 +107,8 @@ class NAOSDRecipe:
     def generate(self, lr: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(x̂ in [-1, 1], ẑ): the one-step generator on LR in [0, 1], with gradients."""
         s = self.settings
-        image = F.interpolate(lr, size=size, mode="bicubic", align_corners=False).clamp(0, 1) * 2 - 1
-        z = sd.vae_encode(self.vae, image, latent="sample")
-        noisy = self.schedule.add_noise(z, torch.randn_like(z), s.t_add)
-        text = self.prompt.expand(z.shape[0], -1, -1)
-        eps = self.unet(noisy, s.t_diff, encoder_hidden_states=text).sample
-        z_hat = self.schedule.predict_x0(noisy, eps, s.t_diff)
+        z = sd.vae_encode(self.vae, upsampled_input(lr, size), latent="sample")
+        z_hat = noise_injected_x0(self.unet, self.schedule, z, self.prompt, s.t_add, s.t_diff)
         return sd.vae_decode(self.vae, z_hat), z_hat
 
     def losses(self, batch: dict[str, torch.Tensor], step: int) -> Iterator[tuple[str, torch.Tensor, dict[str, float]]]:
@@ -133,19 +128,19 @@ class NAOSDRecipe:
         batch = z_hat.shape[0]
         t = torch.randint(s.vsd_t_min, s.vsd_t_max, (batch,), device=z_hat.device)
         with torch.no_grad():
-            noisy = add_noise_at(self.schedule, z_hat.detach(), torch.randn_like(z_hat), t)
+            noisy = self.schedule.add_noise(z_hat.detach(), torch.randn_like(z_hat), t)
             pos, neg = self.prompt.expand(batch, -1, -1), self.negative.expand(batch, -1, -1)
-            x0_fake = predict_x0_at(self.schedule, noisy, self.fake(noisy, t, encoder_hidden_states=pos).sample, t)
+            x0_fake = self.schedule.predict_x0(noisy, self.fake(noisy, t, encoder_hidden_states=pos).sample, t)
             both = self.real(torch.cat([noisy, noisy]), torch.cat([t, t]), encoder_hidden_states=torch.cat([pos, neg]))
             eps_pos, eps_neg = both.sample.chunk(2)
             eps_real = eps_neg + s.cfg_vsd * (eps_pos - eps_neg)
-            x0_real = predict_x0_at(self.schedule, noisy, eps_real, t)
+            x0_real = self.schedule.predict_x0(noisy, eps_real, t)
         return vsd_loss(z_hat, x0_fake, x0_real)
 
     def regulariser_loss(self, z: torch.Tensor) -> torch.Tensor:
         t = torch.randint(0, self.schedule.num_train_timesteps, (z.shape[0],), device=z.device)
         noise = torch.randn_like(z)
-        noisy = add_noise_at(self.schedule, z, noise, t)
+        noisy = self.schedule.add_noise(z, noise, t)
         prediction = self.fake(noisy, t, encoder_hidden_states=self.prompt.expand(z.shape[0], -1, -1)).sample
         return F.mse_loss(prediction.float(), noise.float())
 
@@ -153,8 +148,8 @@ class NAOSDRecipe:
         """Merged diffusers `unet/` and `vae/` folders and the scheduler config in `folder`."""
         with atomic_folder(folder) as partial:
             s = self.settings
-            merged_copy(sd.load_unet(self.base), _plain(self.unet), s.rank_unet).save_pretrained(partial / "unet")
-            merged_copy(sd.load_vae(self.base), _plain(self.vae), s.rank_vae).save_pretrained(partial / "vae")
+            merged_copy(copy.deepcopy(self.real), self.unet, s.rank_unet).save_pretrained(partial / "unet")
+            merged_copy(sd.load_vae(self.base), self.vae, s.rank_vae).save_pretrained(partial / "vae")
             shutil.copytree(self.scheduler_folder, partial / "scheduler")  # self-contained: gdpo can start from it
         return folder
 
@@ -164,5 +159,15 @@ def _trainable(module: torch.nn.Module) -> torch.nn.Module:
     return module.train().requires_grad_(False)
 
 
-def _plain(module: torch.nn.Module) -> torch.nn.Module:
-    return module.module if hasattr(module, "module") else module
+def upsampled_input(lr: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """LR in [0, 1] -> the generator's input: bicubic to the HR size, in [-1, 1]."""
+    return F.interpolate(lr, size=size, mode="bicubic", align_corners=False).clamp(0, 1) * 2 - 1
+
+
+def noise_injected_x0(
+    unet: torch.nn.Module, schedule: sd.NoiseSchedule, z: torch.Tensor, prompt: torch.Tensor, t_add: int, t_diff: int
+) -> torch.Tensor:
+    """NAOSD's one step: noise the latent to t_add, let the UNet see it as t_diff, return its x0 (float32)."""
+    noisy = schedule.add_noise(z, torch.randn_like(z), t_add)
+    eps = unet(noisy, t_diff, encoder_hidden_states=prompt.expand(z.shape[0], -1, -1)).sample
+    return schedule.predict_x0(noisy, eps, t_diff)
