@@ -3,8 +3,10 @@
 The reference path is the official inference's structure on srkit's own modules: both prompts re-encoded by the
 text encoder for every image, two separate UNet passes for classifier-free guidance, peft-style unmerged LoRA
 (A, C-mix, B on every feature map), and the x0 step through `DDPMScheduler.step`.  srkit's path embeds the
-prompts once when the engine is built, batches the two guidance passes into one UNet call and merges the
-per-image LoRA into each layer's weight.  Everything else (estimator, VAE, colour fix) is shared code.
+prompts once when the engine is built, batches the two guidance passes into one UNet call, merges the
+per-image LoRA into each layer's weight and (on the CPU) runs each nearest-upsample + 3×3 conv of the UNet and
+the VAE decoder as four 2×2 convolutions on the low-resolution map (`srkit/nn/upsample_conv.py`); the reference
+runs diffusers' plain `Upsample2D`.  Everything else (estimator, VAE, colour fix) is shared code.
 
 Reported per path: median seconds per image over interleaved repeats (so background load hits both alike), the
 peak resident-memory increase during a call (sampled every 10 ms), and max |srkit − reference| of the float
@@ -49,6 +51,8 @@ from srkit.engines.s3diff import (
     load_networks,
 )
 from srkit.nn.de_net import DegradationEstimator
+from srkit.nn.upsample_conv import use_phase_upsampling
+from srkit.nn.winograd_conv import use_winograd_convolutions
 
 # ---------------------------------------------------------------------------------------------------------------
 # Networks: real weights from the cache, or random ones with SD-Turbo's shapes
@@ -151,6 +155,9 @@ def reference_upscale(
     from diffusers import DDPMScheduler
 
     networks.unet_modulation.merge = networks.vae_modulation.merge = False  # keeps srkit's merged buffers
+    for network in (networks.unet, networks.vae):
+        use_phase_upsampling(network, False)
+        use_winograd_convolutions(network, False)
     try:
         with torch.inference_mode():
             pos, neg = text(options.prompt), text(options.negative_prompt)
@@ -171,6 +178,9 @@ def reference_upscale(
             )
     finally:
         networks.unet_modulation.merge = networks.vae_modulation.merge = True
+        for network in (networks.unet, networks.vae):
+            use_phase_upsampling(network, True)
+            use_winograd_convolutions(network, True)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -99,7 +99,7 @@ class DGLoRALayer(nn.Module):
         self.scaling = LORA_ALPHA / rank
         self.block = block
         self.modulation = modulation
-        self._merged: torch.Tensor | None = None  # W' for the image of `_merged_version`, see _forward_merged
+        self._merged: torch.Tensor | None = None  # W' for the image of `_merged_version`, see inference_weight
         self._merged_version = -1
         nn.init.normal_(down.weight, std=1 / rank)  # peft's "gaussian" init: a fresh layer starts as the base
         nn.init.zeros_(up.weight)
@@ -125,10 +125,27 @@ class DGLoRALayer(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.inference_weight()
+        if weight is None:
+            return self._forward_unmerged(x, self.modulation.for_block(self.block))
+        base = self.base_layer
+        if isinstance(base, nn.Conv2d):
+            return base._conv_forward(x, weight, base.bias)  # the base class's kernel choice (winograd_conv.py)
+        return F.linear(x, weight, base.bias)
+
+    def inference_weight(self) -> torch.Tensor | None:
+        """The merged weight W + s·B·Cᵀ·A for the current image when the merged path applies (merging on, one
+        image, no autograd), computed once per image into a reused buffer; None when the unmerged branch runs."""
         c = self.modulation.for_block(self.block)
-        if self.modulation.merge and c.shape[0] == 1 and not torch.is_grad_enabled():
-            return self._forward_merged(x, c[0])
-        return self._forward_unmerged(x, c)
+        if not self.modulation.merge or c.shape[0] != 1 or torch.is_grad_enabled():
+            return None
+        weight = self.base_layer.weight
+        if self._merged_version != self.modulation.version or not _fits(self._merged, weight):
+            with torch.inference_mode(), _fp32(weight.device):
+                buffer = self._merged if _fits(self._merged, weight) else torch.empty_like(weight)
+                self._merged = self.merged_weight(c[0], out=buffer)
+            self._merged_version = self.modulation.version
+        return self._merged
 
     @property
     def merged_bytes(self) -> int:
@@ -138,17 +155,6 @@ class DGLoRALayer(nn.Module):
     def release_merged(self) -> None:
         """Free the merged-weight buffer (the next merged call allocates it again)."""
         self._merged, self._merged_version = None, -1
-
-    def _forward_merged(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        base = self.base_layer
-        if self._merged_version != self.modulation.version or not _fits(self._merged, base.weight):
-            with torch.inference_mode(), _fp32(x.device):
-                buffer = self._merged if _fits(self._merged, base.weight) else torch.empty_like(base.weight)
-                self._merged = self.merged_weight(c, out=buffer)
-            self._merged_version = self.modulation.version
-        if isinstance(base, nn.Conv2d):
-            return F.conv2d(x, self._merged, base.bias, base.stride, base.padding, base.dilation, base.groups)
-        return F.linear(x, self._merged, base.bias)
 
     def _forward_unmerged(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)

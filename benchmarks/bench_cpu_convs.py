@@ -1,0 +1,119 @@
+"""srkit's CPU convolution choices against PyTorch's default (oneDNN), layer by layer, on the shapes of SD models.
+
+Two rows per shape, same input and weights, one process:
+- 3×3 convolutions: oneDNN (what `F.conv2d` runs) vs NNPACK's Winograd kernels (`srkit/nn/winograd_conv.py`),
+  and whether srkit's rule picks NNPACK for that shape;
+- nearest ×2 upsample + 3×3 convolution: diffusers' way (upsample, then convolve) vs four 2×2 convolutions on the
+  low-resolution map (`srkit/nn/upsample_conv.py`).
+Reported: median seconds over `--repeats` calls after one warm-up, the speed ratio, and the largest difference
+relative to the output's largest magnitude.
+
+Run:  .venv/bin/python benchmarks/bench_cpu_convs.py [--repeats 3] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from srkit.cpu_memory import keep_freed_memory
+from srkit.nn.upsample_conv import upsample_conv
+from srkit.nn.winograd_conv import WinogradConv2d, winograd_applies, winograd_conv3x3
+
+# (batch, in channels, out channels, side): where SD's VAE and UNet spend their convolution time at 512² output
+CONV_SHAPES = [
+    (1, 128, 128, 512), (1, 256, 128, 512), (1, 256, 256, 256), (1, 512, 256, 256), (1, 512, 512, 128),
+    (1, 512, 512, 64), (2, 320, 320, 64), (2, 640, 640, 32), (2, 1280, 1280, 16), (1, 128, 3, 512),
+]  # fmt: skip
+# (channels, low-resolution side) of the SD VAE decoder's three upsamplers
+UPSAMPLE_SHAPES = [(512, 64), (512, 128), (256, 256)]
+
+
+def median_seconds(repeats: int, call: Callable[..., torch.Tensor], *args, **kwargs) -> float:
+    call(*args, **kwargs)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        call(*args, **kwargs)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def upsample_then_conv(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
+    """diffusers' `Upsample2D`: nearest ×2, then the 3×3 convolution."""
+    return F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), conv.weight, conv.bias, padding=1)
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def conv_rows(repeats: int) -> list[dict]:
+    rows = []
+    for batch, c_in, c_out, side in CONV_SHAPES:
+        x = torch.randn(batch, c_in, side, side)
+        conv = torch.nn.Conv2d(c_in, c_out, 3, padding=1).requires_grad_(False)
+        reference = F.conv2d(x, conv.weight, conv.bias, padding=1)
+        fast = winograd_conv3x3(x, conv.weight, conv.bias)
+        onednn = median_seconds(repeats, F.conv2d, x, conv.weight, conv.bias, padding=1)
+        nnpack = median_seconds(repeats, winograd_conv3x3, x, conv.weight, conv.bias)
+        conv.__class__ = WinogradConv2d
+        rows.append({
+            "layer": f"conv3x3 b{batch} {c_in}->{c_out} @ {side}²",
+            "onednn_s": round(onednn, 4),
+            "nnpack_s": round(nnpack, 4),
+            "ratio": round(onednn / nnpack, 2),
+            "srkit_uses_nnpack": winograd_applies(conv, x, conv.weight, conv.bias),
+            "relative_difference": relative_difference(fast, reference),
+        })  # fmt: skip
+        print(rows[-1], flush=True)
+    return rows
+
+
+def upsample_rows(repeats: int) -> list[dict]:
+    rows = []
+    for channels, side in UPSAMPLE_SHAPES:
+        x = torch.randn(1, channels, side, side)
+        conv = torch.nn.Conv2d(channels, channels, 3, padding=1).requires_grad_(False)
+
+        plain_s = median_seconds(repeats, upsample_then_conv, x, conv)
+        phases_s = median_seconds(repeats, upsample_conv, x, conv.weight, conv.bias)
+        rows.append({
+            "layer": f"nearest x2 + conv3x3 {channels} ch @ {side}² -> {2 * side}²",
+            "upsample_then_conv_s": round(plain_s, 4),
+            "four_2x2_convs_s": round(phases_s, 4),
+            "ratio": round(plain_s / phases_s, 2),
+            "relative_difference": relative_difference(
+                upsample_conv(x, conv.weight, conv.bias), upsample_then_conv(x, conv)
+            ),
+        })  # fmt: skip
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    keep_freed_memory()
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        result = {
+            "threads": torch.get_num_threads(),
+            "conv3x3": conv_rows(args.repeats),
+            "upsample_conv": upsample_rows(args.repeats),
+        }
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""3×3 convolutions on the CPU through NNPACK's Winograd kernels, where those beat oneDNN.
+
+PyTorch's CPU convolutions go to oneDNN's direct algorithm.  NNPACK (bundled with PyTorch's x86 builds, used by
+PyTorch itself only for batches of 16 or more) computes a 3×3 convolution with Winograd F(6×6, 3×3), ~5× fewer
+multiplications.  Measured on 2 AVX2 cores, fp32, one image (`benchmarks/bench_cpu_convs.py`):
+
+- 2.2–4× faster for 3×3, stride 1, padding 1 with ≥ 64 input and output channels on maps of ≥ 64² pixels: the SD
+  VAE encoder and decoder (VAE decode at 512²: ~14 s → ~8 s) and the 64² level of an SD UNet;
+- slower on small maps with many channels (UNet inner levels, 16²×1280: 0.3×) and for the 3-channel ends, which
+  therefore keep oneDNN;
+- NNPACK's batched routine is tuned for training and is slower than its single-image one, so a batch runs image
+  by image.
+
+Accuracy: Winograd rounds differently, ~1e-5 relative error per convolution (oneDNN's ~1e-7).  S3Diff's 512²
+output moves by ~1e-5, far below one 8-bit level (3.9e-3).  `SRKIT_CPU_WINOGRAD=0` keeps oneDNN everywhere.
+NNPACK runs its own thread pool with one thread per core, which `torch.set_num_threads` does not limit.
+
+`use_winograd_convolutions(model)` swaps the class of every plain `nn.Conv2d` (parameters, state-dict keys and
+hooks unchanged); each call then picks NNPACK or oneDNN from the shapes it sees.  Anything that needs gradients
+keeps oneDNN.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+from torch import nn
+
+MIN_CHANNELS = 64
+MIN_PIXELS = 64 * 64
+ENV_SWITCH = "SRKIT_CPU_WINOGRAD"
+
+
+@functools.cache
+def nnpack_available() -> bool:
+    """Whether this PyTorch build has NNPACK (the check also initialises it, which its kernels need)."""
+    return bool(torch.backends.nnpack.is_available())
+
+
+def enabled_by_environment() -> bool:
+    """False when the user set SRKIT_CPU_WINOGRAD=0 (oneDNN everywhere, for bit-for-bit comparisons)."""
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def winograd_applies(
+    conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> bool:
+    """Whether NNPACK can compute this call (same convolution, Winograd rounding) and is faster for its shape."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+        and x.dim() == 4
+        and conv.kernel_size == (3, 3)
+        and conv.stride == (1, 1)
+        and conv.padding == (1, 1)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+        and min(weight.shape[0], weight.shape[1]) >= MIN_CHANNELS
+        and x.shape[2] * x.shape[3] >= MIN_PIXELS
+        and not (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
+        and nnpack_available()
+    )
+
+
+def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """3×3 convolution, stride 1, zero padding 1, one image at a time through NNPACK."""
+    weight = weight.contiguous()
+    images = [
+        torch._nnpack_spatial_convolution(x[i : i + 1].contiguous(), weight, bias, [1, 1])
+        for i in range(x.shape[0])
+    ]
+    return images[0] if len(images) == 1 else torch.cat(images)
+
+
+class WinogradConv2d(nn.Conv2d):
+    """`nn.Conv2d` that runs through NNPACK when `winograd_applies`, through oneDNN otherwise."""
+
+    def _conv_forward(
+        self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        if winograd_applies(self, input, weight, bias):
+            return winograd_conv3x3(input, weight, bias)
+        return super()._conv_forward(input, weight, bias)
+
+
+def use_winograd_convolutions(model: nn.Module, enabled: bool = True) -> int:
+    """Switch every plain `nn.Conv2d` of `model` to `WinogradConv2d` (or back); returns how many were switched.
+    `enabled` is overridden to False by SRKIT_CPU_WINOGRAD=0."""
+    target = WinogradConv2d if enabled and enabled_by_environment() else nn.Conv2d
+    switched = 0
+    for module in model.modules():
+        if type(module) in (nn.Conv2d, WinogradConv2d):
+            module.__class__ = target
+            switched += 1
+    return switched
+
+
+__all__ = [
+    "ENV_SWITCH",
+    "WinogradConv2d",
+    "enabled_by_environment",
+    "use_winograd_convolutions",
+    "winograd_applies",
+    "winograd_conv3x3",
+]
