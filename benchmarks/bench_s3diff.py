@@ -4,9 +4,11 @@ The reference path is the official inference's structure on srkit's own modules:
 text encoder for every image, two separate UNet passes for classifier-free guidance, peft-style unmerged LoRA
 (A, C-mix, B on every feature map), and the x0 step through `DDPMScheduler.step`.  srkit's path embeds the
 prompts once when the engine is built, batches the two guidance passes into one UNet call, merges the
-per-image LoRA into each layer's weight and (on the CPU) runs each nearest-upsample + 3×3 conv of the UNet and
-the VAE decoder as four 2×2 convolutions on the low-resolution map (`srkit/nn/upsample_conv.py`); the reference
-runs diffusers' plain `Upsample2D`.  Everything else (estimator, VAE, colour fix) is shared code.
+per-image LoRA into each layer's weight and picks its CPU kernels: each nearest-upsample + 3×3 conv of the UNet
+and the VAE decoder runs as four 2×2 convolutions on the low-resolution map (`srkit/nn/upsample_conv.py`) and 3×3
+convolutions on large maps go through NNPACK's Winograd kernels (`srkit/nn/winograd_conv.py`; run with
+SRKIT_CPU_WINOGRAD=0 to see srkit without them).  The reference runs diffusers' layers with PyTorch's default
+kernels.  Everything else (estimator, colour fix) is shared code.
 
 Reported per path: median seconds per image over interleaved repeats (so background load hits both alike), the
 peak resident-memory increase during a call (sampled every 10 ms), and max |srkit − reference| of the float

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -91,3 +94,17 @@ def test_merged_dg_lora_conv_runs_through_the_base_layers_kernel_choice() -> Non
     assert merged is not None and winograd_applies(base, x, merged, base.bias)
     expected = F.conv2d(x, merged, base.bias, padding=1)
     assert 0 < _relative_difference(layer(x), expected) < 1e-4
+
+
+def test_winograd_conv3x3_works_as_the_first_nnpack_call_of_a_process() -> None:
+    """NNPACK must be initialised before its first kernel call; a fresh process checks that this happens."""
+    code = (
+        "import torch; from srkit.nn.winograd_conv import winograd_conv3x3; "
+        "x = torch.randn(1, 64, 64, 64); w = torch.randn(64, 64, 3, 3); "
+        "print(tuple(winograd_conv3x3(x, w, None).shape))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr.strip().splitlines()[-1:]
+    assert done.stdout.strip() == "(1, 64, 64, 64)"

@@ -67,6 +67,8 @@ def winograd_applies(
 
 def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """3×3 convolution, stride 1, zero padding 1, one image at a time through NNPACK."""
+    if not nnpack_available():  # also initialises NNPACK: without that its kernels fail
+        raise RuntimeError("this PyTorch build has no NNPACK; use torch.nn.functional.conv2d")
     weight = weight.contiguous()
     images = [
         torch._nnpack_spatial_convolution(x[i : i + 1].contiguous(), weight, bias, [1, 1])
