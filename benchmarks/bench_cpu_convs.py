@@ -8,6 +8,11 @@ Two rows per shape, same input and weights, one process:
 Reported: median seconds over `--repeats` calls after one warm-up, the speed ratio, and the largest difference
 relative to the output's largest magnitude.
 
+`--decoder` adds a whole-model accuracy check: an SD-shaped VAE decoder (random weights) decodes one latent with
+PyTorch's kernels and with srkit's, first as initialised, then with outlier channels (the first two channels of
+every resnet's second conv scaled by 100 and 1000, giving activations in the thousands, where Winograd's
+tile-wide rounding is at its worst); reported: the largest activation and max |difference| of the output.
+
 Run:  .venv/bin/python benchmarks/bench_cpu_convs.py [--repeats 3] [--json out.json]
 """
 
@@ -98,9 +103,65 @@ def upsample_rows(repeats: int) -> list[dict]:
     return rows
 
 
+def sd_vae_decoder(outlier_scale: float) -> torch.nn.Module:
+    """An SD-shaped VAE decoder (random weights) whose resnets' second convs have two channels scaled up."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    decoder = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+    ).decoder.eval()
+    decoder.requires_grad_(False)
+    for name, module in decoder.named_modules():
+        if isinstance(module, torch.nn.Conv2d) and name.endswith("conv2"):
+            module.weight[:2] *= outlier_scale
+            module.bias[:2] *= outlier_scale
+    return decoder
+
+
+def largest_conv_activation(model: torch.nn.Module, latent: torch.Tensor) -> float:
+    outputs: list[float] = []
+    hooks = [
+        m.register_forward_hook(lambda _m, _i, out: outputs.append(out.abs().max().item()))
+        for m in model.modules()
+        if isinstance(m, torch.nn.Conv2d)
+    ]
+    model(latent)
+    for hook in hooks:
+        hook.remove()
+    return max(outputs)
+
+
+def decoder_rows() -> list[dict]:
+    from srkit.nn.upsample_conv import use_phase_upsampling
+    from srkit.nn.winograd_conv import use_winograd_convolutions
+
+    rows = []
+    latent = torch.randn(1, 4, 64, 64)
+    for outlier_scale in (1.0, 100.0, 1000.0):
+        decoder = sd_vae_decoder(outlier_scale)
+        plain = decoder(latent)
+        largest = largest_conv_activation(decoder, latent)
+        use_phase_upsampling(decoder)
+        use_winograd_convolutions(decoder)
+        fast = decoder(latent)
+        rows.append({
+            "decoder": f"SD VAE decoder, 64² latent, outlier channels x{outlier_scale:g}",
+            "largest_activation": round(largest, 1),
+            "max_abs_difference": (fast - plain).abs().max().item(),
+            "max_abs_difference_clamped": (fast.clamp(-1, 1) - plain.clamp(-1, 1)).abs().max().item(),
+        })  # fmt: skip
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--decoder", action="store_true", help="also check a whole SD VAE decoder (slower)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     keep_freed_memory()
@@ -111,6 +172,8 @@ def main() -> None:
             "conv3x3": conv_rows(args.repeats),
             "upsample_conv": upsample_rows(args.repeats),
         }
+        if args.decoder:
+            result["decoder"] = decoder_rows()
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import subprocess
 import sys
 
@@ -18,11 +19,18 @@ from srkit.nn.winograd_conv import (
     nnpack_available,
     use_winograd_convolutions,
     winograd_applies,
+    winograd_wanted,
 )
 
 pytestmark = pytest.mark.skipif(not nnpack_available(), reason="this PyTorch build has no NNPACK")
 
 SIDE = 64  # the smallest map the rule sends to NNPACK
+
+
+@pytest.fixture(autouse=True)
+def _winograd_on_any_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """By default srkit uses NNPACK only on the CPUs it was measured on; these tests check it everywhere."""
+    monkeypatch.setenv(ENV_SWITCH, "1")
 
 
 def _conv(c_in: int = MIN_CHANNELS, c_out: int = MIN_CHANNELS, **kwargs) -> WinogradConv2d:
@@ -108,3 +116,14 @@ def test_winograd_conv3x3_works_as_the_first_nnpack_call_of_a_process() -> None:
     )
     assert done.returncode == 0, done.stderr.strip().splitlines()[-1:]
     assert done.stdout.strip() == "(1, 64, 64, 64)"
+
+
+def test_automatic_choice_follows_the_cpus_it_was_measured_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ENV_SWITCH)
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert winograd_wanted()
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert not winograd_wanted()
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    assert not winograd_wanted()

@@ -12,7 +12,10 @@ multiplications.  Measured on 2 AVX2 cores, fp32, one image (`benchmarks/bench_c
   by image.
 
 Accuracy: Winograd rounds differently, ~1e-5 relative error per convolution (oneDNN's ~1e-7).  S3Diff's 512²
-output moves by ~1e-5, far below one 8-bit level (3.9e-3).  `SRKIT_CPU_WINOGRAD=0` keeps oneDNN everywhere.
+output moves by ~1e-5, far below one 8-bit level (3.9e-3); an SD-shaped VAE decoder given outlier channels
+(activations up to 5e3; trained SD VAEs are known for large activations) moves by ≤ 8e-5
+(`bench_cpu_convs.py --decoder`).  Used by default only on the CPUs it was measured on
+(see `winograd_wanted`); `SRKIT_CPU_WINOGRAD=0` keeps oneDNN everywhere, `=1` uses NNPACK wherever it exists.
 NNPACK runs its own thread pool with one thread per core, which `torch.set_num_threads` does not limit.
 
 `use_winograd_convolutions(model)` swaps the class of every plain `nn.Conv2d` (parameters, state-dict keys and
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import os
+import platform
 
 import torch
 from torch import nn
@@ -39,9 +43,16 @@ def nnpack_available() -> bool:
     return bool(torch.backends.nnpack.is_available())
 
 
-def enabled_by_environment() -> bool:
-    """False when the user set SRKIT_CPU_WINOGRAD=0 (oneDNN everywhere, for bit-for-bit comparisons)."""
-    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+def winograd_wanted() -> bool:
+    """SRKIT_CPU_WINOGRAD=0: never (oneDNN everywhere, e.g. for bit-for-bit comparisons); =1: wherever NNPACK
+    exists; unset: only on the CPUs it was measured on (x86-64 whose best PyTorch kernels are AVX2).  AVX-512
+    CPUs double oneDNN's throughput but not NNPACK's (AVX2 kernels), and ARM was not measured."""
+    setting = os.environ.get(ENV_SWITCH, "auto").strip().lower()
+    if setting in ("0", "false", "no", "off"):
+        return False
+    if setting in ("1", "true", "yes", "on"):
+        return True
+    return platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() == "AVX2"
 
 
 def winograd_applies(
@@ -90,8 +101,8 @@ class WinogradConv2d(nn.Conv2d):
 
 def use_winograd_convolutions(model: nn.Module, enabled: bool = True) -> int:
     """Switch every plain `nn.Conv2d` of `model` to `WinogradConv2d` (or back); returns how many were switched.
-    `enabled` is overridden to False by SRKIT_CPU_WINOGRAD=0."""
-    target = WinogradConv2d if enabled and enabled_by_environment() else nn.Conv2d
+    `enabled` asks; `winograd_wanted` (the CPU and SRKIT_CPU_WINOGRAD) decides."""
+    target = WinogradConv2d if enabled and winograd_wanted() else nn.Conv2d
     switched = 0
     for module in model.modules():
         if type(module) in (nn.Conv2d, WinogradConv2d):
@@ -103,7 +114,7 @@ def use_winograd_convolutions(model: nn.Module, enabled: bool = True) -> int:
 __all__ = [
     "ENV_SWITCH",
     "WinogradConv2d",
-    "enabled_by_environment",
+    "winograd_wanted",
     "use_winograd_convolutions",
     "winograd_applies",
     "winograd_conv3x3",
