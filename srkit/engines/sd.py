@@ -291,7 +291,8 @@ def prepare_module(module: torch.nn.Module, device: torch.device, dtype: torch.d
     On the CPU every nearest ×2 upsample + 3×3 conv runs as four 2×2 convolutions on the low-resolution map
     (`srkit/nn/upsample_conv.py`: 2.25× fewer FLOPs, same result up to rounding), and 3×3 convolutions on large
     maps run through NNPACK's Winograd kernels (`srkit/nn/winograd_conv.py`: 2–4× faster per layer, ~1e-5
-    relative rounding, `SRKIT_CPU_WINOGRAD=0` turns it off).  On CUDA the original layers run (not measured there).
+    relative rounding; on the CPUs where that was measured, see `winograd_wanted`).  On CUDA the original layers
+    run (not measured there).
     Deliberately no channels-last on the CPU: measured slower for the SD VAE decoder with oneDNN, and its
     different summation order moves S3Diff outputs by ~5e-3 (x0 amplifies ε errors ~15x).
     """
