@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from srkit.nn import winograd_conv
 from srkit.nn.dg_lora import DGLoRALayer, Modulation
 from srkit.nn.winograd_conv import (
     ENV_SWITCH,
@@ -127,3 +128,17 @@ def test_automatic_choice_follows_the_cpus_it_was_measured_on(monkeypatch: pytes
     assert not winograd_wanted()
     monkeypatch.setattr(platform, "machine", lambda: "aarch64")
     assert not winograd_wanted()
+
+
+@pytest.mark.parametrize("rows_per_band", [1, 5, 64])
+@torch.no_grad()
+def test_large_maps_run_in_row_bands_with_the_same_result(
+    rows_per_band: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bands bound NNPACK's workspace; the one-row halos and zero edge rows must give the plain convolution."""
+    torch.manual_seed(0)
+    x = torch.randn(2, MIN_CHANNELS, 67, 70)
+    weight, bias = torch.randn(MIN_CHANNELS, MIN_CHANNELS, 3, 3), torch.randn(MIN_CHANNELS)
+    monkeypatch.setattr(winograd_conv, "MAX_BAND_ELEMENTS", rows_per_band * MIN_CHANNELS * 70)
+    out = winograd_conv.winograd_conv3x3(x, weight, bias)
+    assert _relative_difference(out, F.conv2d(x, weight, bias, padding=1)) < 1e-4

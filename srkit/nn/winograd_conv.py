@@ -30,10 +30,13 @@ import os
 import platform
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 MIN_CHANNELS = 64
 MIN_PIXELS = 64 * 64
+MAX_BAND_ELEMENTS = 1 << 25
+"""Input values per NNPACK call (128 MiB in fp32): bounds its workspace on large maps (see winograd_conv3x3)."""
 ENV_SWITCH = "SRKIT_CPU_WINOGRAD"
 
 
@@ -77,15 +80,25 @@ def winograd_applies(
 
 
 def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """3×3 convolution, stride 1, zero padding 1, one image at a time through NNPACK."""
+    """3×3 convolution, stride 1, zero padding 1, through NNPACK: one image at a time, in bands of rows.
+
+    NNPACK's workspace is ~2.6× its input (a 128-channel 1024² map: +1.3 GB), so large maps run in bands of at
+    most MAX_BAND_ELEMENTS input values, each with a one-row halo (zero rows at the image's edges)."""
     if not nnpack_available():  # also initialises NNPACK: without that its kernels fail
         raise RuntimeError("this PyTorch build has no NNPACK; use torch.nn.functional.conv2d")
     weight = weight.contiguous()
-    images = [
-        torch._nnpack_spatial_convolution(x[i : i + 1].contiguous(), weight, bias, [1, 1])
-        for i in range(x.shape[0])
-    ]
-    return images[0] if len(images) == 1 else torch.cat(images)
+    images, channels, height, width = x.shape
+    band = max(1, MAX_BAND_ELEMENTS // (channels * width))
+    if images == 1 and band >= height:
+        return torch._nnpack_spatial_convolution(x.contiguous(), weight, bias, [1, 1])
+    out = x.new_empty(images, weight.shape[0], height, width)
+    for image in range(images):
+        for top in range(0, height, band):
+            bottom = min(top + band, height)
+            rows = x[image : image + 1, :, max(top - 1, 0) : bottom + 1]
+            rows = F.pad(rows, (0, 0, int(top == 0), int(bottom == height)))  # zero rows at the image edges
+            out[image : image + 1, :, top:bottom] = torch._nnpack_spatial_convolution(rows, weight, bias, [0, 1])
+    return out
 
 
 class WinogradConv2d(nn.Conv2d):
@@ -114,8 +127,8 @@ def use_winograd_convolutions(model: nn.Module, enabled: bool = True) -> int:
 __all__ = [
     "ENV_SWITCH",
     "WinogradConv2d",
-    "winograd_wanted",
     "use_winograd_convolutions",
     "winograd_applies",
     "winograd_conv3x3",
+    "winograd_wanted",
 ]
