@@ -85,3 +85,19 @@ def test_dg_lora_upsampler_uses_the_merged_weight_and_falls_back_under_autograd(
     torch.testing.assert_close(out.detach(), expected, rtol=0, atol=1e-5)
     out.sum().backward()
     assert x.grad is not None and upsampler.conv.up.weight.grad is not None
+
+
+@torch.no_grad()
+def test_phase_kernels_are_kept_until_the_weight_changes() -> None:
+    upsampler = _upsampler()
+    use_phase_upsampling(upsampler)
+    x = torch.randn(1, 4, 5, 5)
+    upsampler(x)
+    kept = upsampler._phase_cache[1]
+    upsampler(x)
+    assert upsampler._phase_cache[1] is kept  # not derived again for the next tile or image
+    upsampler.conv.weight.mul_(2)  # e.g. new weights loaded in place
+    upsampler.conv.bias.mul_(2)
+    reference = _plain(x, upsampler.conv)
+    torch.testing.assert_close(upsampler(x), reference, rtol=0, atol=1e-5)
+    assert upsampler._phase_cache[1] is not kept
