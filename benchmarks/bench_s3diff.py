@@ -40,7 +40,9 @@ import torch.nn.functional as F
 
 from srkit.colorfix import color_fix
 from srkit.cpu_memory import keep_freed_memory
-from srkit.engines import sd
+from srkit.diffusion.latents import crop_to, pad_to_multiple, vae_decode, vae_encode
+from srkit.diffusion.schedule import SD_TURBO_SCHEDULER, NoiseSchedule
+from srkit.diffusion.text import TextEncoder, prompt_embeddings
 from srkit.engines.s3diff import (
     NEGATIVE_PROMPT,
     POSITIVE_PROMPT,
@@ -60,7 +62,7 @@ from srkit.nn.winograd_conv import use_winograd_convolutions
 # Networks: real weights from the cache, or random ones with SD-Turbo's shapes
 
 
-def random_sd_turbo(workdir: Path) -> tuple[S3DiffNetworks, sd.TextEncoder]:
+def random_sd_turbo(workdir: Path) -> tuple[S3DiffNetworks, TextEncoder]:
     """SD-Turbo-shaped UNet/VAE/CLIP with random weights, S3Diff's DG-LoRA (r32 UNet, r16 VAE) attached."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -108,13 +110,13 @@ def random_sd_turbo(workdir: Path) -> tuple[S3DiffNetworks, sd.TextEncoder]:
         vae.requires_grad_(False),
         guidance.eval().requires_grad_(False),
         DegradationEstimator().eval().requires_grad_(False),
-        sd.NoiseSchedule.from_config(sd.SD_TURBO_SCHEDULER),
+        NoiseSchedule.from_config(SD_TURBO_SCHEDULER),
         unet_mod,
         vae_mod,
         [],
         "",
     )
-    return networks, sd.TextEncoder(_character_tokenizer(workdir, CLIPTokenizer), text.requires_grad_(False))
+    return networks, TextEncoder(_character_tokenizer(workdir, CLIPTokenizer), text.requires_grad_(False))
 
 
 def _character_tokenizer(workdir: Path, tokenizer_class):
@@ -132,14 +134,14 @@ def _character_tokenizer(workdir: Path, tokenizer_class):
     )
 
 
-def real_sd_turbo() -> tuple[S3DiffNetworks, sd.TextEncoder]:
+def real_sd_turbo() -> tuple[S3DiffNetworks, TextEncoder]:
     from srkit import registry
 
     base = registry.resolve("sd-turbo", offline=True)
     networks = load_networks(
         base, registry.resolve("s3diff", offline=True), registry.resolve("s3diff-de-net", offline=True)
     )
-    return networks, sd.TextEncoder.from_folder(base)
+    return networks, TextEncoder.from_folder(base)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -148,7 +150,7 @@ def real_sd_turbo() -> tuple[S3DiffNetworks, sd.TextEncoder]:
 
 def reference_upscale(
     networks: S3DiffNetworks,
-    text: sd.TextEncoder,
+    text: TextEncoder,
     lr: torch.Tensor,
     generator: torch.Generator,
     options: S3DiffOptions,
@@ -165,16 +167,16 @@ def reference_upscale(
             pos, neg = text(options.prompt), text(options.negative_prompt)
             networks.set_degradation(networks.estimator(lr))
             upsampled = F.interpolate(lr, size=(lr.shape[2] * SCALE, lr.shape[3] * SCALE), mode="bilinear")
-            image, size = sd.pad_to_multiple((upsampled * 2 - 1).clamp(-1, 1), 64)
-            z = sd.vae_encode(networks.vae, image, latent=options.latent, generator=generator)
+            image, size = pad_to_multiple((upsampled * 2 - 1).clamp(-1, 1), 64)
+            z = vae_encode(networks.vae, image, latent=options.latent, generator=generator)
             t = torch.tensor([TIMESTEP])
             eps_pos = networks.unet(z, t, encoder_hidden_states=pos).sample
             eps_neg = networks.unet(z, t, encoder_hidden_states=neg).sample
             eps = eps_neg + options.guidance * (eps_pos - eps_neg)
-            scheduler = DDPMScheduler.from_config(sd.SD_TURBO_SCHEDULER)
+            scheduler = DDPMScheduler.from_config(SD_TURBO_SCHEDULER)
             scheduler.set_timesteps(1)
             x0 = scheduler.step(eps, TIMESTEP, z, generator=generator).prev_sample
-            sr = sd.crop_to(sd.vae_decode(networks.vae, x0).clamp(-1, 1), size)
+            sr = crop_to(vae_decode(networks.vae, x0).clamp(-1, 1), size)
             return color_fix(
                 sr * 0.5 + 0.5, upsampled, options.color_fix, official_8bit=options.official_8bit
             )
@@ -240,7 +242,7 @@ def main() -> None:
         build_seconds = time.perf_counter() - started
         options = S3DiffOptions(color_fix="wavelet", official_8bit=False)
         started = time.perf_counter()
-        embeddings = sd.prompt_embeddings({"pos": POSITIVE_PROMPT, "neg": NEGATIVE_PROMPT}, encoder=text)
+        embeddings = prompt_embeddings({"pos": POSITIVE_PROMPT, "neg": NEGATIVE_PROMPT}, encoder=text)
         engine = S3DiffEngine(networks, embeddings, torch.device("cpu"), torch.float32, options)
         embed_seconds = time.perf_counter() - started
         lr = torch.rand(1, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))

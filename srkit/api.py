@@ -22,8 +22,9 @@ from PIL import Image
 import srkit.engines  # noqa: F401  (declares the model names)
 from srkit import registry
 from srkit.alpha import bleed_colour
+from srkit.common import build_options, one_line, resolve_device
 from srkit.cpu_memory import keep_freed_memory
-from srkit.engines.base import Engine, EngineSpec, WeightsSet, build_options, get_engine
+from srkit.engines.base import Engine, EngineSpec, Progress, WeightsSet, get_engine
 from srkit.imageio import (
     WRITE_FORMATS,
     ImageData,
@@ -57,18 +58,6 @@ def _stderr(message: str) -> None:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Device, dtype and tile choice
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"unknown device '{device}'; use auto, cpu, cuda or cuda:N") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but PyTorch sees no CUDA device; use --device cpu")
-    return resolved
 
 
 def resolve_dtype(dtype: str, device: torch.device, spec: EngineSpec) -> torch.dtype:
@@ -159,7 +148,8 @@ class Upscaler:
     tile: int | None
     tile_overlap: int
     log: Log = _stderr
-    on_tile: Callable[[int, int], None] | None = None
+    progress: Progress | None = None
+    """(what, done, total) for pixel tiles, latent tiles and sampler steps of the image being processed."""
 
     @property
     def device(self) -> torch.device:
@@ -183,11 +173,13 @@ class Upscaler:
         generator = self.generator(seed) if self.spec.stochastic else None
 
         def on_device(piece: torch.Tensor) -> torch.Tensor:
-            return self.engine.upscale(piece.to(self.device), generator=generator).float().cpu()
+            return self.engine.upscale(piece.to(self.device), generator=generator, progress=self.progress).float().cpu()
 
         if self.spec.tiling != "pixel":
             return on_device(batch)
-        return run_tiled(on_device, batch, self.spec.scale, self.tile, self.tile_overlap, on_tile=self.on_tile)
+        progress = self.progress
+        on_tile = (lambda done, total: progress("tiles", done, total)) if progress else None
+        return run_tiled(on_device, batch, self.spec.scale, self.tile, self.tile_overlap, on_tile=on_tile)
 
     def process(
         self,
@@ -392,7 +384,7 @@ def upscale_paths(
     quality: int = 95,
     upscaler: Upscaler | None = None,
     on_file: Callable[[FileResult, int, int], None] | None = None,
-    on_tile: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
     warn: Log = _stderr,
     **engine_kwargs: Any,
 ) -> BatchReport:
@@ -407,8 +399,8 @@ def upscale_paths(
         raise ValueError("--samples must be at least 1")
     if upscaler is None and found:
         upscaler = load_engine(model, log=warn, seed=seed, **engine_kwargs)
-    if upscaler is not None and on_tile is not None:
-        upscaler.on_tile = on_tile
+    if upscaler is not None and progress is not None:
+        upscaler.progress = progress
     if samples > 1 and upscaler is not None and not upscaler.spec.stochastic:
         raise ValueError(f"--samples needs a stochastic model; '{model}' always gives the same output")
     native = upscaler.spec.scale if upscaler else 4
@@ -463,7 +455,7 @@ class _FileJob:
                 written.append(str(write_image(target, out, self.quality)))
             return FileResult(str(item.path), "ok", written)
         except Exception as exc:  # noqa: BLE001 - one bad file must never stop the batch
-            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            message = one_line(exc)
             if not isinstance(exc, (ImageReadError, ValueError, OSError, MemoryError)):
                 message = f"{type(exc).__name__}: {message}"
             return FileResult(str(item.path), "failed", error=message)

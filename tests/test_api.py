@@ -180,7 +180,7 @@ class _HalfEngineThatOverflows:
         self.device, self.dtype = torch.device("cpu"), torch.float16
         self.options = type("Options", (), {"seed": 0})()
 
-    def upscale(self, batch, generator=None):
+    def upscale(self, batch, generator=None, progress=None):
         import torch
 
         up = torch.nn.functional.interpolate(batch, scale_factor=2)

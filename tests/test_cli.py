@@ -123,3 +123,21 @@ def test_real_subprocess_upscale_of_the_example(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert Image.open(out).size == (512, 512)
+
+
+def test_model_options_are_flags_after_the_inputs(photos, tmp_path, tiny_compact_pth):
+    """Any option of the chosen model is `--name value` (or `--name=value`), wherever it stands."""
+    from srkit.cli import CliError, split_engine_flags
+
+    tokens = ["a.png", "--blur", "0.3", "b.png", "--steps=20", "--guidance", "-1.5"]
+    assert split_engine_flags(tokens) == (["a.png", "b.png"], ["--blur", "0.3", "--steps", "20", "--guidance", "-1.5"])
+    for dangling in (["a.png", "--blur"], ["a.png", "--blur", "--noise", "1"]):
+        with pytest.raises(CliError, match="--blur expects a value"):
+            split_engine_flags(dangling)
+    result = invoke("upscale", str(photos / "a.png"), "--model", "realesr-animevideov3", "--weights",
+                    str(tiny_compact_pth), "-o", str(tmp_path / "a.png"), "--seed", "1", "--denoise-strength", "0.2")
+    assert result.exit_code == 0, result.output
+    unknown = runner.invoke(app, ["upscale", str(photos / "a.png"), "--model", "realesr-animevideov3", "--weights",
+                                  str(tiny_compact_pth), "-o", str(tmp_path / "b.png"), "--strength", "2"])
+    assert unknown.exit_code == 2 and "option 'strength' is not known to this model" in unknown.stderr
+    assert not (tmp_path / "b.png").exists()

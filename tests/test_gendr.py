@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 
 from srkit import registry
 from srkit.cli import app
-from srkit.engines.base import WeightsSet, build_options, get_engine
+from srkit.common import build_options
+from srkit.engines.base import WeightsSet, get_engine
 from srkit.engines.gendr import GenDRCheckpoint, load_vae16, save_checkpoint, save_gendr
 from srkit.registry import WeightsError
 

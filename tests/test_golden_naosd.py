@@ -15,7 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from srkit.engines.base import WeightsSet, build_options, get_engine
+from srkit.common import build_options
+from srkit.engines.base import WeightsSet, get_engine
 from srkit.engines.osediff import prepare_official
 
 REPO = Path(__file__).resolve().parents[1]

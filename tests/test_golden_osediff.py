@@ -18,7 +18,8 @@ import torch
 from PIL import Image
 
 from srkit.colorfix import color_fix
-from srkit.engines.base import WeightsSet, build_options, get_engine
+from srkit.common import build_options
+from srkit.engines.base import WeightsSet, get_engine
 from srkit.engines.osediff import prepare_official
 from srkit.tiling import plan_latent_tiles
 

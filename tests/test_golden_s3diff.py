@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from srkit.colorfix import color_fix, truncate_8bit
-from srkit.engines.base import WeightsSet, build_options, get_engine
+from srkit.common import build_options
+from srkit.engines.base import WeightsSet, get_engine
 
 GOLDEN_ROOT = Path(os.environ.get("SRKIT_GOLDEN_DIR", Path(__file__).resolve().parents[2] / "shared" / "golden"))
 GOLDEN = GOLDEN_ROOT / "s3diff_tiny"

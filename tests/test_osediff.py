@@ -19,8 +19,10 @@ from typer.testing import CliRunner
 
 from srkit import registry
 from srkit.cli import app
-from srkit.engines.base import WeightsSet, build_options, get_engine
-from srkit.engines.osediff import compose_prompt, prepare_official
+from srkit.common import build_options
+from srkit.diffusion.text import compose_prompt
+from srkit.engines.base import WeightsSet, get_engine
+from srkit.engines.osediff import prepare_official
 from srkit.nn.lora_merge import merge_peft_state
 from srkit.registry import WeightsError
 

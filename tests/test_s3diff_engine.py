@@ -12,8 +12,10 @@ from tiny_sd import tiny_unet, tiny_vae, write_scheduler
 
 from srkit import registry
 from srkit.api import load_engine
-from srkit.engines import sd
-from srkit.engines.base import WeightsSet, build_options, get_engine
+from srkit.common import build_options
+from srkit.diffusion.loading import SDLoadError, load_noise_schedule
+from srkit.diffusion.text import save_prompt_embeddings
+from srkit.engines.base import WeightsSet, get_engine
 from srkit.engines.s3diff import (
     UNET_TARGETS,
     VAE_TARGETS,
@@ -48,14 +50,14 @@ def tiny_s3diff(tmp_path_factory) -> dict[str, Path]:
     for index, layer in enumerate(m for m in [*unet.modules(), *vae.modules()] if hasattr(m, "lora_B")):
         randomise(layer.lora_B, seed=index, scale=0.1)
     randomise(guidance, seed=99, scale=0.05)
-    schedule = sd.load_noise_schedule(root / "base")
+    schedule = load_noise_schedule(root / "base")
     nets = S3DiffNetworks(
         unet, vae, guidance, DegradationEstimator(), schedule, unet_mod, vae_mod, UNET_TARGETS, VAE_TARGETS
     )
     save_checkpoint(nets, root / "s3diff.pkl")
     torch.save(DegradationEstimator().state_dict(), root / "de_net.pth")
     gen = torch.Generator().manual_seed(1)
-    sd.save_prompt_embeddings(
+    save_prompt_embeddings(
         root / "embeds.safetensors",
         {"pos": torch.randn(1, 77, 8, generator=gen), "neg": torch.randn(1, 77, 8, generator=gen)},
     )
@@ -152,13 +154,13 @@ def test_s3diff_guidance_one_is_the_positive_prompt_alone(tiny_s3diff) -> None:
     engine.networks.set_degradation(torch.tensor([[0.3, 0.6]]))
     with torch.inference_mode():
         direct = engine.networks.unet(
-            z, torch.tensor([999]), encoder_hidden_states=engine.embeddings["pos"]
+            z, torch.tensor([999]), encoder_hidden_states=engine.prompt_embeds
         ).sample
-        torch.testing.assert_close(engine.guided_eps(z), direct)
-        engine.options.guidance = 1.5
-        eps = engine.guided_eps(z)
+        torch.testing.assert_close(engine.denoiser()(z, 999, engine.prompts), direct)
+        engine.guidance = 1.5
+        eps = engine.denoiser()(z, 999, engine.prompts)
         neg = engine.networks.unet(
-            z, torch.tensor([999]), encoder_hidden_states=engine.embeddings["neg"]
+            z, torch.tensor([999]), encoder_hidden_states=engine.negative_embeds
         ).sample
     torch.testing.assert_close(eps, neg + 1.5 * (direct - neg), rtol=1e-4, atol=1e-5)
 
@@ -245,7 +247,7 @@ def test_s3diff_missing_text_encoder_and_embeddings(tiny_s3diff) -> None:
             "s3diff-de-net": tiny_s3diff["de_net"],
         }
     )
-    with pytest.raises(sd.SDLoadError, match="prompt_embeds"):
+    with pytest.raises(SDLoadError, match="prompt_embeds"):
         engine_class.from_weights(weights, torch.device("cpu"), torch.float32, engine_class.options_class())
 
 

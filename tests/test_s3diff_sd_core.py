@@ -1,4 +1,4 @@
-"""The shared SD plumbing S3Diff runs on (srkit/engines/sd.py) and the upstream latent tiling (srkit/tiling.py)."""
+"""The shared SD plumbing S3Diff runs on (srkit/diffusion/) and the upstream latent tiling (srkit/tiling.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from srkit.engines import sd
+from srkit.diffusion.denoiser import Conditioning, UNetDenoiser, guided
+from srkit.diffusion.latents import crop_to, pad_to_multiple
+from srkit.diffusion.loading import SDLoadError, has_text_encoder
+from srkit.diffusion.schedule import SD_TURBO_SCHEDULER, NoiseSchedule
+from srkit.diffusion.text import prompt_embeddings, save_prompt_embeddings
 from srkit.tiling import (
     gaussian_weights,
     gaussian_weights_rows,
@@ -17,11 +21,9 @@ from srkit.tiling import (
     run_latent_tiled,
 )
 
-SD_TURBO_SCHEDULER = sd.SD_TURBO_SCHEDULER
-
 
 def test_s3diff_schedule_alpha_bar_999() -> None:
-    schedule = sd.NoiseSchedule.from_config(SD_TURBO_SCHEDULER)
+    schedule = NoiseSchedule.from_config(SD_TURBO_SCHEDULER)
     assert schedule.alphas_cumprod.dtype == torch.float32
     assert schedule.alpha_bar(999).item() == pytest.approx(0.0046600951, abs=1e-9)
 
@@ -30,7 +32,7 @@ def test_s3diff_x0_equals_one_ddpm_step_at_999() -> None:
     """The direct formula equals what the official code gets from DDPMScheduler.step (trailing spacing)."""
     from diffusers import DDPMScheduler
 
-    schedule = sd.NoiseSchedule.from_config(SD_TURBO_SCHEDULER)
+    schedule = NoiseSchedule.from_config(SD_TURBO_SCHEDULER)
     scheduler = DDPMScheduler.from_config(SD_TURBO_SCHEDULER)
     scheduler.set_timesteps(1)
     assert scheduler.timesteps.tolist() == [999]
@@ -44,10 +46,10 @@ def test_s3diff_x0_equals_one_ddpm_step_at_999() -> None:
 
 def test_s3diff_schedule_honours_clip_sample_and_prediction_type() -> None:
     config = {k: v for k, v in SD_TURBO_SCHEDULER.items() if k != "clip_sample"}  # DDPM's default: clip
-    clipped = sd.NoiseSchedule.from_config(config)
+    clipped = NoiseSchedule.from_config(config)
     assert clipped.clip_sample
     assert clipped.predict_x0(torch.full((1,), 1.0), torch.full((1,), -1.0), 999).item() == 1.0
-    v = sd.NoiseSchedule.from_config({**SD_TURBO_SCHEDULER, "prediction_type": "v_prediction"})
+    v = NoiseSchedule.from_config({**SD_TURBO_SCHEDULER, "prediction_type": "v_prediction"})
     a = v.alpha_bar(500)
     z, out = torch.tensor([0.3]), torch.tensor([-0.2])
     torch.testing.assert_close(v.predict_x0(z, out, 500), a.sqrt() * z - (1 - a).sqrt() * out)
@@ -57,11 +59,11 @@ def test_s3diff_schedule_honours_clip_sample_and_prediction_type() -> None:
 
 def test_s3diff_pad_to_multiple_reflects_and_survives_tiny_inputs() -> None:
     x = torch.arange(2 * 3 * 40 * 30, dtype=torch.float32).reshape(2, 3, 40, 30)
-    padded, size = sd.pad_to_multiple(x, 64)
+    padded, size = pad_to_multiple(x, 64)
     assert size == (40, 30) and padded.shape[-2:] == (64, 64)
     torch.testing.assert_close(padded[..., :40, :33], F.pad(x, (0, 3, 0, 0), mode="reflect")[..., :40, :33])
-    torch.testing.assert_close(sd.crop_to(padded, size), x)
-    tiny, _ = sd.pad_to_multiple(torch.rand(1, 3, 4, 5), 64)
+    torch.testing.assert_close(crop_to(padded, size), x)
+    tiny, _ = pad_to_multiple(torch.rand(1, 3, 4, 5), 64)
     assert tiny.shape[-2:] == (64, 64)
 
 
@@ -72,14 +74,14 @@ def test_s3diff_prompt_embeddings_are_computed_once_per_prompt(tmp_path) -> None
         calls.append(prompt)
         return torch.full((1, 77, 4), float(len(prompt)))
 
-    table = sd.prompt_embeddings({"pos": "sharp", "neg": "blurry", "again": "sharp"}, encoder=encoder)
+    table = prompt_embeddings({"pos": "sharp", "neg": "blurry", "again": "sharp"}, encoder=encoder)
     assert sorted(calls) == ["blurry", "sharp"] and table["again"][0, 0, 0] == 5
-    path = sd.save_prompt_embeddings(tmp_path / "e.safetensors", {"pos": table["pos"]})
-    assert torch.equal(sd.prompt_embeddings({"pos": "ignored"}, precomputed=path)["pos"], table["pos"])
-    with pytest.raises(sd.SDLoadError, match="lack neg"):
-        sd.prompt_embeddings({"pos": "a", "neg": "b"}, precomputed=path)
-    with pytest.raises(sd.SDLoadError, match="no text encoder"):
-        sd.prompt_embeddings({"pos": "a"}, folder=tmp_path)
+    path = save_prompt_embeddings(tmp_path / "e.safetensors", {"pos": table["pos"]})
+    assert torch.equal(prompt_embeddings({"pos": "ignored"}, precomputed=path)["pos"], table["pos"])
+    with pytest.raises(SDLoadError, match="lack neg"):
+        prompt_embeddings({"pos": "a", "neg": "b"}, precomputed=path)
+    with pytest.raises(SDLoadError, match="no text encoder"):
+        prompt_embeddings({"pos": "a"}, folder=tmp_path)
 
 
 def test_s3diff_unet_eps_batches_guidance() -> None:
@@ -101,12 +103,14 @@ def test_s3diff_unet_eps_batches_guidance() -> None:
     unet = FakeUNet()
     z = torch.randn(2, 4, 3, 3)
     pos, neg = torch.ones(1, 77, 8), -torch.ones(1, 77, 8)
-    eps = sd.unet_eps(unet, z, 999, pos, neg, guidance=1.07)
+    denoiser = UNetDenoiser(unet)
+    eps = guided(denoiser, Conditioning({"text": neg}), 1.07)(z, 999, Conditioning({"text": pos}))
     t = torch.tensor([999])
     e_pos = unet(z, t, encoder_hidden_states=pos.expand(2, -1, -1)).sample
     e_neg = unet(z, t, encoder_hidden_states=neg.expand(2, -1, -1)).sample
     torch.testing.assert_close(eps, e_neg + 1.07 * (e_pos - e_neg))
-    torch.testing.assert_close(sd.unet_eps(unet, z, 999, pos, neg, guidance=1.0), e_pos)
+    unguided = guided(denoiser, Conditioning({"text": neg}), 1.0)(z, 999, Conditioning({"text": pos}))
+    torch.testing.assert_close(unguided, e_pos)
 
 
 def test_s3diff_latent_tile_plan_matches_upstream() -> None:
@@ -176,14 +180,14 @@ def test_s3diff_text_encoder_from_a_diffusers_folder(tmp_path) -> None:
     config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=8, intermediate_size=16, num_hidden_layers=1,
                             num_attention_heads=2, max_position_embeddings=77)  # fmt: skip
     CLIPTextModel(config).save_pretrained(folder / "text_encoder")
-    assert sd.has_text_encoder(folder)
-    table = sd.prompt_embeddings({"pos": "a sharp photo", "neg": "blur"}, folder=folder)
+    assert has_text_encoder(folder)
+    table = prompt_embeddings({"pos": "a sharp photo", "neg": "blur"}, folder=folder)
     assert table["pos"].shape == (1, 77, 8) and not torch.equal(table["pos"], table["neg"])
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_schedule_per_sample_timesteps_equal_one_timestep_at_a_time(prediction_type: str) -> None:
-    schedule = sd.NoiseSchedule.from_config({**SD_TURBO_SCHEDULER, "prediction_type": prediction_type})
+    schedule = NoiseSchedule.from_config({**SD_TURBO_SCHEDULER, "prediction_type": prediction_type})
     gen = torch.Generator().manual_seed(0)
     x0, noise, out = (torch.randn(3, 4, 5, 5, generator=gen) for _ in range(3))
     t = torch.tensor([20, 250, 999])

@@ -9,7 +9,7 @@ import pytest
 import torch
 from tiny_sd import tiny_vae
 
-from srkit.engines import sd
+from srkit.diffusion.latents import vae_decode, vae_encode
 from srkit.nn.tiled_vae import VAETiling, split_axis, tiled_decode, tiled_encode
 
 
@@ -64,9 +64,9 @@ def test_tiled_vae_shared_statistics_beat_per_tile_statistics(attention: bool, g
     shared = tiled_encode(vae.encoder, x, tiling)
     alone = independent_tiles(vae.encoder, x, 64, 32)
     assert (shared - whole).abs().mean() < gain * (alone - whole).abs().mean()
-    z = sd.vae_encode(vae, x, latent="mode")
+    z = vae_encode(vae, x, latent="mode")
     assert tiling.use_encoder_tiles(x) and tiling.use_decoder_tiles(z)
-    out, out_tiled = sd.vae_decode(vae, z), sd.vae_decode(vae, z, tiling=tiling)
+    out, out_tiled = vae_decode(vae, z), vae_decode(vae, z, tiling=tiling)
     assert out_tiled.shape == out.shape
     assert (out_tiled - out).abs().mean() < 0.2 * (out - out.mean()).abs().mean()
 

@@ -56,7 +56,7 @@ def test_gdpo_step_zero_loss_is_log_two_and_rewards_are_grouped(training_files, 
     # A fresh LoRA (B = 0) makes the policy the reference: equal errors, σ(0), loss = log 2.
     assert math.isclose(loss.item(), math.log(2), rel_tol=1e-5)
     assert {"gdpo", "reward", "psnr", "musiq", "maniqa"} <= set(logs)
-    samples = recipe.sample_group(batch["lr"], (TRAIN_CROP, TRAIN_CROP))
+    samples = recipe.sample_group(batch["lr"])
     assert samples.shape == (3, 3, TRAIN_CROP, TRAIN_CROP) and 0 <= samples.min() and samples.max() <= 1
     assert not torch.equal(samples[0], samples[1])  # the group differs only by its noises
     rewards, _ = recipe.rewards(samples, batch["hr"])

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from srkit.engines import sd
+from srkit.diffusion.schedule import SD_TURBO_SCHEDULER
 
 
 def tiny_unet(seed: int | None = None, **overrides):
@@ -55,7 +55,7 @@ def tiny_vae(seed: int | None = None, **overrides):
 def write_scheduler(folder: Path, config: dict | None = None) -> None:
     """`folder/scheduler/scheduler_config.json` (SD-Turbo's values unless given)."""
     (folder / "scheduler").mkdir(parents=True, exist_ok=True)
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(config or sd.SD_TURBO_SCHEDULER))
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(config or SD_TURBO_SCHEDULER))
 
 
 SD2_SCHEDULER = {

@@ -21,6 +21,8 @@ from typing import Any, Protocol
 import cv2
 import numpy as np
 
+from srkit.common import one_line
+
 PYIQA_HUB = "https://huggingface.co/chaofengc/IQA-PyTorch-Weights/resolve/main"
 TORCHVISION = "https://download.pytorch.org/models"
 MANIQA_VIT = "timm/vit_base_patch8_224.augreg2_in21k_ft_in1k"
@@ -314,7 +316,6 @@ def create_metric(name: str, device: Any = "cpu") -> ImageMetric | FolderMetric:
 
         model = pyiqa.create_metric(spec.pyiqa, device=device, **spec.options)
     except Exception as exc:  # pyiqa and its backbones raise anything from ImportError to URLError
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MetricUnavailable(f"{spec.name} skipped: pyiqa could not build '{spec.pyiqa}': {first_line}") from exc
+        raise MetricUnavailable(f"{spec.name} skipped: pyiqa could not build '{spec.pyiqa}': {one_line(exc)}") from exc
     wrapper = PyiqaImageMetric if spec.per_image else PyiqaFolderMetric
     return wrapper(spec, model, device)

@@ -12,9 +12,7 @@ import dataclasses
 import io
 import json
 import math
-import os
 import platform
-import tempfile
 from collections.abc import Callable
 from datetime import datetime, timezone
 from importlib import metadata
@@ -24,6 +22,7 @@ from typing import Any
 import torch
 
 from srkit.bench.metrics import MetricSpec
+from srkit.common import atomic_path
 
 COST_COLUMNS = ("seconds", "peak_rss_sampled_mib", "peak_cuda_alloc_mib")
 COST_LABELS = {
@@ -89,15 +88,8 @@ def describe_run(config: Any, device: torch.device) -> dict[str, Any]:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def per_image_csv(rows: list[dict[str, Any]], specs: list[MetricSpec]) -> str:

@@ -33,6 +33,7 @@ from srkit import api
 from srkit.bench import report
 from srkit.bench.datasets import Dataset, DatasetError, Sample, image_files, open_set, pair_folders
 from srkit.bench.metrics import MetricSpec, MetricUnavailable, create_metric, resolve_specs
+from srkit.common import one_line
 from srkit.engines.base import get_engine
 from srkit.imageio import ImageData, ImageReadError, read_image, write_image
 
@@ -323,7 +324,7 @@ def _score(
         try:
             value = metric(sr, hr)
         except (ValueError, RuntimeError) as exc:
-            say(f"{name} failed on {row['model']}/{row['image']}: {str(exc).strip().splitlines()[0]}")
+            say(f"{name} failed on {row['model']}/{row['image']}: {one_line(exc)}")
             continue
         row[name] = value if math.isfinite(value) else None  # reports show "–" rather than invalid JSON
     return note

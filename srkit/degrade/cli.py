@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from srkit.api import resolve_device
+from srkit.common import resolve_device
 from srkit.degrade.config import DegradationConfig
 from srkit.degrade.pairs import CROP_MODES, write_pairs
 from srkit.degrade.pipeline import DegradationPipeline

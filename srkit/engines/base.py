@@ -7,15 +7,17 @@ bit depth, final resizing and writing are done around it by `srkit.api`, so no e
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 
 TilingSpace = Literal["pixel", "latent"]
+Progress = Callable[[str, int, int], None]
+"""(what, done, total): engines report sampler "steps" and latent "tiles"; the api reports pixel "tiles"."""
 
 
 @dataclass(frozen=True)
@@ -36,9 +38,16 @@ class EngineSpec:
 
 @dataclass
 class EngineOptions:
-    """Options every engine accepts; engines subclass this with their own typed fields (CLI `--option` flags)."""
+    """Options every engine accepts; engines subclass this with their own typed fields (CLI `--name value` and
+    `-O name=value`).  Values are checked when the options are built, before any weights are read."""
 
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError (one line, naming the option) for a bad value; subclasses extend it."""
 
 
 @dataclass(frozen=True)
@@ -72,8 +81,12 @@ class Engine:
         """Build the networks; the only place an engine reads files."""
         raise NotImplementedError
 
-    def upscale(self, batch: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Tensor[B,3,h,w] in [0,1] on `self.device` -> Tensor[B,3,h*scale,w*scale] in [0,1]."""
+    def upscale(
+        self, batch: torch.Tensor, *, generator: torch.Generator | None = None, progress: Progress | None = None
+    ) -> torch.Tensor:
+        """Tensor[B,3,h,w] in [0,1] on `self.device` -> Tensor[B,3,h*scale,w*scale] in [0,1].
+
+        `progress(what, done, total)` is called per sampler step and per latent tile."""
         raise NotImplementedError
 
     def to_dtype(self, dtype: torch.dtype) -> None:
@@ -123,47 +136,12 @@ def get_engine(name: str) -> tuple[type[Engine], EngineSpec]:
     return _ENGINES[name]
 
 
-def build_options(options_class: type[EngineOptions], values: dict[str, Any]) -> EngineOptions:
-    """Typed options from a loose dict (CLI `--option k=v` pairs or Python kwargs), with clear errors."""
-    known = {f.name: f for f in dataclasses.fields(options_class)}
-    kwargs: dict[str, Any] = {}
-    for key, value in values.items():
-        key = key.replace("-", "_")
-        if key not in known:
-            raise ValueError(
-                f"option '{key}' is not known to this model; known: {', '.join(sorted(known)) or 'none'}"
-            )
-        kwargs[key] = _coerce(value, known[key])
-    return options_class(**kwargs)
-
-
-def _coerce(value: Any, fld: dataclasses.Field) -> Any:
-    if not isinstance(value, str):
-        return value
-    kind = fld.type if isinstance(fld.type, str) else getattr(fld.type, "__name__", str(fld.type))
-    if value.lower() in ("none", "null") and "None" in kind:
-        return None
-    if kind.startswith("bool"):
-        if value.lower() in ("1", "true", "yes", "on"):
-            return True
-        if value.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"option '{fld.name}' expects true/false, got '{value}'")
-    for caster, label in ((int, "int"), (float, "float")):
-        if kind.startswith(label):
-            try:
-                return caster(value)
-            except ValueError:
-                raise ValueError(f"option '{fld.name}' expects {label}, got '{value}'") from None
-    return value
-
-
 __all__ = [
     "Engine",
     "EngineOptions",
     "EngineSpec",
+    "Progress",
     "WeightsSet",
-    "build_options",
     "declare",
     "get_engine",
     "model_names",

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from spandrel import ImageModelDescriptor, ModelLoader
 
-from srkit.engines.base import Engine, EngineOptions, EngineSpec, WeightsSet, register
+from srkit.engines.base import Engine, EngineOptions, EngineSpec, Progress, WeightsSet, register
 
 BSD = "BSD-3-Clause"
 
@@ -77,7 +77,10 @@ class GanEngine(Engine):
         self.dtype = dtype
 
     @torch.inference_mode()
-    def upscale(self, batch: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    def upscale(
+        self, batch: torch.Tensor, *, generator: torch.Generator | None = None, progress: Progress | None = None
+    ) -> torch.Tensor:
+        # One network call: nothing to report (the api reports its pixel tiles).
         # The descriptor pads to the network's size rules (x2plus needs even sides), runs, clamps and crops.
         return self.descriptor(batch.to(self.device, self.dtype))
 

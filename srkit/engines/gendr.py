@@ -8,6 +8,8 @@ registry's VAE), with a JSON config in the file's header (UNet architecture, α,
 
 The one step, as the paper states it: z_g = (z_l − β̄·ε̂(z_l, t_s))/ᾱ with ᾱ = β̄ = 0.5 and t_s = 500 by
 default.  ᾱ and β̄ are not schedule values (ᾱ² + β̄² ≠ 1), so this is not `NoiseSchedule.predict_x0`.
+Input preparation: bicubic ×4 in float (no upstream code to match, so no 8-bit round trip: 16-bit inputs keep their
+precision), reflect-padded to a multiple of 8 for the VAE; the distillation recipe trains on the same step.
 """
 
 from __future__ import annotations
@@ -19,10 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
-from srkit.engines import sd
-from srkit.engines.base import EngineSpec, WeightsSet, register
-from srkit.engines.osediff import OneStepEngine, OneStepOptions, check_options
+from srkit.common import atomic_path
+from srkit.diffusion.loading import load_vae
+from srkit.diffusion.samplers.one_step import gendr_update
+from srkit.engines.base import WeightsSet, register
+from srkit.engines.one_step import OneStepEngine, OneStepOptions, one_step_spec
 from srkit.registry import WeightsError
 
 CHECKPOINT_FORMAT = "srkit-gendr"
@@ -54,10 +59,9 @@ def save_checkpoint(path: str | Path, tensors: Mapping[str, torch.Tensor], confi
     from safetensors.torch import save_file
 
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     contiguous = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
-    save_file(contiguous, str(tmp), metadata={CONFIG_KEY: json.dumps(dict(config))})
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file(contiguous, str(tmp), metadata={CONFIG_KEY: json.dumps(dict(config))})
     return path
 
 
@@ -147,21 +151,23 @@ class GenDRCheckpoint:
 
 def load_vae16(folder: Path):
     """The 16-channel VAE: a bare diffusers VAE folder (ostris layout) or a full model folder with vae/."""
-    return sd.load_vae(folder, subfolder="vae" if (Path(folder) / "vae" / "config.json").is_file() else "")
+    return load_vae(folder, subfolder="vae" if (Path(folder) / "vae" / "config.json").is_file() else "")
+
+
+def prepare_bicubic(batch: torch.Tensor, scale: int = 4) -> torch.Tensor:
+    """LR in [0,1] -> bicubic ×scale in float, clamped to [0,1] (the model input and the colour-fix reference)."""
+    size = (batch.shape[-2] * scale, batch.shape[-1] * scale)
+    return F.interpolate(batch.float(), size=size, mode="bicubic", align_corners=False).clamp(0, 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The engine
 
-GENDR_SPEC = EngineSpec(
-    name="gendr",
-    scale=4,
-    steps=1,
-    weights=("gendr", "vae-kl-f8-d16"),
-    licence="unreleased (yours if srkit-trained) + SD2.1 CreativeML-OpenRAIL++-M, VAE MIT",
-    description="GenDR: one-step SD2.1 on a 16-channel VAE, no text encoder; weights unreleased, --weights FILE",
-    tiling="latent",
-    stochastic=True,
+GENDR_SPEC = one_step_spec(
+    "gendr",
+    ("gendr", "vae-kl-f8-d16"),
+    "unreleased (yours if srkit-trained) + SD2.1 CreativeML-OpenRAIL++-M, VAE MIT",
+    "GenDR: one-step SD2.1 on a 16-channel VAE, no text encoder; weights unreleased, --weights FILE",
 )
 
 
@@ -183,7 +189,6 @@ class GenDREngine(OneStepEngine):
 
     @classmethod
     def from_weights(cls, weights: WeightsSet, device, dtype, options: GenDROptions) -> GenDREngine:
-        check_options(options)
         checkpoint = GenDRCheckpoint.load(weights["gendr"])
         unet = checkpoint.build_unet()
         vae = load_vae16(weights["vae-kl-f8-d16"])
@@ -194,10 +199,12 @@ class GenDREngine(OneStepEngine):
         check_shapes(unet, vae, checkpoint.prompt_embeds)
         return cls(unet, vae, checkpoint.prompt_embeds, checkpoint.settings, device, dtype, options)
 
-    def denoise(self, latents, *, generator, noise):
+    def prepare(self, batch: torch.Tensor) -> torch.Tensor:
+        return prepare_bicubic(batch, self.spec.scale)
+
+    def denoise(self, latents, *, generator=None, noise=None, progress=None):
         # z_g = (z_l − β̄·ε̂(z_l, t_s))/ᾱ, in float32.
-        eps = self.eps(latents, self.timestep)
-        return (latents.float() - self.beta * eps) / self.alpha
+        return gendr_update(self.denoiser(progress), latents, self.timestep, self.prompts, self.alpha, self.beta)
 
 
 def check_shapes(unet, vae, prompt_embeds: torch.Tensor) -> None:
@@ -220,6 +227,7 @@ __all__ = [
     "GenDREngine",
     "GenDROptions",
     "load_checkpoint",
+    "prepare_bicubic",
     "save_checkpoint",
     "save_gendr",
 ]

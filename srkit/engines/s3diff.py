@@ -6,7 +6,9 @@ LoRA of the VAE encoder and the UNet, upsample ×4 bilinearly, encode, run the U
 positive and negative prompts (guidance 1.07), take x0, decode, then colour-correct against the upsampled input.
 srkit does the same with the same numbers; what differs is speed and reach: prompts are embedded once, the two
 guidance passes are one batched UNet call, the LoRA is merged per image, the posterior sample is seeded, and any
-image size runs through latent tiles and a tiled VAE.
+image size runs through latent tiles and a tiled VAE.  The procedure is the one-step base's
+(`srkit/engines/one_step.py`); S3Diff adds its per-image conditioning (degradation → DG-LoRA), its bilinear
+preparation, padding to 64 and the negative-prompt guidance.
 
 Checkpoints: the official `s3diff.pkl` layout is read (with `weights_only=True`) and written, so weights trained
 elsewhere or by srkit move both ways.
@@ -21,13 +23,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from srkit.colorfix import COLOR_FIXES, color_fix
-from srkit.engines import sd
-from srkit.engines.base import Engine, EngineOptions, EngineSpec, WeightsSet, register
+from srkit.common import atomic_path, one_line
+from srkit.diffusion.loading import load_noise_schedule, load_unet, load_vae
+from srkit.diffusion.runtime import fp32_region
+from srkit.diffusion.samplers.one_step import x0_at
+from srkit.diffusion.schedule import NoiseSchedule
+from srkit.diffusion.text import NEGATIVE_KEY, prompt_embeddings
+from srkit.engines.base import WeightsSet, register
+from srkit.engines.one_step import OneStepEngine, OneStepOptions, one_step_spec
 from srkit.nn.de_net import DegradationEstimator, load_degradation_estimator
 from srkit.nn.dg_lora import DegradationGuidance, DGLoRALayer, Modulation, inject, unet_block, vae_block
-from srkit.nn.tiled_vae import VAETiling
-from srkit.tiling import run_latent_tiled
+from srkit.nn.lora_sites import UNET_LORA_TARGETS, encoder_regex
 
 SCALE = 4
 TIMESTEP = 999
@@ -36,22 +42,19 @@ POSITIVE_PROMPT = (
     "A high-resolution, 8K, ultra-realistic image with sharp focus, vibrant colors, and natural lighting."
 )
 NEGATIVE_PROMPT = "oil painting, cartoon, blur, dirty, messy, low quality, deformation, low resolution, oversmooth"
-UNET_TARGETS = [
-    "to_k", "to_q", "to_v", "to_out.0", "conv", "conv1", "conv2", "conv_shortcut", "conv_out",
-    "proj_in", "proj_out", "ff.net.2", "ff.net.0.proj",
-]  # fmt: skip
-VAE_TARGETS = r"^encoder\..*(conv1|conv2|conv_in|conv_shortcut|conv|conv_out|to_k|to_q|to_v|to_out\.0)$"
+UNET_TARGETS = list(UNET_LORA_TARGETS)
+VAE_TARGETS = encoder_regex()
 UNET_ADAPTER, VAE_ADAPTER = "default", "vae_skip"
+POSITIVE_KEY = "pos"
+"""Key of the positive prompt in a precomputed S3Diff embeddings file (the negative one is `neg`)."""
 
 
 @dataclass
-class S3DiffOptions(EngineOptions):
+class S3DiffOptions(OneStepOptions):
+    color_fix: str = "wavelet"
+    """wavelet (S3Diff's default) | adain | none, against the bilinear-upsampled input."""
     guidance: float = 1.07
     """Classifier-free guidance scale between the positive and negative prompt (1 = positive prompt only)."""
-    color_fix: str = "wavelet"
-    """wavelet | adain | none, against the bilinear-upsampled input."""
-    latent: str = "sample"
-    """sample: seeded VAE posterior sample (the official behaviour); mode: deterministic posterior mean."""
     blur: float | None = None
     """Override the estimated blur degree (0 = sharp ... 1 = heavily blurred)."""
     noise: float | None = None
@@ -60,23 +63,16 @@ class S3DiffOptions(EngineOptions):
     negative_prompt: str = NEGATIVE_PROMPT
     prompt_embeds: str | None = None
     """A .safetensors file with `pos` and `neg` embeddings, used instead of the text encoder and the prompts."""
-    latent_tile: int = 96
-    latent_overlap: int = 32
-    tile_batch: int = 1
-    """Latent tiles per UNet call (more fills a GPU better; same result)."""
-    vae_encoder_tile: int = 1024
-    """Tiled VAE encoder tile in pixels (0 = never tile)."""
-    vae_decoder_tile: int = 224
-    """Tiled VAE decoder tile in latent pixels (0 = never tile)."""
     lora_merge: bool = True
     """Merge each image's LoRA into a cached copy of the wrapped weights (faster; one extra copy of those weights
     in memory, ~3.4 GB for SD-Turbo in fp32); false runs the peft-style unmerged branch (less memory)."""
-    official_8bit: bool = True
-    """Quantise like the official script (8-bit truncation before and after the colour fix); false = float."""
-    attention: str = "sdpa"
-    """sdpa | xformers (CUDA)."""
-    compile: bool = False
-    """torch.compile the UNet (pays off for many images of one size)."""
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("blur", "noise"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ValueError(f"--{name} must be a degree in [0, 1], got {value}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -91,7 +87,7 @@ class S3DiffNetworks:
     vae: torch.nn.Module
     guidance: DegradationGuidance
     estimator: DegradationEstimator
-    schedule: sd.NoiseSchedule
+    schedule: NoiseSchedule
     unet_modulation: Modulation
     vae_modulation: Modulation
     unet_targets: list[str]
@@ -99,7 +95,7 @@ class S3DiffNetworks:
 
     def set_degradation(self, scores: torch.Tensor) -> None:
         """Per-image modulation matrices for every DG-LoRA layer, from (B, 2) degradation scores (float32)."""
-        with sd.fp32_region(scores.device):
+        with fp32_region(scores.device):
             vae_c, unet_c = self.guidance(scores.float())
         self.vae_modulation.matrices = vae_c
         self.unet_modulation.matrices = unet_c
@@ -151,8 +147,7 @@ def read_checkpoint(path: str | Path) -> dict:
     try:
         checkpoint = torch.load(Path(path), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:  # weights_only refuses arbitrary objects
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"{path} is not a loadable S3Diff checkpoint ({first_line})") from exc
+        raise ValueError(f"{path} is not a loadable S3Diff checkpoint ({one_line(exc)})") from exc
     missing = [k for k in _REQUIRED_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]
     if missing:
         raise ValueError(f"{path} is not an S3Diff checkpoint (missing {', '.join(missing)})")
@@ -220,15 +215,14 @@ def checkpoint_state(networks: S3DiffNetworks) -> dict:
 def save_checkpoint(networks: S3DiffNetworks, path: str | Path) -> Path:
     """Write an official-layout `s3diff.pkl` (loadable by the official code and by srkit)."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(checkpoint_state(networks), tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(checkpoint_state(networks), tmp)
     return path
 
 
 def load_networks(base: str | Path, checkpoint: str | Path, de_net: str | Path) -> S3DiffNetworks:
     """SD-Turbo folder + `s3diff.pkl` + `de_net.pth` -> networks in float32 on the CPU."""
-    unet, vae = sd.load_unet(base), sd.load_vae(base)
+    unet, vae = load_unet(base), load_vae(base)
     state = read_checkpoint(checkpoint)
     guidance, unet_mod, vae_mod = load_checkpoint_into(unet, vae, state)
     return S3DiffNetworks(
@@ -236,7 +230,7 @@ def load_networks(base: str | Path, checkpoint: str | Path, de_net: str | Path) 
         vae=vae,
         guidance=guidance.eval().requires_grad_(False),
         estimator=load_degradation_estimator(de_net),
-        schedule=sd.load_noise_schedule(base),
+        schedule=load_noise_schedule(base),
         unet_modulation=unet_mod,
         vae_modulation=vae_mod,
         unet_targets=list(state["unet_lora_target_modules"]),
@@ -248,22 +242,19 @@ def load_networks(base: str | Path, checkpoint: str | Path, de_net: str | Path) 
 # The engine
 
 
-SPEC = EngineSpec(
-    name="s3diff",
-    scale=SCALE,
-    steps=1,
-    weights=("s3diff", "s3diff-de-net", "sd-turbo"),
-    licence="Apache-2.0 (S3Diff); base SD-Turbo: Stability AI non-commercial research community licence",
-    description="S3Diff: one-step diffusion SR on SD-Turbo with degradation-guided LoRA (x4, seeded)",
-    tiling="latent",
-    stochastic=True,
+SPEC = one_step_spec(
+    "s3diff",
+    ("s3diff", "s3diff-de-net", "sd-turbo"),
+    "Apache-2.0 (S3Diff); base SD-Turbo: Stability AI non-commercial research community licence",
+    "S3Diff: one-step diffusion SR on SD-Turbo with degradation-guided LoRA (x4, seeded)",
 )
 
 
 @register(SPEC)
-class S3DiffEngine(Engine):
+class S3DiffEngine(OneStepEngine):
     spec = SPEC
     options_class = S3DiffOptions
+    pad_multiple = PAD_MULTIPLE
 
     def __init__(
         self,
@@ -273,63 +264,45 @@ class S3DiffEngine(Engine):
         dtype: torch.dtype,
         options: S3DiffOptions,
     ) -> None:
-        super().__init__(device, dtype, options)
-        _check_options(options)
         self.networks = networks
-        self.embeddings = embeddings
-        self.vae_tiling = VAETiling(encoder_tile=options.vae_encoder_tile, decoder_tile=options.vae_decoder_tile)
         networks.set_merge(options.lora_merge)
         networks.guidance.to(device)
         networks.estimator.to(device)
-        self.to_dtype(dtype)
-        sd.set_attention(networks.unet, options.attention, device)
-        sd.set_attention(networks.vae, "sdpa", device)  # upstream uses xformers for the UNet only
-        self._unet = sd.maybe_compile(networks.unet, options.compile)
+        super().__init__(
+            networks.unet, networks.vae, embeddings[POSITIVE_KEY], device, dtype, options, networks.schedule,
+            negative_embeds=embeddings[NEGATIVE_KEY], guidance=options.guidance,
+        )  # fmt: skip
 
     @classmethod
     def from_weights(cls, weights: WeightsSet, device, dtype, options: S3DiffOptions) -> S3DiffEngine:
         base = weights["sd-turbo"]
         networks = load_networks(base, weights["s3diff"], weights["s3diff-de-net"])
-        embeddings = sd.prompt_embeddings(
-            {"pos": options.prompt, "neg": options.negative_prompt}, folder=base, precomputed=options.prompt_embeds
+        embeddings = prompt_embeddings(
+            {POSITIVE_KEY: options.prompt, NEGATIVE_KEY: options.negative_prompt},
+            folder=base,
+            precomputed=options.prompt_embeds,
         )
         return cls(networks, embeddings, torch.device(device), dtype, options)
 
-    def to_dtype(self, dtype: torch.dtype) -> None:
-        """UNet and VAE in `dtype` (VAE kept fp32 where fp16 overflows); estimator and guidance stay float32."""
-        sd.prepare_module(self.networks.unet, self.device, dtype)
-        sd.prepare_module(self.networks.vae, self.device, sd.vae_dtype(self.networks.vae, dtype))
-        self.embeddings = {k: v.to(self.device, dtype) for k, v in self.embeddings.items()}
-        self.dtype = dtype
+    def condition(self, batch: torch.Tensor) -> None:
+        # Degradation scores of the raw LR (or the user's override) -> modulation of every DG-LoRA layer.
+        with torch.inference_mode():
+            self.networks.set_degradation(self.degradation_scores(batch.to(self.device, torch.float32)))
 
-    def upscale(self, batch: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
-        options, nets = self.options, self.networks
-        with sd.inference(self.device, self.dtype):
-            lr = batch.to(self.device, torch.float32)
-            # 1. Degradation scores of the raw LR (or the user's override) -> modulation of every DG-LoRA layer.
-            nets.set_degradation(self.degradation_scores(lr))
-            # 2. Bilinear x4, to [-1, 1], reflect-pad to a multiple of 64.
-            upsampled = F.interpolate(lr, size=(lr.shape[2] * SCALE, lr.shape[3] * SCALE), mode="bilinear")
-            image, size = sd.pad_to_multiple((upsampled * 2 - 1).clamp(-1, 1), PAD_MULTIPLE)
-            # 3. Latent: seeded posterior sample (or mode) of the DG-LoRA VAE encoder.
-            z = sd.vae_encode(nets.vae, image, latent=options.latent, generator=generator, tiling=self.vae_tiling)
-            # 4. Guided ε at t = 999, positive and negative prompt in one UNet call, on latent tiles if large.
-            eps = run_latent_tiled(
-                self.guided_eps, z, options.latent_tile, options.latent_overlap, tile_batch=options.tile_batch
-            )
-            # 5. One step to x0, in float32.
-            x0 = nets.schedule.predict_x0(z, eps, TIMESTEP)
-            # 6. Decode with the untouched decoder, clamp, crop the padding.
-            sr = sd.crop_to(sd.vae_decode(nets.vae, x0, tiling=self.vae_tiling).float().clamp(-1, 1), size)
-            # 7. Colour fix against the upsampled input, in [0, 1].
-            with sd.fp32_region(self.device):
-                return color_fix(sr * 0.5 + 0.5, upsampled, options.color_fix, official_8bit=options.official_8bit)
+    def prepare(self, batch: torch.Tensor) -> torch.Tensor:
+        # Bilinear ×4 in float (the base then maps to [-1, 1] and reflect-pads to a multiple of 64).
+        lr = batch.to(self.device, torch.float32)
+        return F.interpolate(lr, size=(lr.shape[2] * SCALE, lr.shape[3] * SCALE), mode="bilinear")
+
+    def denoise(self, latents, *, generator=None, noise=None, progress=None):
+        # Guided ε at t = 999 (positive and negative prompt in one UNet call, latent tiles if large), x0 in fp32.
+        return x0_at(self.denoiser(progress), self.schedule, latents, TIMESTEP, self.prompts)
 
     def degradation_scores(self, lr: torch.Tensor) -> torch.Tensor:
         """(B, 2) = (blur, noise) degrees from the estimator, with --blur/--noise overriding their column."""
         override = (self.options.blur, self.options.noise)
         if None in override:
-            with sd.fp32_region(self.device):
+            with fp32_region(self.device):
                 scores = self.networks.estimator(lr.float())
         else:
             scores = lr.new_zeros((lr.shape[0], 2))
@@ -337,27 +310,6 @@ class S3DiffEngine(Engine):
             if value is not None:
                 scores[:, column] = value
         return scores
-
-    def guided_eps(self, latents: torch.Tensor) -> torch.Tensor:
-        """ε_neg + g·(ε_pos − ε_neg) for a (batch of) latent tile(s)."""
-        return sd.unet_eps(
-            self._unet, latents, TIMESTEP, self.embeddings["pos"], self.embeddings["neg"], self.options.guidance
-        )
-
-
-def _check_options(options: S3DiffOptions) -> None:
-    if options.color_fix not in COLOR_FIXES:
-        raise ValueError(f"--color-fix must be one of {', '.join(COLOR_FIXES)}, got '{options.color_fix}'")
-    if options.latent not in ("sample", "mode"):
-        raise ValueError(f"latent must be 'sample' or 'mode', got '{options.latent}'")
-    for name in ("blur", "noise"):
-        value = getattr(options, name)
-        if value is not None and not 0.0 <= value <= 1.0:
-            raise ValueError(f"--{name} must be a degree in [0, 1], got {value}")
-    if options.latent_overlap >= options.latent_tile or options.latent_overlap < 0:
-        raise ValueError("latent_overlap must be at least 0 and smaller than latent_tile")
-    if options.tile_batch < 1:
-        raise ValueError("tile_batch must be at least 1")
 
 
 __all__ = [

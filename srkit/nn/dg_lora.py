@@ -29,7 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-LORA_ALPHA = 8.0
+from srkit.nn.lora_sites import PEFT_DEFAULT_ALPHA
+
+LORA_ALPHA = float(PEFT_DEFAULT_ALPHA)
 """peft's default lora_alpha, which S3Diff relies on (it is not stored in the checkpoint)."""
 
 
@@ -146,6 +148,11 @@ class DGLoRALayer(nn.Module):
                 self._merged = self.merged_weight(c[0], out=buffer)
             self._merged_version = self.modulation.version
         return self._merged
+
+    @property
+    def weight_version(self) -> int:
+        """Changes whenever `inference_weight` is re-merged (a new image's modulation): a cache key for callers."""
+        return self.modulation.version
 
     @property
     def merged_bytes(self) -> int:

@@ -17,9 +17,6 @@ from collections.abc import Collection, Mapping
 import torch
 from torch import nn
 
-PEFT_DEFAULT_ALPHA = 8
-"""`LoraConfig.lora_alpha` when a script does not set it (peft 0.9 through 0.21): the scaling is 8 / rank."""
-
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])\.(?P<adapter>[^.]+)\.weight$")
 
 

@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from diffusers.models.upsampling import Upsample2D
 from torch import nn
 
-from srkit.nn.dg_lora import DGLoRALayer
 from srkit.nn.winograd_conv import WinogradConv2d
 
 
@@ -77,12 +76,12 @@ def _conv_parameters(conv: nn.Module) -> _Parameters | None:
     """(weight, bias, key) the conv applies right now, or None when it is not a plain 3×3 convolution (e.g. a
     DG-LoRA layer running its unmerged branch).  `key` identifies the weight's current values (None: under
     autograd, where kernels must be derived afresh for gradients to reach the weight)."""
-    if isinstance(conv, DGLoRALayer):
+    if callable(getattr(conv, "inference_weight", None)):  # a wrapper merging a per-image weight (DG-LoRA)
         weight = conv.inference_weight()
         base = conv.base_layer
         if weight is None or not _plain_3x3(base):
             return None
-        return weight, base.bias, (weight.data_ptr(), conv.modulation.version)  # re-merged once per image
+        return weight, base.bias, (weight.data_ptr(), conv.weight_version)  # re-merged once per image
     if type(conv) in (nn.Conv2d, WinogradConv2d) and _plain_3x3(conv):
         weight = conv.weight
         frozen = not (torch.is_grad_enabled() and weight.requires_grad)

@@ -8,25 +8,19 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-UNET_PATTERNS = ("to_k", "to_q", "to_v", "to_out.0", "conv", "conv1", "conv2", "conv_shortcut", "conv_out",
-                 "proj_in", "proj_out", "ff.net.2", "ff.net.0.proj")  # fmt: skip
-"""OSEDiff/NAOSD/GDPO UNet LoRA sites (conv_in is trained in full instead)."""
-VAE_ENCODER_PATTERNS = ("conv1", "conv2", "conv_in", "conv_shortcut", "conv", "conv_out", "to_k", "to_q", "to_v",
-                        "to_out.0")  # fmt: skip
-"""OSEDiff/NAOSD VAE LoRA sites, encoder only (the decoder stays frozen)."""
-PEFT_DEFAULT_ALPHA = 8
+from srkit.nn.dg_lora import match_list
+from srkit.nn.lora_sites import PEFT_DEFAULT_ALPHA
 
 
 def target_modules(model: nn.Module, patterns: Iterable[str], prefix: str = "", exclude: Iterable[str] = ()) -> list[str]:
-    """Linear/Conv2d module names under `prefix` that equal a pattern or end with "." + pattern."""
-    patterns, exclude = tuple(patterns), set(exclude)
-    names = []
-    for name, module in model.named_modules():
-        if not isinstance(module, (nn.Linear, nn.Conv2d)) or not name.startswith(prefix) or name in exclude:
-            continue
-        if any(name == p or name.endswith("." + p) for p in patterns):
-            names.append(name)
-    return names
+    """Linear/Conv2d module names under `prefix` that equal a pattern or end with "." + pattern (peft's rule)."""
+    exclude = set(exclude)
+    names = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, (nn.Linear, nn.Conv2d)) and name.startswith(prefix) and name not in exclude
+    ]
+    return match_list(names, patterns)
 
 
 def add_lora(model: nn.Module, targets: list[str], rank: int, adapter: str = "default") -> dict[str, nn.Parameter]:

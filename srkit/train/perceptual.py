@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from srkit.common import one_line
+
 
 class LPIPSLoss(nn.Module):
     """pyiqa's LPIPS metric as a loss on images in [-1, 1] (mean over the batch); a module so recipes move it."""
@@ -30,9 +32,8 @@ def lpips_vgg() -> LPIPSLoss:
     try:
         metric = pyiqa.create_metric("lpips-vgg", as_loss=True, device=torch.device("cpu"))
     except Exception as exc:  # pyiqa raises many kinds when its weights cannot be fetched
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ValueError(
-            f"LPIPS-VGG weights are not available ({first_line}); put them in the torch hub cache "
+            f"LPIPS-VGG weights are not available ({one_line(exc)}); put them in the torch hub cache "
             "or set -O lambda_lpips=0"
         ) from exc
     return LPIPSLoss(metric)

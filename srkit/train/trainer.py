@@ -24,7 +24,6 @@ import math
 import shutil
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
@@ -32,6 +31,7 @@ from typing import Protocol
 import torch
 from rich.console import Console
 
+from srkit.common import atomic_folder
 from srkit.cpu_memory import keep_freed_memory
 
 CHECKPOINTS = "checkpoints"
@@ -286,15 +286,3 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-@contextmanager
-def atomic_folder(folder: str | Path) -> Iterator[Path]:
-    """Write into `folder.partial`, then swap it in: a checkpoint or export folder is complete or absent."""
-    folder = Path(folder)
-    partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    yield partial
-    shutil.rmtree(folder, ignore_errors=True)
-    partial.rename(folder)

@@ -16,7 +16,6 @@ tags each HR with RAM).  Export: merged diffusers `unet/` + the base `vae/`, for
 from __future__ import annotations
 
 import copy
-import shutil
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,13 +23,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from srkit.engines import sd
-from srkit.engines.osediff import PROMPT_KEY, compose_prompt
-from srkit.train.lora import UNET_PATTERNS, add_lora, merged_copy, target_modules
+from srkit.diffusion.denoiser import Conditioning, UNetDenoiser
+from srkit.diffusion.latents import vae_decode, vae_encode
+from srkit.diffusion.loading import load_unet, load_vae
+from srkit.diffusion.samplers.one_step import noise_injected_x0
+from srkit.diffusion.text import PROMPT_KEY, compose_prompt
+from srkit.engines.osediff import NOISE_INJECTION_PROMPT, training_input
+from srkit.nn.lora_sites import UNET_LORA_TARGETS
+from srkit.train.lora import add_lora, merged_copy, target_modules
 from srkit.train.losses import GDPO_OMEGA, gdpo_loss, per_sample_error
-from srkit.train.recipes.naosd import DEFAULT_PROMPT, noise_injected_x0, upsampled_input
+from srkit.train.recipes import RecipeInputs, local_or_registry
+from srkit.train.recipes.sd_recipe import SDRecipe
 from srkit.train.rewards import arf_rewards, attribute_ratios, group_advantages
-from srkit.train.trainer import atomic_folder
 
 RewardMetric = Callable[[np.ndarray, np.ndarray], float]
 FIDELITY_METRICS = frozenset({"psnr", "ssim"})
@@ -50,10 +54,23 @@ class GDPOSettings:
     """Comma-separated srkit metric names; psnr/ssim count as fidelity, the rest as detail (ARF)."""
     official_gray: bool = True
     """Smooth/texture split on OpenCV's BGR→gray of RGB data, as upstream (false: BT.601 on RGB)."""
-    prompt: str = DEFAULT_PROMPT
+    prompt: str = NOISE_INJECTION_PROMPT
 
 
-class GDPORecipe:
+SETTINGS = GDPOSettings
+
+
+def build(settings: GDPOSettings, inputs: RecipeInputs) -> GDPORecipe:
+    """The NAOSD model to tune (`--base`, required) and SD2.1's text side (`sd21-text`) from the registry unless given."""
+    if inputs.base is None:
+        raise ValueError("gdpo starts from a NAOSD model: pass --base DIR (the export of `srkit finetune "
+                         "--recipe naosd`, or a merged NAOSD/GDPO diffusers folder)")
+    text = inputs.text if inputs.prompt_embeds else local_or_registry(inputs.text, "sd21-text", inputs.offline)
+    metrics = inputs.extras.get("reward_metrics")
+    return GDPORecipe(inputs.base, settings, text_folder=text, prompt_embeds=inputs.prompt_embeds, metrics=metrics)
+
+
+class GDPORecipe(SDRecipe):
     name = "gdpo"
 
     def __init__(
@@ -65,8 +82,7 @@ class GDPORecipe:
         prompt_embeds: str | Path | None = None,
         metrics: Mapping[str, RewardMetric] | None = None,
     ) -> None:
-        self.base, self.settings = Path(base), settings or GDPOSettings()
-        s = self.settings
+        s = self.settings = settings or GDPOSettings()
         if s.group_size < 2:
             raise ValueError("group_size must be at least 2 (advantages compare samples within a group)")
         names = [n.strip() for n in s.reward_metrics.split(",") if n.strip()]
@@ -75,33 +91,28 @@ class GDPORecipe:
         if not self.fidelity_names or not self.detail_names:
             raise ValueError(f"reward_metrics needs a fidelity metric (psnr, ssim) and a detail one, got {names}")
         self.metrics = dict(metrics) if metrics is not None else _create_metrics(names)
-        self.schedule = sd.load_noise_schedule(text_folder or self.base)
-        for t in (s.t_noise, s.t_diff):
-            self.schedule.alpha_bar(t)
-        table = sd.prompt_embeddings({PROMPT_KEY: compose_prompt("", s.prompt)}, folder=text_folder, precomputed=prompt_embeds)
-        self.prompt = table[PROMPT_KEY].clone()  # outside inference_mode: it enters the training graph
-        self.vae = sd.load_vae(self.base)
-        self.reference = sd.load_unet(self.base)
+        super().__init__(
+            base, text_folder=text_folder, prompt_embeds=prompt_embeds,
+            prompts={PROMPT_KEY: compose_prompt("", s.prompt)}, timesteps=(s.t_noise, s.t_diff),
+        )  # fmt: skip
+        self.vae = load_vae(self.base)
+        self.reference = load_unet(self.base)
         self.policy = copy.deepcopy(self.reference).train()
-        lora = add_lora(self.policy, target_modules(self.policy, UNET_PATTERNS), s.rank_unet)
+        lora = add_lora(self.policy, target_modules(self.policy, UNET_LORA_TARGETS), s.rank_unet)
         self.groups = {"policy": {f"unet.{k}": v for k, v in lora.items()}}
 
-    def parameter_groups(self) -> dict[str, dict[str, torch.nn.Parameter]]:
-        return self.groups
-
-    def to(self, device: torch.device) -> GDPORecipe:
-        for module in (self.vae, self.reference, self.policy):
-            module.to(device)
-        self.prompt = self.prompt.to(device)
-        return self
+    @property
+    def text(self) -> Conditioning:
+        return self.condition(PROMPT_KEY)
 
     @torch.no_grad()
-    def sample_group(self, lr: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    def sample_group(self, lr: torch.Tensor) -> torch.Tensor:
         """(B·G, 3, H, W) SR samples in [0, 1] from the frozen reference, b-major (G noises per LR latent)."""
         s = self.settings
-        z = sd.vae_encode(self.vae, upsampled_input(lr, size), latent="sample").repeat_interleave(s.group_size, dim=0)
-        clean = noise_injected_x0(self.reference, self.schedule, z, self.prompt, s.t_noise, s.t_diff)
-        decoded = sd.vae_decode(self.vae, clean)
+        z = vae_encode(self.vae, training_input(lr), latent="sample").repeat_interleave(s.group_size, dim=0)
+        reference = UNetDenoiser(self.reference)
+        clean = noise_injected_x0(reference, self.schedule, z, torch.randn_like(z), s.t_noise, s.t_diff, self.text)
+        decoded = vae_decode(self.vae, clean)
         return (decoded.float().clamp(-1, 1) + 1) / 2
 
     def rewards(self, samples: torch.Tensor, hr: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
@@ -126,27 +137,24 @@ class GDPORecipe:
     def losses(self, batch: dict[str, torch.Tensor], step: int) -> Iterator[tuple[str, torch.Tensor, dict[str, float]]]:
         s = self.settings
         hr = batch["hr"]
-        samples = self.sample_group(batch["lr"], tuple(hr.shape[-2:]))
+        samples = self.sample_group(batch["lr"])
         rewards, logs = self.rewards(samples, hr)
         advantages = group_advantages(rewards).to(hr.device, torch.float32)
         with torch.no_grad():
-            z0 = sd.vae_encode(self.vae, samples * 2 - 1, latent="sample")
+            z0 = vae_encode(self.vae, samples * 2 - 1, latent="sample")
             noise = torch.randn_like(z0)
             noisy = self.schedule.add_noise(z0, noise, s.t_noise)
-            text = self.prompt.expand(z0.shape[0], -1, -1)
-            reference_error = per_sample_error(self.reference(noisy, s.t_diff, encoder_hidden_states=text).sample, noise)
-        policy_error = per_sample_error(self.policy(noisy, s.t_diff, encoder_hidden_states=text).sample, noise)
+            reference_error = per_sample_error(UNetDenoiser(self.reference)(noisy, s.t_diff, self.text), noise)
+        policy_error = per_sample_error(UNetDenoiser(self.policy)(noisy, s.t_diff, self.text), noise)
         shape = advantages.shape
         loss = gdpo_loss(policy_error.view(shape), reference_error.view(shape), advantages, s.omega)
         yield "policy", loss, {"gdpo": loss.item(), "reward": float(rewards.mean()), **logs}
 
     def export(self, folder: Path) -> Path:
         """Merged diffusers `unet/` (policy LoRA folded in) and the base `vae/`."""
-        with atomic_folder(folder) as partial:
+        with self.export_folder(folder) as partial:
             merged_copy(copy.deepcopy(self.reference), self.policy, self.settings.rank_unet).save_pretrained(partial / "unet")
             self.vae.save_pretrained(partial / "vae")
-            if (self.base / "scheduler").is_dir():
-                shutil.copytree(self.base / "scheduler", partial / "scheduler")
         return folder
 
 

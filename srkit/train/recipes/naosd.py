@@ -8,6 +8,8 @@ Per batch (notes §3.1-3.3):
 - regulariser: the fake score's ε-MSE on the generator's detached ẑ at t ~ U{0..999}, weight 1.
 Prompts: upstream prompts every image with RAM tags of its HR; srkit has no tagger yet, so every image gets the
 fixed positive prompt (documented deviation; pass a `prompt`/`neg` embeddings file or a text-encoder folder).
+The generator's input is the NAOSD engine's own preparation (PIL bicubic ×4 of the 8-bit LR) and its one step is
+the engine's sampler (`noise_injected_x0`), so the model is trained on exactly what it runs at inference.
 
 Export: merged diffusers folders `unet/` and `vae/` (what `srkit upscale --model naosd --weights DIR` loads, and
 what `--recipe gdpo --base DIR` starts from).
@@ -16,7 +18,6 @@ what `--recipe gdpo --base DIR` starts from).
 from __future__ import annotations
 
 import copy
-import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,14 +25,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from srkit.engines import sd
-from srkit.engines.osediff import PROMPT_KEY, compose_prompt
-from srkit.train.lora import UNET_PATTERNS, VAE_ENCODER_PATTERNS, add_lora, merged_copy, target_modules
+from srkit.diffusion.denoiser import UNetDenoiser, guided
+from srkit.diffusion.latents import vae_decode, vae_encode
+from srkit.diffusion.loading import load_unet, load_vae
+from srkit.diffusion.samplers.one_step import noise_injected_x0
+from srkit.diffusion.text import NEGATIVE_KEY, PROMPT_KEY, compose_prompt
+from srkit.engines.osediff import NOISE_INJECTION_PROMPT, training_input
+from srkit.nn.lora_sites import UNET_LORA_TARGETS, VAE_ENCODER_LORA_TARGETS
+from srkit.train.lora import add_lora, merged_copy, target_modules
 from srkit.train.losses import vsd_loss
-from srkit.train.trainer import atomic_folder
+from srkit.train.recipes import RecipeInputs, local_or_registry
+from srkit.train.recipes.sd_recipe import SDRecipe
 
-NEGATIVE_KEY = "neg"
-DEFAULT_PROMPT = "clean, high-resolution, 8k"
 DEFAULT_NEGATIVE = "painting, oil painting, illustration, drawing, art, sketch, cartoon, CG Style, 3D render, unreal engine, blurring, dirty, messy, worst quality, low quality, frames, watermark, signature, jpeg artifacts, deformed, lowres, over-smooth"
 
 
@@ -52,11 +57,24 @@ class NAOSDSettings:
     lambda_lpips: float = 2.0
     lambda_vsd: float = 1.0
     lambda_vsd_lora: float = 1.0
-    prompt: str = DEFAULT_PROMPT
+    prompt: str = NOISE_INJECTION_PROMPT
     negative_prompt: str = DEFAULT_NEGATIVE
 
 
-class NAOSDRecipe:
+SETTINGS = NAOSDSettings
+
+
+def build(settings: NAOSDSettings, inputs: RecipeInputs) -> NAOSDRecipe:
+    """SD2.1-base (`sd21-base`) and its text side (`sd21-text`) from the registry unless given."""
+    from srkit.train.perceptual import lpips_vgg
+
+    base = local_or_registry(inputs.base, "sd21-base", inputs.offline)
+    text = inputs.text if inputs.prompt_embeds else local_or_registry(inputs.text, "sd21-text", inputs.offline)
+    perceptual = lpips_vgg() if settings.lambda_lpips > 0 else None
+    return NAOSDRecipe(base, settings, text_folder=text, prompt_embeds=inputs.prompt_embeds, perceptual=perceptual)
+
+
+class NAOSDRecipe(SDRecipe):
     name = "naosd"
 
     def __init__(
@@ -68,53 +86,44 @@ class NAOSDRecipe:
         prompt_embeds: str | Path | None = None,
         perceptual: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
-        self.base, self.settings = Path(base), settings or NAOSDSettings()
-        s = self.settings
+        s = self.settings = settings or NAOSDSettings()
         if s.lambda_lpips > 0 and perceptual is None:
             raise ValueError("NAOSD's LPIPS term needs a perceptual loss (LPIPS-VGG); pass one or set lambda_lpips 0")
+        super().__init__(
+            base, text_folder=text_folder, prompt_embeds=prompt_embeds,
+            prompts={PROMPT_KEY: compose_prompt("", s.prompt), NEGATIVE_KEY: s.negative_prompt},
+            timesteps=(s.t_add, s.t_diff, s.vsd_t_min, s.vsd_t_max - 1),
+        )  # fmt: skip
         self.perceptual = perceptual
-        self.scheduler_folder = Path(text_folder or self.base) / "scheduler"
-        self.schedule = sd.load_noise_schedule(text_folder or self.base)
-        for t in (s.t_add, s.t_diff, s.vsd_t_min, s.vsd_t_max - 1):
-            self.schedule.alpha_bar(t)
-        table = sd.prompt_embeddings(
-            {PROMPT_KEY: compose_prompt("", s.prompt), NEGATIVE_KEY: s.negative_prompt},
-            folder=text_folder or self.base,
-            precomputed=prompt_embeds,
-        )
-        # clone: the text encoder runs under inference_mode, whose tensors cannot enter a training graph
-        self.prompt, self.negative = table[PROMPT_KEY].clone(), table[NEGATIVE_KEY].clone()
-        self.real = sd.load_unet(self.base)  # frozen base score; the other UNets start as copies of it
+        self.real = load_unet(self.base)  # frozen base score; the other UNets start as copies of it
         self.unet, self.fake = _trainable(copy.deepcopy(self.real)), _trainable(copy.deepcopy(self.real))
-        self.vae = _trainable(sd.load_vae(self.base))
+        self.vae = _trainable(load_vae(self.base))
         self.unet.conv_in.requires_grad_(True)
+        unet_sites = target_modules(self.unet, UNET_LORA_TARGETS, exclude={"conv_in"})
+        vae_sites = target_modules(self.vae, VAE_ENCODER_LORA_TARGETS, "encoder.")
         generator = {f"unet.{k}": v for k, v in self.unet.conv_in.named_parameters(prefix="conv_in")}
-        generator |= {f"unet.{k}": v for k, v in add_lora(self.unet, target_modules(self.unet, UNET_PATTERNS, exclude={"conv_in"}), s.rank_unet).items()}
-        generator |= {f"vae.{k}": v for k, v in add_lora(self.vae, target_modules(self.vae, VAE_ENCODER_PATTERNS, "encoder."), s.rank_vae).items()}
-        regulariser = {f"fake.{k}": v for k, v in add_lora(self.fake, target_modules(self.fake, UNET_PATTERNS), s.rank_fake).items()}  # fmt: skip
+        generator |= {f"unet.{k}": v for k, v in add_lora(self.unet, unet_sites, s.rank_unet).items()}
+        generator |= {f"vae.{k}": v for k, v in add_lora(self.vae, vae_sites, s.rank_vae).items()}
+        fake_sites = target_modules(self.fake, UNET_LORA_TARGETS)
+        regulariser = {f"fake.{k}": v for k, v in add_lora(self.fake, fake_sites, s.rank_fake).items()}
         self.groups = {"generator": generator, "regulariser": regulariser}
 
-    def parameter_groups(self) -> dict[str, dict[str, torch.nn.Parameter]]:
-        return self.groups
+    @property
+    def prompt(self) -> torch.Tensor:
+        return self.embeddings[PROMPT_KEY]
 
-    def to(self, device: torch.device) -> NAOSDRecipe:
-        for module in (self.unet, self.vae, self.real, self.fake, self.perceptual):
-            if isinstance(module, torch.nn.Module):
-                module.to(device)
-        self.prompt, self.negative = self.prompt.to(device), self.negative.to(device)
-        return self
-
-    def generate(self, lr: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def generate(self, lr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x̂ in [-1, 1], ẑ): the one-step generator on LR in [0, 1], with gradients."""
         s = self.settings
-        z = sd.vae_encode(self.vae, upsampled_input(lr, size), latent="sample")
-        z_hat = noise_injected_x0(self.unet, self.schedule, z, self.prompt, s.t_add, s.t_diff)
-        return sd.vae_decode(self.vae, z_hat), z_hat
+        z = vae_encode(self.vae, training_input(lr), latent="sample")
+        text = self.condition(PROMPT_KEY)
+        z_hat = noise_injected_x0(UNetDenoiser(self.unet), self.schedule, z, torch.randn_like(z), s.t_add, s.t_diff, text)
+        return vae_decode(self.vae, z_hat), z_hat
 
     def losses(self, batch: dict[str, torch.Tensor], step: int) -> Iterator[tuple[str, torch.Tensor, dict[str, float]]]:
         s = self.settings
         hr = batch["hr"] * 2 - 1
-        x_hat, z_hat = self.generate(batch["lr"], tuple(hr.shape[-2:]))
+        x_hat, z_hat = self.generate(batch["lr"])
         mse = F.mse_loss(x_hat.float(), hr.float())
         lpips = self.perceptual(x_hat.float(), hr.float()) if s.lambda_lpips > 0 else mse.new_zeros(())
         vsd = self.vsd(z_hat) if s.lambda_vsd > 0 else mse.new_zeros(())
@@ -129,45 +138,28 @@ class NAOSDRecipe:
         t = torch.randint(s.vsd_t_min, s.vsd_t_max, (batch,), device=z_hat.device)
         with torch.no_grad():
             noisy = self.schedule.add_noise(z_hat.detach(), torch.randn_like(z_hat), t)
-            pos, neg = self.prompt.expand(batch, -1, -1), self.negative.expand(batch, -1, -1)
-            x0_fake = self.schedule.predict_x0(noisy, self.fake(noisy, t, encoder_hidden_states=pos).sample, t)
-            both = self.real(torch.cat([noisy, noisy]), torch.cat([t, t]), encoder_hidden_states=torch.cat([pos, neg]))
-            eps_pos, eps_neg = both.sample.chunk(2)
-            eps_real = eps_neg + s.cfg_vsd * (eps_pos - eps_neg)
-            x0_real = self.schedule.predict_x0(noisy, eps_real, t)
+            pos, neg = self.condition(PROMPT_KEY), self.condition(NEGATIVE_KEY)
+            x0_fake = self.schedule.predict_x0(noisy, UNetDenoiser(self.fake)(noisy, t, pos), t)
+            real = guided(UNetDenoiser(self.real), neg, s.cfg_vsd)
+            x0_real = self.schedule.predict_x0(noisy, real(noisy, t, pos), t)
         return vsd_loss(z_hat, x0_fake, x0_real)
 
     def regulariser_loss(self, z: torch.Tensor) -> torch.Tensor:
         t = torch.randint(0, self.schedule.num_train_timesteps, (z.shape[0],), device=z.device)
         noise = torch.randn_like(z)
         noisy = self.schedule.add_noise(z, noise, t)
-        prediction = self.fake(noisy, t, encoder_hidden_states=self.prompt.expand(z.shape[0], -1, -1)).sample
+        prediction = UNetDenoiser(self.fake)(noisy, t, self.condition(PROMPT_KEY))
         return F.mse_loss(prediction.float(), noise.float())
 
     def export(self, folder: Path) -> Path:
         """Merged diffusers `unet/` and `vae/` folders and the scheduler config in `folder`."""
-        with atomic_folder(folder) as partial:
+        with self.export_folder(folder) as partial:
             s = self.settings
             merged_copy(copy.deepcopy(self.real), self.unet, s.rank_unet).save_pretrained(partial / "unet")
-            merged_copy(sd.load_vae(self.base), self.vae, s.rank_vae).save_pretrained(partial / "vae")
-            shutil.copytree(self.scheduler_folder, partial / "scheduler")  # self-contained: gdpo can start from it
+            merged_copy(load_vae(self.base), self.vae, s.rank_vae).save_pretrained(partial / "vae")
         return folder
 
 
 def _trainable(module: torch.nn.Module) -> torch.nn.Module:
     """Train mode with everything frozen; the recipe unfreezes what it trains."""
     return module.train().requires_grad_(False)
-
-
-def upsampled_input(lr: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """LR in [0, 1] -> the generator's input: bicubic to the HR size, in [-1, 1]."""
-    return F.interpolate(lr, size=size, mode="bicubic", align_corners=False).clamp(0, 1) * 2 - 1
-
-
-def noise_injected_x0(
-    unet: torch.nn.Module, schedule: sd.NoiseSchedule, z: torch.Tensor, prompt: torch.Tensor, t_add: int, t_diff: int
-) -> torch.Tensor:
-    """NAOSD's one step: noise the latent to t_add, let the UNet see it as t_diff, return its x0 (float32)."""
-    noisy = schedule.add_noise(z, torch.randn_like(z), t_add)
-    eps = unet(noisy, t_diff, encoder_hidden_states=prompt.expand(z.shape[0], -1, -1)).sample
-    return schedule.predict_x0(noisy, eps, t_diff)

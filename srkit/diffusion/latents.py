@@ -1,0 +1,81 @@
+"""Images ↔ latents: padding to the VAE's multiple, seeded posterior sampling, scaling, and the tiled VAE hookup.
+
+The encoder and decoder run tiled (GroupNorm statistics shared across tiles, `srkit/nn/tiled_vae.py`) when a
+`VAETiling` says the image is large, so any size fits in memory.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from srkit.nn.tiled_vae import VAETiling, tiled_decode, tiled_encode
+
+LatentMode = Literal["sample", "mode"]
+LATENT_MODES: tuple[str, ...] = ("sample", "mode")
+
+
+def pad_to_multiple(image: torch.Tensor, multiple: int, mode: str = "reflect") -> tuple[torch.Tensor, tuple[int, int]]:
+    """Pad right/bottom so both sides are multiples of `multiple`; returns the padded image and the original size.
+
+    Reflect padding wider than the image (tiny inputs) is done in several passes instead of failing.
+    """
+    height, width = image.shape[-2:]
+    pad_h, pad_w = -height % multiple, -width % multiple
+    while pad_h or pad_w:
+        step_h = min(pad_h, image.shape[-2] - 1) if mode == "reflect" else pad_h
+        step_w = min(pad_w, image.shape[-1] - 1) if mode == "reflect" else pad_w
+        image = F.pad(image, (0, step_w, 0, step_h), mode=mode)
+        pad_h, pad_w = pad_h - step_h, pad_w - step_w
+    return image, (height, width)
+
+
+def crop_to(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return image[..., : size[0], : size[1]]
+
+
+def latent_scale(vae) -> tuple[float, float]:
+    """(scaling_factor, shift_factor) of a VAE config; shift is 0 for SD 1.x/2.x."""
+    return float(vae.config.scaling_factor), float(getattr(vae.config, "shift_factor", None) or 0.0)
+
+
+def vae_encode(
+    vae,
+    image: torch.Tensor,
+    *,
+    latent: LatentMode = "sample",
+    generator: torch.Generator | None = None,
+    tiling: VAETiling | None = None,
+) -> torch.Tensor:
+    """Image in [-1, 1] -> scaled latent: a seeded posterior sample (the official behaviour) or its mode."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    if latent not in LATENT_MODES:
+        raise ValueError(f"latent must be 'sample' or 'mode', got '{latent}'")
+    image = image.to(next(vae.parameters()).dtype)
+    if tiling is not None and tiling.use_encoder_tiles(image):
+        hidden = tiled_encode(vae.encoder, image, tiling)
+    else:
+        hidden = vae.encoder(image)
+    if vae.quant_conv is not None:
+        hidden = vae.quant_conv(hidden)
+    posterior = DiagonalGaussianDistribution(hidden)
+    z = posterior.sample(generator=generator) if latent == "sample" else posterior.mode()
+    scale, shift = latent_scale(vae)
+    return (z - shift) * scale
+
+
+def vae_decode(vae, latents: torch.Tensor, *, tiling: VAETiling | None = None) -> torch.Tensor:
+    """Scaled latent -> image (not clamped), through a tiled decoder when `tiling` says the latent is large."""
+    scale, shift = latent_scale(vae)
+    z = (latents / scale + shift).to(next(vae.parameters()).dtype)
+    if vae.post_quant_conv is not None:
+        z = vae.post_quant_conv(z)
+    if tiling is not None and tiling.use_decoder_tiles(z):
+        return tiled_decode(vae.decoder, z, tiling)
+    return vae.decoder(z)
+
+
+__all__ = ["LATENT_MODES", "LatentMode", "VAETiling", "crop_to", "latent_scale", "pad_to_multiple", "vae_decode", "vae_encode"]

@@ -1,0 +1,133 @@
+"""A tiny model in the official weights layout for every registered engine, for the engine contract test.
+
+`TINY_MODELS[name](folder)` writes the weights an engine needs into `folder` and returns (registry key -> path,
+options); options replace what a tiny model cannot have (a text encoder: precomputed prompt embeddings instead).
+`NEEDS_WEIGHTS[name]` says why an engine cannot be built from a tiny model, for engines that cannot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from conftest import compact_state_dict
+from tiny_sd import SD2_SCHEDULER, tiny_unet, tiny_vae, write_scheduler
+
+from srkit.diffusion.text import NEGATIVE_KEY, PROMPT_KEY, save_prompt_embeddings
+
+CROSS_DIM = 8
+Built = tuple[dict[str, Path], dict[str, Any]]
+
+
+def _rrdb(folder: Path, name: str, scale: int, shuffle: int | None = None) -> Path:
+    """An RRDBNet (1 block, 8 filters) in the layout spandrel recognises, saved like the release files."""
+    from spandrel.architectures.ESRGAN import ESRGAN
+
+    torch.manual_seed(0)
+    path = folder / f"{name}.pth"
+    torch.save({"params_ema": ESRGAN(num_filters=8, num_blocks=1, scale=scale, shuffle_factor=shuffle).state_dict()}, path)
+    return path
+
+
+def _compact(folder: Path, name: str, seed: int = 0) -> Path:
+    path = folder / f"{name}.pth"
+    torch.save({"params_ema": compact_state_dict(seed=seed)}, path)
+    return path
+
+
+def _gan(name: str, scale: int = 4, shuffle: int | None = None) -> Callable[[Path], Built]:
+    return lambda folder: ({name: _rrdb(folder, name, scale, shuffle)}, {})
+
+
+def _general_x4v3(folder: Path) -> Built:
+    weights = {
+        "realesr-general-x4v3": _compact(folder, "general", seed=0),
+        "realesr-general-wdn-x4v3": _compact(folder, "general-wdn", seed=1),
+    }
+    return weights, {"denoise_strength": 0.5}
+
+
+def _sd_folder(folder: Path, scheduler: dict | None = None) -> Path:
+    """unet/, vae/ and scheduler/ of a tiny SD2-layout model."""
+    tiny_unet(seed=0).save_pretrained(folder / "unet")
+    tiny_vae(seed=1).save_pretrained(folder / "vae")
+    write_scheduler(folder, scheduler)
+    return folder
+
+
+def _prompts(folder: Path, *keys: str) -> Path:
+    gen = torch.Generator().manual_seed(2)
+    table = {key: torch.randn(1, 77, CROSS_DIM, generator=gen) for key in keys}
+    return save_prompt_embeddings(folder / "prompts.safetensors", table)
+
+
+def _osediff(folder: Path) -> Built:
+    base = _sd_folder(folder / "base", SD2_SCHEDULER)
+    checkpoint = folder / "osediff.pkl"
+    empty = {"state_dict_unet": {}, "state_dict_vae": {}, "rank_unet": 4, "rank_vae": 4,
+             "vae_lora_encoder_modules": [], "unet_lora_encoder_modules": []}  # fmt: skip
+    torch.save(empty, checkpoint)
+    weights = {"osediff": checkpoint, "sd21-base": base, "sd21-text": base}
+    return weights, {"prompt_embeds": str(_prompts(folder, PROMPT_KEY))}
+
+
+def _noise_injection(name: str) -> Callable[[Path], Built]:
+    def build(folder: Path) -> Built:
+        merged = _sd_folder(folder / "merged", SD2_SCHEDULER)
+        return {name: merged, "sd21-text": merged}, {"prompt_embeds": str(_prompts(folder, PROMPT_KEY))}
+
+    return build
+
+
+def _gendr(folder: Path) -> Built:
+    from srkit.engines.gendr import save_gendr
+
+    tiny_vae(seed=1, latent_channels=16, scaling_factor=0.24447420268654824).save_pretrained(folder / "vae16")
+    prompt = torch.randn(1, 77, CROSS_DIM, generator=torch.Generator().manual_seed(5))
+    checkpoint = save_gendr(folder / "gendr.safetensors", tiny_unet(seed=0, in_channels=16, out_channels=16), prompt)
+    return {"gendr": checkpoint, "vae-kl-f8-d16": folder / "vae16"}, {}
+
+
+def _s3diff(folder: Path) -> Built:
+    from srkit.diffusion.loading import load_noise_schedule
+    from srkit.engines.s3diff import (
+        UNET_TARGETS,
+        VAE_TARGETS,
+        S3DiffNetworks,
+        attach_dg_lora,
+        save_checkpoint,
+    )
+    from srkit.nn.de_net import DegradationEstimator
+
+    base = folder / "base"
+    unet, vae = tiny_unet(seed=0), tiny_vae(seed=1)
+    unet.save_pretrained(base / "unet")
+    vae.save_pretrained(base / "vae")
+    write_scheduler(base)
+    guidance, unet_mod, vae_mod = attach_dg_lora(unet, vae, rank_unet=4, rank_vae=2)
+    nets = S3DiffNetworks(unet, vae, guidance, DegradationEstimator(), load_noise_schedule(base), unet_mod, vae_mod,
+                          UNET_TARGETS, VAE_TARGETS)  # fmt: skip
+    save_checkpoint(nets, folder / "s3diff.pkl")
+    torch.save(DegradationEstimator().state_dict(), folder / "de_net.pth")
+    weights = {"s3diff": folder / "s3diff.pkl", "s3diff-de-net": folder / "de_net.pth", "sd-turbo": base}
+    return weights, {"prompt_embeds": str(_prompts(folder, "pos", NEGATIVE_KEY))}
+
+
+TINY_MODELS: dict[str, Callable[[Path], Built]] = {
+    "realesrgan-x4plus": _gan("realesrgan-x4plus"),
+    "realesrnet-x4plus": _gan("realesrnet-x4plus"),
+    "realesrgan-x4plus-anime-6b": _gan("realesrgan-x4plus-anime-6b"),
+    "realesrgan-x2plus": _gan("realesrgan-x2plus", scale=2, shuffle=2),
+    "realesr-animevideov3": lambda folder: ({"realesr-animevideov3": _compact(folder, "animevideov3")}, {}),
+    "realesr-general-x4v3": _general_x4v3,
+    "osediff": _osediff,
+    "naosd": _noise_injection("naosd"),
+    "gdpo": _noise_injection("gdpo"),
+    "gendr": _gendr,
+    "s3diff": _s3diff,
+}
+
+NEEDS_WEIGHTS: dict[str, str] = {}
+"""Engines that cannot be built from a tiny model, and why (none so far)."""
