@@ -36,7 +36,8 @@ UNUSED_PREFIXES = re.compile(
     r"tag_encoder\.|text_decoder\.|tagging_head\.(embeddings\.|encoder\.layer\.\d+\.attention\.)"
 )
 """Never read by tagging: the caption branch (`tag_encoder`, `text_decoder`) and the head parts upstream
-deletes before use (`del_selfattention`: word embeddings and every self-attention)."""
+deletes before use (`del_selfattention`: word embeddings and every self-attention).  The lowest tag_encoder
+layers are tied to the head and stored twice; upstream loads the head's copy last, so that one is used."""
 
 LORALIB_ALPHA = 1
 """loralib's default `lora_alpha`, which RAMLora keeps: the scaling is 1/r (1/8 for DAPE)."""
