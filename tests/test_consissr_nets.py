@@ -1,16 +1,18 @@
 """ConsisSR networks: golden parity per network call with the official code, and strict checkpoint loading.
 
 Fixture: ../shared/golden/consissr_tiny (SRKIT_GOLDEN_DIR overrides the root); its README is the spec.  The
-networks are loaded through the normal path (`load_consissr` on the fixture's Lightning checkpoint, architecture
-from its cldm yaml + OpenCLIP json) and every recorded network call is replayed: text and image prompt, hints,
-ε of every sampler step (both contexts, at the step's original timestep), the VAE decode and the TALA network
-output.  Tolerances (README): 1e-4 for pixels and embeddings, 1e-4·max(1, max|expected|) for latent tensors.
+networks are loaded through the normal path (`load_consissr` on the fixture's Lightning checkpoint, the
+architecture from its cldm yaml + OpenCLIP json) and every recorded network call is replayed: text and image
+prompt, hints, ε of every sampler step (both contexts, at the step's original timestep), the VAE decode and
+the TALA network output.  Tolerances (README): 1e-4 for pixels and embeddings, 1e-4·max(1, max|expected|)
+for latent tensors.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,7 @@ from srkit.convert.consissr import (
     key_map,
     load_consissr,
     native_key,
+    native_state_dict,
     read_state_dict,
 )
 from srkit.convert.ldm import fit_shape
@@ -58,12 +61,14 @@ def control_image(name: str) -> torch.Tensor:
 
 def training_batch(names: list[str]) -> torch.Tensor:
     """The TALA batch: u8 / 127.5 − 1 in float32, NCHW."""
-    pixels = [np.asarray(Image.open(GOLDEN / name).convert("RGB"), dtype=np.float64) / 127.5 - 1 for name in names]
+    pixels = [
+        np.asarray(Image.open(GOLDEN / name).convert("RGB"), dtype=np.float64) / 127.5 - 1 for name in names
+    ]
     return torch.from_numpy(np.stack(pixels)).float().permute(0, 3, 1, 2)
 
 
 def respaced_timesteps(steps: int, starts: float = 1.0) -> list[int]:
-    """spaced_sampler(_lre).py: one section of 1000 steps, stride 999/(N−1)·starts, Python round of the sum."""
+    """spaced_sampler(_lre).py: one section of 1000 steps, stride 999/(N−1)·starts, Python round."""
     stride = 999 / (steps - 1) * starts
     position, taken = 0.0, []
     for _ in range(steps):
@@ -114,7 +119,7 @@ def step_timesteps(case: dict, steps: int) -> list[int]:
     return timesteps
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Golden parity, one network call at a time
 
 
@@ -135,6 +140,19 @@ def test_golden_consissr_prompt(nets, text, expected):
 
 
 @needs_fixture
+def test_golden_consissr_clip_embedding_of_224_images(nets, expected):
+    """Stage-1 CLIP pair (224², so no resize): the pooled embeddings of the visual tower in the checkpoint."""
+    with torch.inference_mode():
+        embeddings = nets.prompt.image_embedding(training_batch(["clip_lq.png", "clip_hq.png"]))
+    errors = {
+        "lq_embed": max_error(embeddings[:1], expected["clip.lq_embed"]),
+        "hq_embed": max_error(embeddings[1:], expected["clip.hq_embed"]),
+    }
+    print("clip max errors", errors)
+    assert max(errors.values()) <= FLOAT_TOLERANCE, errors
+
+
+@needs_fixture
 @pytest.mark.parametrize(("case", "image"), [("sample", "sample_preprocessed.png"), ("lre", "input_gan.png")])
 def test_golden_consissr_hint_and_token(nets, expected, case, image):
     control = control_image(image)
@@ -142,7 +160,10 @@ def test_golden_consissr_hint_and_token(nets, expected, case, image):
         hint = nets.hint(control)
         token = nets.image_token(control)
     reference = expected[f"{case}.c_latent"]
-    errors = {"c_latent": max_error(hint, reference), "image_token": max_error(token, expected[f"{case}.image_token"])}
+    errors = {
+        "c_latent": max_error(hint, reference),
+        "image_token": max_error(token, expected[f"{case}.image_token"]),
+    }
     print(f"{case} max errors", errors)
     assert errors["c_latent"] <= latent_tolerance(reference)
     assert errors["image_token"] <= FLOAT_TOLERANCE
@@ -151,8 +172,8 @@ def test_golden_consissr_hint_and_token(nets, expected, case, image):
 @needs_fixture
 @pytest.mark.parametrize(("case", "image"), [("sample", "sample_preprocessed.png"), ("lre", "input_gan.png")])
 def test_golden_consissr_eps_every_step(nets, text, cases, expected, case, image):
-    """Every recorded step: ε with the positive and the negative context from the step's x_in, all steps and both
-    contexts in one batch (the CFG passes share the image token and the hint embedding; only the text differs)."""
+    """Every recorded step: ε with the positive and the negative context from the step's x_in; all steps and
+    both contexts in one batch (the CFG passes share the image token and the hint embedding)."""
     steps = len([key for key in expected if key.startswith(f"{case}.step") and key.endswith(".x_in")])
     assert steps >= 2
     timesteps = step_timesteps(cases[case], steps)
@@ -168,7 +189,8 @@ def test_golden_consissr_eps_every_step(nets, text, cases, expected, case, image
     for i in range(steps):
         for j, kind in enumerate(("eps_cond", "eps_uncond")):
             reference = expected[f"{case}.step{i}.{kind}"]
-            errors[f"step{i}.{kind}"] = max_error(eps[2 * i + j : 2 * i + j + 1], reference) / latent_tolerance(reference)
+            error = max_error(eps[2 * i + j : 2 * i + j + 1], reference)
+            errors[f"step{i}.{kind}"] = error / latent_tolerance(reference)
     print(f"{case} eps max error / tolerance", errors)
     assert max(errors.values()) <= 1.0, errors
 
@@ -184,7 +206,7 @@ def test_golden_consissr_decode(nets, expected):
 
 @needs_fixture
 def test_golden_consissr_tala_network_output(nets, text, expected):
-    """TALA's network call: ε̂(x_noisy, t) with the LQ batch's hint and context (image token of the LQ + text '')."""
+    """TALA's network call: ε̂(x_noisy, t) with the LQ batch's hint and context (LQ image token + text '')."""
     lq = training_batch(sorted(path.name for path in GOLDEN.glob("tala_lq*.png")))
     with torch.inference_mode():
         hint = nets.hint(lq)
@@ -201,7 +223,7 @@ def test_golden_consissr_tala_network_output(nets, text, expected):
 
 @needs_fixture
 def test_golden_consissr_schedule_matches_checkpoint_buffers():
-    """The schedule facts srkit exposes reproduce the ldm buffers stored in the checkpoint (float32 of float64)."""
+    """srkit's schedule facts reproduce the ldm buffers stored in the checkpoint (float32 of float64)."""
     state = read_state_dict(CHECKPOINT)
     schedule = ConsisSRSchedule()
     assert SCHEDULE_BUFFERS <= state.keys()
@@ -209,7 +231,7 @@ def test_golden_consissr_schedule_matches_checkpoint_buffers():
     torch.testing.assert_close(schedule.alphas_cumprod().float(), state["alphas_cumprod"], rtol=1e-6, atol=0)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Loading
 
 
@@ -221,22 +243,18 @@ def _save_modified(tmp_path: Path, edit) -> Path:
     return path
 
 
-def _one_key_per_part(state: dict) -> list[str]:
-    """One weight of each sub-model, the HPA extras included."""
-    markers = ("control_model.zero_convs.", ".attn1.position_emb", ".attnT.to_out.0.", ".attn2.to_out_ip.0.",
-               "first_stage_model.decoder.mid.attn_1.", "cond_encoder.", "cond_stage_model.model.visual.",
-               "cond_stage_model.ft_layers_4.", "control_model.input_hint_block.")
-    return [sorted(key for key in state if marker in key)[0] for marker in markers]
+def _first_key_with(state: dict, marker: str) -> str:
+    return min(key for key in state if marker in key)
 
 
 @needs_fixture
 def test_golden_consissr_loading_names_a_missing_key(tmp_path, configs):
-    for key in _one_key_per_part(read_state_dict(CHECKPOINT)):
-        path = _save_modified(tmp_path, lambda state, key=key: state.pop(key))
-        with pytest.raises(WeightsError) as error:
-            load_consissr(path, *configs)
-        message = str(error.value)
-        assert "\n" not in message and "1 missing key(s): " + key in message and "unexpected" not in message
+    key = _first_key_with(read_state_dict(CHECKPOINT), ".attn2.to_out_ip.0.")
+    path = _save_modified(tmp_path, lambda state: state.pop(key))
+    with pytest.raises(WeightsError) as error:
+        load_consissr(path, *configs)
+    message = str(error.value)
+    assert "\n" not in message and "1 missing key(s): " + key in message and "unexpected" not in message
 
 
 @needs_fixture
@@ -249,12 +267,51 @@ def test_golden_consissr_loading_names_an_unexpected_key(tmp_path, configs):
     assert "\n" not in message and "1 unexpected key(s): " + extra in message and "missing" not in message
 
 
+def test_consissr_reading_drops_a_ddp_prefix_and_refuses_pickled_objects(tmp_path):
+    path = tmp_path / "ddp.ckpt"
+    torch.save({"state_dict": {"module.betas": torch.zeros(2)}}, path)
+    assert list(read_state_dict(path)) == ["betas"]
+    torch.save({"state_dict": {"betas": torch.zeros(2)}, "callbacks": {Path: {}}}, path)
+    with pytest.raises(WeightsError, match="holds Python objects besides tensors"):
+        read_state_dict(path)
+
+
+@pytest.fixture(scope="module")
+def empty_nets(configs) -> ConsisSRNets:
+    with torch.device("meta"):
+        return ConsisSRNets(*configs)
+
+
 @needs_fixture
-def test_golden_consissr_loading_names_a_wrong_shape(tmp_path, configs):
-    key = "control_model.zero_convs.0.0.weight"
-    path = _save_modified(tmp_path, lambda state: state.__setitem__(key, torch.zeros(1)))
-    with pytest.raises(WeightsError, match=r"shape of control_model\.zero_convs\.0\.0\.weight"):
-        load_consissr(path, *configs)
+@pytest.mark.parametrize(
+    "marker",
+    [
+        "control_model.zero_convs.",
+        ".attn1.position_emb",
+        ".attnT.to_out.0.",
+        "control_model.middle_block_out.",
+        "first_stage_model.decoder.mid.attn_1.",
+        "cond_encoder.",
+        "cond_stage_model.model.visual.",
+        "cond_stage_model.ft_layers_4.",
+        "control_model.input_hint_block.",
+    ],
+)
+def test_golden_consissr_every_part_is_checked(empty_nets, marker):
+    """A key dropped from any sub-model is reported under its checkpoint name."""
+    state = read_state_dict(CHECKPOINT)
+    key = _first_key_with(state, marker)
+    del state[key]
+    with pytest.raises(WeightsError, match="1 missing key\\(s\\): " + re.escape(key) + "$"):
+        native_state_dict(state, empty_nets, CHECKPOINT)
+
+
+@needs_fixture
+def test_golden_consissr_loading_names_a_wrong_shape(empty_nets):
+    state = read_state_dict(CHECKPOINT)
+    state["control_model.zero_convs.0.0.weight"] = torch.zeros(1)
+    with pytest.raises(WeightsError, match=r"shape of control_model\.zero_convs\.0\.0\.weight \(1,\)"):
+        native_state_dict(state, empty_nets, CHECKPOINT)
 
 
 @needs_fixture
@@ -276,46 +333,54 @@ def test_golden_consissr_key_map_agrees_with_diffusers_converters(configs):
         "vae.": convert_ldm_vae_checkpoint(state, architecture.vae_config(schedule.scale_factor)),
     }
     for prefix, converted in theirs.items():
-        converted = {prefix + name.replace("controlnet_cond_embedding.", "hint_embedding."): tensor
-                     for name, tensor in converted.items()}
+        converted = {
+            prefix + name.replace("controlnet_cond_embedding.", "hint_embedding."): tensor
+            for name, tensor in converted.items()
+        }
         assert converted.keys() == {name for name in mine if name.startswith(prefix)}
         for name, tensor in converted.items():
             assert torch.equal(fit_shape(mine[name], tensor.shape), tensor), name
 
 
 def test_consissr_key_map_is_a_bijection_for_the_released_architecture():
-    """Real sizes (SD 2.1-base + ViT-H-14), built on the meta device: every parameter has exactly one checkpoint
-    name and maps back, and the known SD conversions hold."""
+    """Real sizes (SD 2.1-base + ViT-H-14), built on the meta device: every parameter has exactly one
+    checkpoint name and maps back, and the known SD conversions hold."""
     architecture = ConsisSRArchitecture()
     with torch.device("meta"):
-        nets = ConsisSRNets(architecture)
+        shapes = {name: tensor.shape for name, tensor in ConsisSRNets(architecture).state_dict().items()}
     keys = key_map(architecture)
-    names = list(nets.state_dict())
+    names = list(shapes)
     ldm_names = [checkpoint_key(keys, name) for name in names]
     assert len(set(ldm_names)) == len(names)
     assert all(native_key(keys, ldm) == name for ldm, name in zip(ldm_names, names, strict=True))
+    unet, block = "model.diffusion_model.", ".transformer_blocks.0."
     known = {
-        "model.diffusion_model.input_blocks.3.0.op.weight": "unet.down_blocks.0.downsamplers.0.conv.weight",
-        "model.diffusion_model.output_blocks.2.1.conv.bias": "unet.up_blocks.0.upsamplers.0.conv.bias",
-        "model.diffusion_model.output_blocks.5.2.conv.weight": "unet.up_blocks.1.upsamplers.0.conv.weight",
-        "model.diffusion_model.input_blocks.4.0.skip_connection.weight": "unet.down_blocks.1.resnets.0.conv_shortcut.weight",
-        "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.attn2.to_out_ip.0.weight":
-            "unet.up_blocks.3.attentions.2.transformer_blocks.0.attn2.to_out_ip.weight",
+        unet + "input_blocks.3.0.op.weight": "unet.down_blocks.0.downsamplers.0.conv.weight",
+        unet + "output_blocks.2.1.conv.bias": "unet.up_blocks.0.upsamplers.0.conv.bias",
+        unet + "output_blocks.5.2.conv.weight": "unet.up_blocks.1.upsamplers.0.conv.weight",
+        unet + "input_blocks.4.0.skip_connection.weight": "unet.down_blocks.1.resnets.0.conv_shortcut.weight",
+        unet + f"output_blocks.11.1{block}attn2.to_out_ip.0.weight":
+            f"unet.up_blocks.3.attentions.2{block}attn2.to_out_ip.weight",
+        unet + f"middle_block.1{block}attn1.position_emb":
+            f"unet.mid_block.attentions.0{block}attn1.position_emb",
         "control_model.input_hint_block.14.weight": "controlnet.hint_embedding.conv_out.weight",
         "control_model.zero_convs.11.0.bias": "controlnet.controlnet_down_blocks.11.bias",
-        "first_stage_model.decoder.up.3.block.2.norm1.weight": "vae.decoder.up_blocks.0.resnets.2.norm1.weight",
-        "first_stage_model.encoder.mid.attn_1.proj_out.weight": "vae.encoder.mid_block.attentions.0.to_out.0.weight",
-        "cond_encoder.encoder.down.1.block.0.nin_shortcut.weight": "hint_encoder.encoder.down_blocks.1.resnets.0.conv_shortcut.weight",
+        "first_stage_model.decoder.up.3.block.2.norm1.weight":
+            "vae.decoder.up_blocks.0.resnets.2.norm1.weight",
+        "first_stage_model.encoder.mid.attn_1.proj_out.weight":
+            "vae.encoder.mid_block.attentions.0.to_out.0.weight",
+        "cond_encoder.encoder.down.1.block.0.nin_shortcut.weight":
+            "hint_encoder.encoder.down_blocks.1.resnets.0.conv_shortcut.weight",
         "cond_stage_model.ft_layers_4.6.bias": "prompt.image_proj.6.bias",
     }
     for ldm, native in known.items():
-        assert native_key(keys, ldm) == native
-        assert native in nets.state_dict()
-    assert nets.state_dict()["prompt.clip.visual.proj"].shape == (1280, 1024)
-    assert nets.state_dict()["unet.mid_block.attentions.0.transformer_blocks.0.attn1.position_emb"].shape == (64, 64)
+        assert native_key(keys, ldm) == native and native in shapes
+    assert shapes["prompt.clip.visual.proj"] == (1280, 1024)
+    assert shapes[f"unet.mid_block.attentions.0{block}attn1.position_emb"] == (8 * 8, 64)
+    assert shapes[f"controlnet.down_blocks.0.attentions.0{block}attn1.position_emb"] == (64 * 64, 64)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Behaviour
 
 

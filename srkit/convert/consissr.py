@@ -1,24 +1,27 @@
-"""Load the official ConsisSR checkpoint (`ConsisSR.ckpt`, a PyTorch-Lightning dict) into `ConsisSRNets`, strictly.
+"""Load the official ConsisSR checkpoint (`ConsisSR.ckpt`, a PyTorch-Lightning dict) into `ConsisSRNets`.
 
 Official code (Gujojo/ConsisSR `inference.py`): `ControlLDM` built from `configs/model/cldm.yaml`, then
-`load_state_dict(torch.load(ckpt)["state_dict"], strict=True)`.  The state dict holds, by prefix:
+`load_state_dict(torch.load(ckpt)["state_dict"], strict=True)` (a leading "module." is dropped).  The state
+dict holds, by prefix:
 
-    model.diffusion_model.     UNet (ldm names + HPA extras)       → unet.         (diffusers UNet2DConditionModel)
-    control_model.             ControlNet                          → controlnet.   (srkit LatentControlNet)
-    first_stage_model.         SD VAE                              → vae.          (diffusers AutoencoderKL)
-    cond_encoder.              VAE encoder + quant_conv copy       → hint_encoder.
-    cond_stage_model.model.    OpenCLIP (text and vision towers)   → prompt.clip.  (open_clip names)
-    cond_stage_model.ft_layers_4.  image-token MLP                 → prompt.image_proj.
-    betas, alphas_cumprod, …, logvar: the ldm schedule buffers, recognised and not loaded (`SCHEDULE_BUFFERS`).
+    model.diffusion_model.         UNet, ldm names + HPA extras   → unet.        (UNet2DConditionModel)
+    control_model.                 ControlNet                     → controlnet.  (srkit LatentControlNet)
+    first_stage_model.             SD VAE                         → vae.         (AutoencoderKL)
+    cond_encoder.                  VAE encoder + quant_conv copy  → hint_encoder.
+    cond_stage_model.model.        OpenCLIP, both towers          → prompt.clip. (open_clip names)
+    cond_stage_model.ft_layers_4.  image-token MLP                → prompt.image_proj.
+    betas, alphas_cumprod, …, logvar: ldm schedule buffers, recognised, not loaded (`SCHEDULE_BUFFERS`).
 
 Inside the HPA blocks everything keeps its name (position_emb, attnT, normT, to_k_ip, to_v_ip) except the
 `nn.Sequential(Linear, Dropout)` wrappers: `attn2.to_out_ip.0` → `attn2.to_out_ip`, `attnT.to_out.0` →
-`attnT.to_out`.  Loading is strict both ways and names the first offending keys in one line (WeightsError).
-The networks are built on the meta device and take the checkpoint tensors themselves (no second copy).
+`attnT.to_out`.  srkit reads the file with `weights_only=True` (never unpickling code), loads strictly both
+ways and names the first offending keys in one line (WeightsError).  The networks are built on the meta
+device and take the checkpoint's tensors (no second copy of the weights).
 """
 
 from __future__ import annotations
 
+import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -56,15 +59,16 @@ SCHEDULE_BUFFERS = frozenset(
         "logvar",
     }
 )
-"""ldm LatentDiffusion buffers derived from the schedule; `ConsisSRSchedule` recomputes what a sampler needs."""
+"""ldm LatentDiffusion buffers derived from the schedule; `ConsisSRSchedule` gives what a sampler needs."""
 
 _HPA_WRAPPED = re.compile(r"\.(attn2\.to_out_ip|attnT\.to_out)\.0\.")
 _HPA_UNWRAPPED = re.compile(r"\.(attn2\.to_out_ip|attnT\.to_out)\.(weight|bias)$")
 SHOWN_KEYS = 3
+DDP_PREFIX = "module."
 
 
 def key_map(architecture: ConsisSRArchitecture) -> KeyMap:
-    """ConsisSR checkpoint names ↔ `ConsisSRNets` names (HPA wrappers handled by `native_key` / `checkpoint_key`)."""
+    """Checkpoint names ↔ `ConsisSRNets` names, but for the HPA wrappers (`native_key`, `checkpoint_key`)."""
     layout = UNetLayout(
         architecture.num_res_blocks,
         tuple(2**level in architecture.attention_resolutions for level in range(architecture.levels)),
@@ -75,7 +79,9 @@ def key_map(architecture: ConsisSRArchitecture) -> KeyMap:
         scoped(("model.diffusion_model.", "unet."), unet_renames(layout))
         + scoped(("control_model.", "controlnet."), controlnet_renames(layout, hint_convs, "hint_embedding"))
         + scoped(("first_stage_model.", "vae."), vae_renames(vae_levels, architecture.vae_res_blocks))
-        + scoped(("cond_encoder.", "hint_encoder."), vae_encoder_renames(vae_levels, architecture.vae_res_blocks))
+        + scoped(
+            ("cond_encoder.", "hint_encoder."), vae_encoder_renames(vae_levels, architecture.vae_res_blocks)
+        )
         + [
             Rename("cond_stage_model.model.", "prompt.clip."),
             Rename("cond_stage_model.ft_layers_4.", "prompt.image_proj."),
@@ -84,6 +90,7 @@ def key_map(architecture: ConsisSRArchitecture) -> KeyMap:
 
 
 def native_key(keys: KeyMap, key: str) -> str | None:
+    """The `ConsisSRNets` name of a checkpoint key, or None when it is not a ConsisSR parameter name."""
     native = keys.to_native(key)
     return None if native is None else _HPA_WRAPPED.sub(r".\1.", native)
 
@@ -93,15 +100,26 @@ def checkpoint_key(keys: KeyMap, native: str) -> str:
     return keys.to_ldm(_HPA_UNWRAPPED.sub(r".\1.0.\2", native)) or native
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """The `state_dict` of a Lightning checkpoint (or a bare state dict), tensors only, without unpickling code."""
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The `state_dict` of a Lightning checkpoint (or a bare state dict), read without unpickling code."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError) as error:
+    except pickle.UnpicklingError as error:
+        if "Unsupported global" not in str(error):
+            raise WeightsError(f"{path} is not a readable PyTorch checkpoint (damaged?)") from None
+        raise WeightsError(
+            f"{path} holds Python objects besides tensors (e.g. Lightning callback states) and srkit loads "
+            "weights only; if you trust the file, keep just its weights: python -c \"import torch; "
+            f"torch.save({{'state_dict': torch.load('{path}', weights_only=False)['state_dict']}}, "
+            "'ConsisSR-weights.ckpt')\""
+        ) from None
+    except (OSError, RuntimeError, ValueError, EOFError) as error:
         raise WeightsError(f"cannot read ConsisSR checkpoint {path}: {str(error).splitlines()[0]}") from None
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, Mapping) else None
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"{path} is not a ConsisSR checkpoint (no state_dict of tensors)")
+    if state and all(key.startswith(DDP_PREFIX) for key in state):
+        return {key.removeprefix(DDP_PREFIX): tensor for key, tensor in state.items()}
     return dict(state)
 
 
@@ -111,9 +129,12 @@ def _first(keys: list[str]) -> str:
 
 
 def _own_float32(tensor: torch.Tensor) -> torch.Tensor:
-    """A float32 tensor with storage of its own: checkpoints may hold views into shared (even overlapping) buffers."""
+    """A float32 tensor with storage of its own: a checkpoint may hold views into shared (even overlapping)
+    buffers, as the golden fixture does; the real checkpoint's tensors are taken as they are."""
     tensor = tensor.to(torch.float32)
-    owns = tensor.is_contiguous() and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+    owns = (
+        tensor.is_contiguous() and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+    )
     return tensor if owns else tensor.clone(memory_format=torch.contiguous_format)
 
 
@@ -138,16 +159,15 @@ def native_state_dict(
         problems = [f"{len(missing)} missing key(s): {_first(missing)}"] if missing else []
         problems += [f"{len(unexpected)} unexpected key(s): {_first(unexpected)}"] if unexpected else []
         raise WeightsError(f"{source} does not fit the ConsisSR architecture: {'; '.join(problems)}")
-    tensors, mismatched = {}, []
-    for name, key in native.items():
-        tensor = fit_shape(state[key], expected[name])
-        if tensor is None:
-            mismatched.append(f"{key} {tuple(state[key].shape)} != {tuple(expected[name])}")
-        else:
-            tensors[name] = _own_float32(tensor)
+    fitted = {name: fit_shape(state[key], expected[name]) for name, key in native.items()}
+    mismatched = [
+        f"{key} {tuple(state[key].shape)} != {tuple(expected[name])}"
+        for name, key in native.items()
+        if fitted[name] is None
+    ]
     if mismatched:
         raise WeightsError(f"{source} does not fit the ConsisSR architecture: shape of {_first(mismatched)}")
-    return tensors
+    return {name: _own_float32(tensor) for name, tensor in fitted.items()}
 
 
 def load_consissr(
@@ -168,15 +188,24 @@ def load_consissr(
     return nets.eval().requires_grad_(False)
 
 
-def architecture_from_ldm_config(config: Mapping, clip_config: Mapping) -> tuple[ConsisSRArchitecture, ConsisSRSchedule]:
-    """Architecture and schedule from the official model yaml (`configs/model/cldm.yaml` layout, already parsed)
-    and an OpenCLIP model config (the official yaml names it by `arch`, ViT-H-14 by default)."""
+def architecture_from_ldm_config(
+    config: Mapping, clip_config: Mapping
+) -> tuple[ConsisSRArchitecture, ConsisSRSchedule]:
+    """Architecture and schedule from the official model yaml (`configs/model/cldm.yaml` layout, parsed)
+    and an OpenCLIP model config (the yaml names it by `arch`; ViT-H-14 when absent)."""
     params = config["params"]
     unet = params["unet_config"]["params"]
     control = params["control_stage_config"]["params"]
     vae = params["first_stage_config"]["params"]["ddconfig"]
-    shared = ("model_channels", "channel_mult", "num_res_blocks", "attention_resolutions", "num_head_channels",
-              "context_dim", "in_channels")
+    shared = (
+        "model_channels",
+        "channel_mult",
+        "num_res_blocks",
+        "attention_resolutions",
+        "num_head_channels",
+        "context_dim",
+        "in_channels",
+    )
     differing = [name for name in shared if control[name] != unet[name]]
     if differing or control["hint_channels"] != unet["in_channels"]:
         raise ValueError(f"the ControlNet must mirror the UNet (differs in {differing or ['hint_channels']})")

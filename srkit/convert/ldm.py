@@ -1,11 +1,11 @@
 """ldm (CompVis / Stability) parameter names ↔ diffusers names, key by key and in both directions.
 
-diffusers' single-file loader (`diffusers.loaders.single_file_utils.convert_ldm_unet_checkpoint`,
-`convert_controlnet_checkpoint`, `convert_ldm_vae_checkpoint`) converts whole state dicts and skips what it does
-not recognise.  A strict loader needs more: every checkpoint key either maps or is reported, a missing module
+diffusers' single-file loader (`diffusers.loaders.single_file_utils`: `convert_ldm_unet_checkpoint`,
+`convert_controlnet_checkpoint`, `convert_ldm_vae_checkpoint`) converts whole state dicts and skips what it
+does not recognise.  A strict loader needs more: every checkpoint key maps or is reported, a missing module
 parameter is reported under the name the checkpoint should have had, and keys diffusers never heard of (a
-fine-tune's extra layers) keep their names inside the renamed block.  So the same renaming rules are written here
-as a table of block prefixes built from the layout, each with the renames of what follows the prefix;
+fine-tune's extra layers) keep their names inside the renamed block.  So the same renaming rules are written
+here as a table of block prefixes built from the layout, each with the renames of what follows the prefix;
 tests/test_consissr_nets.py checks the table against diffusers' converters.
 """
 
@@ -46,7 +46,7 @@ WHOLE = (("", ""),)
 
 @dataclass(frozen=True)
 class Rename:
-    """Keys under `ldm` map to keys under `native`; the rest of a key must start with one of `rest` (ldm, native)."""
+    """Keys under `ldm` ↔ keys under `native`; what follows the prefix starts with a pair of `rest`."""
 
     ldm: str
     native: str
@@ -72,11 +72,11 @@ class KeyMap:
             source, target = (rename.ldm, rename.native) if forward else (rename.native, rename.ldm)
             if not key.startswith(source):
                 continue
-            rest = key[len(source):]
+            rest = key[len(source) :]
             for pair in rename.rest:
                 old, new = pair if forward else pair[::-1]
                 if rest.startswith(old):
-                    return target + new + rest[len(old):]
+                    return target + new + rest[len(old) :]
         return None
 
 
@@ -109,11 +109,17 @@ def unet_encoder_renames(layout: UNetLayout) -> list[Rename]:
     for level in range(layout.levels):
         for j in range(layout.layers_per_block):
             block = 1 + level * step + j
-            renames.append(Rename(f"input_blocks.{block}.0.", f"down_blocks.{level}.resnets.{j}.", RESNET_RENAMES))
+            renames.append(
+                Rename(f"input_blocks.{block}.0.", f"down_blocks.{level}.resnets.{j}.", RESNET_RENAMES)
+            )
             if layout.attention_levels[level]:
                 renames.append(Rename(f"input_blocks.{block}.1.", f"down_blocks.{level}.attentions.{j}."))
         if level < layout.levels - 1:
-            renames.append(Rename(f"input_blocks.{(level + 1) * step}.0.op.", f"down_blocks.{level}.downsamplers.0.conv."))
+            renames.append(
+                Rename(
+                    f"input_blocks.{(level + 1) * step}.0.op.", f"down_blocks.{level}.downsamplers.0.conv."
+                )
+            )
     renames += [
         Rename("middle_block.0.", "mid_block.resnets.0.", RESNET_RENAMES),
         Rename("middle_block.1.", "mid_block.attentions.0."),
@@ -148,7 +154,9 @@ def controlnet_renames(layout: UNetLayout, hint_convs: int, hint_embedding: str)
     renames += [Rename(f"zero_convs.{i}.0.", f"controlnet_down_blocks.{i}.") for i in range(blocks)]
     renames.append(Rename("middle_block_out.0.", "controlnet_mid_block."))
     hint_names = ["conv_in"] + [f"blocks.{i}" for i in range(hint_convs - 2)] + ["conv_out"]
-    renames += [Rename(f"input_hint_block.{2 * i}.", f"{hint_embedding}.{name}.") for i, name in enumerate(hint_names)]
+    renames += [
+        Rename(f"input_hint_block.{2 * i}.", f"{hint_embedding}.{name}.") for i, name in enumerate(hint_names)
+    ]
     return renames
 
 
@@ -163,11 +171,18 @@ def vae_encoder_renames(levels: int, layers_per_block: int) -> list[Rename]:
     for level in range(levels):
         for j in range(layers_per_block):
             renames.append(
-                Rename(f"encoder.down.{level}.block.{j}.", f"encoder.down_blocks.{level}.resnets.{j}.", VAE_RESNET_RENAMES)
+                Rename(
+                    f"encoder.down.{level}.block.{j}.",
+                    f"encoder.down_blocks.{level}.resnets.{j}.",
+                    VAE_RESNET_RENAMES,
+                )
             )
         if level < levels - 1:
             renames.append(
-                Rename(f"encoder.down.{level}.downsample.conv.", f"encoder.down_blocks.{level}.downsamplers.0.conv.")
+                Rename(
+                    f"encoder.down.{level}.downsample.conv.",
+                    f"encoder.down_blocks.{level}.downsamplers.0.conv.",
+                )
             )
     return renames + _vae_mid_renames("encoder")
 
@@ -184,10 +199,16 @@ def vae_renames(levels: int, layers_per_block: int) -> list[Rename]:
         up = levels - 1 - level
         for j in range(layers_per_block + 1):
             renames.append(
-                Rename(f"decoder.up.{level}.block.{j}.", f"decoder.up_blocks.{up}.resnets.{j}.", VAE_RESNET_RENAMES)
+                Rename(
+                    f"decoder.up.{level}.block.{j}.",
+                    f"decoder.up_blocks.{up}.resnets.{j}.",
+                    VAE_RESNET_RENAMES,
+                )
             )
         if level > 0:
-            renames.append(Rename(f"decoder.up.{level}.upsample.conv.", f"decoder.up_blocks.{up}.upsamplers.0.conv."))
+            renames.append(
+                Rename(f"decoder.up.{level}.upsample.conv.", f"decoder.up_blocks.{up}.upsamplers.0.conv.")
+            )
     return renames + _vae_mid_renames("decoder")
 
 

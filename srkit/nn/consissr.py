@@ -1,17 +1,18 @@
 """ConsisSR's networks as one object: text and image prompt, latent hint, ControlNet + UNet ε, VAE decode.
 
-Official code (Gujojo/ConsisSR `model/cldm.py::ControlLDM`, `configs/model/cldm.yaml`): an ldm LatentDiffusion on
-SD 2.1-base (ε-prediction, linear-in-√β schedule 0.00085→0.012 over 1000 steps, scale factor 0.18215) with a
-DiffBIR-v1 ControlNet on a latent hint (`srkit/diffusion/control/ldm.py`), HPA transformer blocks in the UNet and
-the ControlNet (`srkit/nn/hpa.py`) and an OpenCLIP ViT-H-14 hybrid prompt (`srkit/nn/hpa_prompt.py`).  One network
-call (`apply_model`) is ControlNet(x_t, hint, t, ctx) → 13 residuals → UNet(x_t, t, ctx, residuals).
+Official code (Gujojo/ConsisSR `model/cldm.py::ControlLDM`, `configs/model/cldm.yaml`): an ldm
+LatentDiffusion on SD 2.1-base (ε-prediction, linear-in-√β schedule 0.00085→0.012 over 1000 steps, scale
+factor 0.18215) with a DiffBIR-v1 ControlNet on a latent hint (`srkit/diffusion/control/ldm.py`), HPA
+transformer blocks in the UNet and the ControlNet (`srkit/nn/hpa.py`) and an OpenCLIP ViT-H-14 hybrid prompt
+(`srkit/nn/hpa_prompt.py`).  A network call (`apply_model`) is ControlNet(x_t, hint, t, ctx) → 13 residuals
+→ UNet(x_t, t, ctx, residuals).
 
-srkit builds the same networks from diffusers parts (UNet2DConditionModel, ControlNetModel, AutoencoderKL, Encoder)
-with the real sizes as the default architecture; `srkit.convert.consissr` loads the official checkpoint into them.
-For classifier-free guidance the conditional and unconditional passes can run as one batch (contexts stacked
-along dim 0, x_t and the hint embedding repeated).  What is shared between the two passes is computed once per
-image: the hint, its embedding, the image token (and the text embeddings once per run).  The ControlNet itself
-cannot be shared: it cross-attends to the context, so its residuals differ with the text.
+srkit builds the same networks from diffusers parts (UNet2DConditionModel, ControlNetModel, AutoencoderKL,
+Encoder), with the real sizes as the default architecture; `srkit.convert.consissr` loads the official
+checkpoint into them.  For classifier-free guidance the conditional and unconditional passes can run as one
+batch (contexts stacked along dim 0, x_t and the hint embedding repeated).  What the two passes share is
+computed once per image: the hint, its embedding, the image token (the text embeddings once per run).  The
+ControlNet cannot be shared: it cross-attends to the context, so its residuals change with the text.
 """
 
 from __future__ import annotations
@@ -49,7 +50,10 @@ class ConsisSRSchedule:
     def betas(self) -> torch.Tensor:
         """β_t in float64: linspace(√β_start, √β_end, T)²."""
         root = torch.linspace(
-            math.sqrt(self.beta_start), math.sqrt(self.beta_end), self.num_train_timesteps, dtype=torch.float64
+            math.sqrt(self.beta_start),
+            math.sqrt(self.beta_end),
+            self.num_train_timesteps,
+            dtype=torch.float64,
         )
         return root**2
 
@@ -60,7 +64,7 @@ class ConsisSRSchedule:
 
 @dataclass(frozen=True)
 class ConsisSRArchitecture:
-    """Network sizes in the official (ldm) terms; the defaults are the released model (SD 2.1-base + ViT-H-14)."""
+    """Network sizes in the official (ldm) terms; defaults: the released model (SD 2.1-base, ViT-H-14)."""
 
     model_channels: int = 320
     channel_mult: tuple[int, ...] = (1, 2, 4, 4)
@@ -70,7 +74,7 @@ class ConsisSRArchitecture:
     context_dim: int = 1024
     latent_channels: int = 4
     latent_size: int = 64
-    """The positional tables of the HPA blocks fix the latent to latent_size² (the official code: 64, a 512² image)."""
+    """The HPA positional tables fix the latent to latent_size² (official: 64, a 512² image)."""
     hint_block_channels: tuple[int, ...] = (16, 32, 96, 256)
     vae_channels: int = 128
     vae_channel_mult: tuple[int, ...] = (1, 2, 4, 4)
@@ -83,7 +87,7 @@ class ConsisSRArchitecture:
         return len(self.channel_mult)
 
     def unet_config(self) -> dict:
-        """UNet2DConditionModel config (diffusers names; `attention_head_dim` holds the head counts, as for SD2)."""
+        """UNet2DConditionModel config; `attention_head_dim` holds the head counts (diffusers' SD2 naming)."""
         channels = [self.model_channels * mult for mult in self.channel_mult]
         attention = [2**level in self.attention_resolutions for level in range(self.levels)]
         return {
@@ -101,8 +105,15 @@ class ConsisSRArchitecture:
 
     def controlnet_config(self) -> dict:
         unet = self.unet_config()
-        keep = ("in_channels", "block_out_channels", "layers_per_block", "down_block_types", "attention_head_dim",
-                "cross_attention_dim", "use_linear_projection")
+        keep = (
+            "in_channels",
+            "block_out_channels",
+            "layers_per_block",
+            "down_block_types",
+            "attention_head_dim",
+            "cross_attention_dim",
+            "use_linear_projection",
+        )
         return {key: unet[key] for key in keep} | {"conditioning_channels": self.latent_channels}
 
     def vae_config(self, scale_factor: float) -> dict:
@@ -121,9 +132,12 @@ class ConsisSRArchitecture:
         }
 
     def check(self) -> None:
-        """The image token is concatenated with the text tokens, so CLIP's widths must equal the context width."""
-        widths = {"context_dim": self.context_dim, "CLIP embed_dim": self.clip["embed_dim"],
-                  "CLIP text width": self.clip["text_cfg"]["width"]}
+        """The image token joins the text tokens, so CLIP's widths must equal the context width."""
+        widths = {
+            "context_dim": self.context_dim,
+            "CLIP embed_dim": self.clip["embed_dim"],
+            "CLIP text width": self.clip["text_cfg"]["width"],
+        }
         if len(set(widths.values())) != 1:
             raise ValueError(f"ConsisSR needs equal prompt widths, got {widths}")
 
@@ -156,10 +170,12 @@ class ConsisSRNets(nn.Module):
         self.schedule = schedule = schedule or ConsisSRSchedule()
         architecture.check()
         self.prompt = HybridPrompt(architecture.clip)
-        self.hint_encoder = LatentHintEncoder(architecture.vae_config(schedule.scale_factor), schedule.scale_factor)
-        self.controlnet = LatentControlNet(architecture.hint_block_channels, **architecture.controlnet_config())
+        vae_config = architecture.vae_config(schedule.scale_factor)
+        self.hint_encoder = LatentHintEncoder(vae_config)
+        controlnet_config = architecture.controlnet_config()
+        self.controlnet = LatentControlNet(architecture.hint_block_channels, **controlnet_config)
         self.unet = UNet2DConditionModel(**architecture.unet_config())
-        self.vae = AutoencoderKL(**architecture.vae_config(schedule.scale_factor))
+        self.vae = AutoencoderKL(**vae_config)
         use_hpa_blocks(self.controlnet, architecture.latent_size)
         use_hpa_blocks(self.unet, architecture.latent_size)
 
@@ -176,9 +192,9 @@ class ConsisSRNets(nn.Module):
     def hint(self, control: torch.Tensor) -> torch.Tensor:
         """(B, 4, H/8, W/8) ControlNet hint = scale · mode of `cond_encoder` on the control image in [-1, 1].
 
-        The image is made contiguous first, as the official `get_input` does: a channels-last batch (e.g. an NHWC
-        array permuted) takes other oneDNN kernels whose rounding a random-weight encoder amplifies (1.5e-2 on
-        the golden fixture's hint).
+        The image is made contiguous first, as the official `get_input` does: a channels-last batch (an NHWC
+        array permuted) takes other oneDNN kernels, whose rounding a random-weight encoder amplifies (1.5e-2
+        on the golden fixture's hint).
         """
         with _autocast(self.hint_encoder):
             return self.hint_encoder(control.contiguous()).float()

@@ -1,23 +1,24 @@
 """ConsisSR's transformer block (the HPA block) inside diffusers' UNet and ControlNet.
 
-Official code (`ldm/modules/attention_new.py::HybridDecoupleTransformer`, Gujojo/ConsisSR): every attention level of
-the UNet and of the ControlNet runs GroupNorm → Linear → one block → Linear → + input, the block being
+Official code (Gujojo/ConsisSR `ldm/modules/attention_new.py::HybridDecoupleTransformer`): each attention
+level of the UNet and of the ControlNet runs GroupNorm → Linear → one block → Linear → + input; the block is
 
-    x += attn1(norm1 x)       self-attention, a learned table `position_emb` (HW, d) added to q and k of every head
+    x += attn1(norm1 x)       self-attention; a learned table `position_emb` (HW, d) added to q and k of
+                              every head
     x += attnT(normT x)       "Restormer" transposed attention: the d channels of a head are the tokens
-    x += attn2(norm2 x, ctx)  decoupled cross-attention: text tokens ctx[:, 1:], the HPA image token ctx[:, :1]
+    x += attn2(norm2 x, ctx)  decoupled cross-attention: text tokens ctx[:, 1:], HPA image token ctx[:, :1]
     x += ff(norm3 x)          GEGLU feed-forward
 
-All attention calls `xformers.ops.memory_efficient_attention` directly (the official code does not run without it).
+and every attention calls `xformers.ops.memory_efficient_attention` (the official code needs xformers).
 
 srkit keeps diffusers' `Transformer2DModel` (norm, linear projections, residual) and swaps its block for
 `HPATransformerBlock` (`use_hpa_blocks`).  Differences from the official code:
-- attention goes through torch SDPA; xformers is an option on CUDA (`enable_xformers_memory_efficient_attention`);
-- the image branch of attn2 is computed as `to_out_ip(v_ip)`: with one image token the softmax runs over a single
-  key and is exactly 1, so the official attention over it returns v_ip for every query; `to_k_ip` is loaded but,
-  as in the official model, has no effect;
-- the map size comes from the block (fixed by `position_emb`) instead of `int(sqrt(HW))`, and a token count that
-  does not match the table is a ValueError instead of an assert.
+- attention runs through torch SDPA; xformers is an option on CUDA;
+- the image branch of attn2 is `to_out_ip(v_ip)`: with one image token the softmax runs over a single key
+  and is exactly 1, so attention over it returns v_ip for every query.  `to_k_ip` is loaded but has no
+  effect, as in the official model;
+- the map size comes from the block (fixed by `position_emb`) instead of `int(sqrt(HW))`, and a token count
+  that does not match the table raises ValueError instead of failing an assert.
 """
 
 from __future__ import annotations
@@ -74,8 +75,9 @@ class PositionalSelfAttnProcessor(HPAAttnProcessor):
         attention_mask: None = None,
     ) -> torch.Tensor:
         attn.check_tokens(hidden_states.shape[1])
-        table = attn.position_emb.to(hidden_states.dtype)
-        q = split_heads(attn.to_q(hidden_states), attn.heads) + table
+        q = split_heads(attn.to_q(hidden_states), attn.heads)
+        table = attn.position_emb.to(q.dtype)
+        q = q + table
         k = split_heads(attn.to_k(hidden_states), attn.heads) + table
         v = split_heads(attn.to_v(hidden_states), attn.heads)
         out = merge_heads(multi_head_attention(q, k, v, self.xformers))
@@ -105,10 +107,10 @@ class DecoupledCrossAttnProcessor(HPAAttnProcessor):
 class _HPAAttention(Attention):
     """A diffusers Attention that only runs its own processor class.
 
-    Requests for diffusers' standard kernels (`set_attn_processor(AttnProcessor2_0())`, `XFormersAttnProcessor`,
-    `enable_xformers_memory_efficient_attention`) are translated into this processor with that kernel, so that
-    model-wide attention switches keep working; any other processor would silently drop the HPA terms and is
-    refused.
+    Requests for diffusers' standard kernels (`set_attn_processor(AttnProcessor2_0())`,
+    `XFormersAttnProcessor`, `enable_xformers_memory_efficient_attention`) become this processor with that
+    kernel, so that model-wide attention switches keep working; any other processor would silently drop the
+    HPA terms and is refused.
     """
 
     processor_class: type[HPAAttnProcessor]
@@ -140,21 +142,23 @@ class PositionalSelfAttention(_HPAAttention):
     processor_class = PositionalSelfAttnProcessor
 
     def __init__(self, dim: int, heads: int, dim_head: int, tokens: int) -> None:
-        super().__init__(query_dim=dim, heads=heads, dim_head=dim_head, processor=PositionalSelfAttnProcessor())
+        super().__init__(
+            query_dim=dim, heads=heads, dim_head=dim_head, processor=PositionalSelfAttnProcessor()
+        )
         self.position_emb = nn.Parameter(torch.zeros(tokens, dim_head))
 
     def check_tokens(self, tokens: int) -> None:
         expected = self.position_emb.shape[0]
         if tokens != expected:
             raise ValueError(
-                f"ConsisSR's positional embedding fixes this attention level to {expected} positions, got {tokens}: "
-                "the networks run on one latent size only (64×64 latent = 512×512 image for the official model); "
-                "split larger latents into tiles of that size"
+                f"ConsisSR's positional embedding fixes this attention level to {expected} positions, "
+                f"got {tokens}: the networks run on one latent size only (64×64, a 512×512 image, for the "
+                "official model); split larger latents into tiles of that size"
             )
 
 
 class DecoupledCrossAttention(_HPAAttention):
-    """IP-Adapter-like cross-attention: context = [image token, text tokens]; per-head `to_out_ip` Linear(d, d)."""
+    """IP-Adapter-like cross-attention over [image token, text tokens], with a per-head Linear `to_out_ip`."""
 
     processor_class = DecoupledCrossAttnProcessor
 
@@ -174,9 +178,9 @@ class DecoupledCrossAttention(_HPAAttention):
 class TransposedAttention(nn.Module):
     """Restormer-style channel attention, without Restormer's L2 normalisation and temperature.
 
-    qkv = depth-wise 3×3 conv of a 1×1 conv of the (B, C, H, W) map; per head the d channels are the tokens and
-    the H·W positions their features, so the softmax is over channels with scale 1/√(H·W).  Always SDPA: the
-    "head size" is H·W, beyond what the fused kernels are built for, and the d×d attention is small.
+    qkv = depth-wise 3×3 conv of a 1×1 conv of the (B, C, H, W) map; per head the d channels are the tokens
+    and the H·W positions their features, so the softmax is over channels with scale 1/√(H·W).  Always SDPA:
+    the "head size" is H·W, beyond what fused kernels are built for, and the d×d attention is small.
     """
 
     def __init__(self, dim: int, heads: int, grid: int) -> None:
@@ -199,7 +203,7 @@ class TransposedAttention(nn.Module):
 
 
 class HPATransformerBlock(nn.Module):
-    """attn1 (positional) → attnT (transposed) → attn2 (decoupled cross) → GEGLU FF, each pre-LayerNorm + residual.
+    """attn1 (positional) → attnT (transposed) → attn2 (decoupled cross) → GEGLU FF; pre-norm, residual.
 
     Takes the place of diffusers' BasicTransformerBlock inside a Transformer2DModel, hence its call signature;
     masks, timestep and class labels are not part of ConsisSR and are ignored.
@@ -234,8 +238,8 @@ class HPATransformerBlock(nn.Module):
 def use_hpa_blocks(model: nn.Module, latent_size: int) -> None:
     """Swap every transformer block of a diffusers UNet2DConditionModel or ControlNetModel for an HPA block.
 
-    The block at downscale 2^level gets a positional table for a (latent_size / 2^level)² map; the middle block sits
-    at the deepest level, up block j at level (levels − 1 − j).
+    The block at downscale 2^level gets a positional table for a (latent_size / 2^level)² map; the middle
+    block sits at the deepest level, up block j at level (levels − 1 − j).
     """
     levels = len(model.down_blocks)
     placed = [(block, level) for level, block in enumerate(model.down_blocks)]
@@ -250,7 +254,7 @@ def use_hpa_blocks(model: nn.Module, latent_size: int) -> None:
                     heads=config.num_attention_heads,
                     dim_head=config.attention_head_dim,
                     context_dim=config.cross_attention_dim,
-                    grid=latent_size >> level,
+                    grid=latent_size // 2**level,
                 )
                 for _ in transformer.transformer_blocks
             )

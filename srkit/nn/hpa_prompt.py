@@ -1,17 +1,18 @@
 """The hybrid prompt of ConsisSR's HPA: OpenCLIP text tokens plus one image token made from the LR image.
 
-Official code (`ldm/modules/encoders/modules.py::OpenCLIPEmbedder`, Gujojo/ConsisSR, open_clip_torch 2.23):
+Official code (Gujojo/ConsisSR `ldm/modules/encoders/modules.py::OpenCLIPEmbedder`, open_clip_torch 2.23):
 - text: `open_clip.tokenize` (77 tokens) → token + positional embedding → every text block but the last
   ("penultimate") → ln_final → (N, 77, width);
-- image: img ∈ [-1, 1] → (img + 1)/2 → bicubic to 224² (`F.interpolate`, align_corners False, no antialias; skipped
-  when already 224²) → OpenAI CLIP mean/std → `encode_image` (pooled, not L2-normalised) → `ft_layers_4` =
-  LayerNorm → Linear → GELU → view(B, 1, dim) → Linear → GELU → Linear (zero-initialised in training) → (B, 1, dim);
+- image: img ∈ [-1, 1] → (img + 1)/2 → bicubic to 224² (`F.interpolate`, align_corners False, no
+  antialias; skipped when already 224²) → OpenAI CLIP mean/std → `encode_image` (pooled, not
+  L2-normalised) → `ft_layers_4` = LayerNorm → Linear → GELU → view(B, 1, dim) → Linear → GELU → Linear
+  (zero-initialised for training) → (B, 1, dim);
 - the UNet context is cat(image token, text) = (B, 78, dim).
 
-srkit builds the CLIP model from an OpenCLIP config (ViT-H-14 for the real model; no weights are fetched, they all
-live in the ConsisSR checkpoint) with the installed open_clip (3.x runs the text tower batch-first; the official
-2.23 ran it sequence-first: same numbers), and keeps `ft_layers_4` under the name `image_proj` with the same layer
-indices.  The text tower stops after the penultimate block instead of running and discarding the last one.
+srkit builds the CLIP model from an OpenCLIP config (ViT-H-14 for the real model; no weights are fetched,
+they all live in the ConsisSR checkpoint) with the installed open_clip (3.x runs the text tower batch-first,
+2.23 sequence-first: same numbers) and keeps `ft_layers_4`, with the same layer indices, as `image_proj`.
+The text tower stops after the penultimate block instead of running the last one and discarding it.
 """
 
 from __future__ import annotations
@@ -29,7 +30,11 @@ def build_open_clip(config: Mapping) -> nn.Module:
     """An untrained open_clip CLIP from a model config (the JSON of `open_clip.get_model_config`)."""
     from open_clip.model import CLIP
 
-    return CLIP(embed_dim=config["embed_dim"], vision_cfg=dict(config["vision_cfg"]), text_cfg=dict(config["text_cfg"]))
+    return CLIP(
+        embed_dim=config["embed_dim"],
+        vision_cfg=dict(config["vision_cfg"]),
+        text_cfg=dict(config["text_cfg"]),
+    )
 
 
 def image_token_mlp(dim: int) -> nn.Sequential:
@@ -85,5 +90,7 @@ class HybridPrompt(nn.Module):
     def restore_causal_mask(self) -> None:
         """Rebuild the text tower's causal mask, a non-persistent buffer that a checkpoint does not carry."""
         length = self.clip.positional_embedding.shape[0]
-        mask = torch.full((length, length), float("-inf"), device=self.clip.positional_embedding.device).triu_(1)
+        mask = torch.full(
+            (length, length), float("-inf"), device=self.clip.positional_embedding.device
+        ).triu_(1)
         self.clip.attn_mask = mask
