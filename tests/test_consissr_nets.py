@@ -40,6 +40,7 @@ GOLDEN = Path(os.environ.get("SRKIT_GOLDEN_DIR", REPO.parent / "shared" / "golde
 CHECKPOINT = GOLDEN / "consissr_tiny.ckpt"
 FLOAT_TOLERANCE = 1e-4
 TRAINING_PROMPT = ""
+CONTROL_IMAGES = {"sample": "sample_preprocessed.png", "lre": "input_gan.png"}
 
 needs_fixture = pytest.mark.skipif(not GOLDEN.is_dir(), reason=f"golden fixture {GOLDEN} is absent")
 
@@ -125,15 +126,13 @@ def step_timesteps(case: dict, steps: int) -> list[int]:
 
 @needs_fixture
 def test_golden_consissr_prompt(nets, text, expected):
-    control = control_image("sample_preprocessed.png")
+    """Text embeddings of both prompts; the pooled CLIP embedding under the sample's image token."""
     with torch.inference_mode():
-        embedding = nets.prompt.image_embedding(control)
-        token = nets.image_token(control)
+        embedding = nets.prompt.image_embedding(control_image(CONTROL_IMAGES["sample"]))
     errors = {
         "text_pos": max_error(text["positive"], expected["sample.text_pos"]),
         "text_neg": max_error(text["negative"], expected["sample.text_neg"]),
         "clip_image_embed": max_error(embedding, expected["sample.clip_image_embed"]),
-        "image_token": max_error(token, expected["sample.image_token"]),
     }
     print("prompt max errors", errors)
     assert max(errors.values()) <= FLOAT_TOLERANCE, errors
@@ -152,13 +151,22 @@ def test_golden_consissr_clip_embedding_of_224_images(nets, expected):
     assert max(errors.values()) <= FLOAT_TOLERANCE, errors
 
 
-@needs_fixture
-@pytest.mark.parametrize(("case", "image"), [("sample", "sample_preprocessed.png"), ("lre", "input_gan.png")])
-def test_golden_consissr_hint_and_token(nets, expected, case, image):
-    control = control_image(image)
+@pytest.fixture(scope="module")
+def conditioning(nets) -> dict[str, dict[str, torch.Tensor]]:
+    """Per case, what the sampler computes once per image: the hint and the image token of its control image
+    (the LQ for sampling; for LRE the GAN image, which replaces it as both hint and token source)."""
+    prepared = {}
     with torch.inference_mode():
-        hint = nets.hint(control)
-        token = nets.image_token(control)
+        for case, image in CONTROL_IMAGES.items():
+            control = control_image(image)
+            prepared[case] = {"hint": nets.hint(control), "token": nets.image_token(control)}
+    return prepared
+
+
+@needs_fixture
+@pytest.mark.parametrize("case", CONTROL_IMAGES)
+def test_golden_consissr_hint_and_token(conditioning, expected, case):
+    hint, token = conditioning[case]["hint"], conditioning[case]["token"]
     reference = expected[f"{case}.c_latent"]
     errors = {
         "c_latent": max_error(hint, reference),
@@ -170,17 +178,16 @@ def test_golden_consissr_hint_and_token(nets, expected, case, image):
 
 
 @needs_fixture
-@pytest.mark.parametrize(("case", "image"), [("sample", "sample_preprocessed.png"), ("lre", "input_gan.png")])
-def test_golden_consissr_eps_every_step(nets, text, cases, expected, case, image):
+@pytest.mark.parametrize("case", CONTROL_IMAGES)
+def test_golden_consissr_eps_every_step(nets, text, conditioning, cases, expected, case):
     """Every recorded step: ε with the positive and the negative context from the step's x_in; all steps and
     both contexts in one batch (the CFG passes share the image token and the hint embedding)."""
     steps = len([key for key in expected if key.startswith(f"{case}.step") and key.endswith(".x_in")])
     assert steps >= 2
     timesteps = step_timesteps(cases[case], steps)
-    control = control_image(image)
+    token = conditioning[case]["token"]
     with torch.inference_mode():
-        token = nets.image_token(control)
-        hint_embedding = nets.embed_hint(nets.hint(control))
+        hint_embedding = nets.embed_hint(conditioning[case]["hint"])
         contexts = torch.cat([nets.context(token, text["positive"]), nets.context(token, text["negative"])])
         x = torch.cat([expected[f"{case}.step{i}.x_in"].expand(2, -1, -1, -1) for i in range(steps)])
         t = torch.tensor(timesteps).repeat_interleave(2)

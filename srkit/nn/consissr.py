@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch import nn
 
 from srkit.diffusion.control.ldm import LatentControlNet, LatentHintEncoder
@@ -164,8 +165,6 @@ class ConsisSRNets(nn.Module):
         self, architecture: ConsisSRArchitecture | None = None, schedule: ConsisSRSchedule | None = None
     ) -> None:
         super().__init__()
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-
         self.architecture = architecture = architecture or ConsisSRArchitecture()
         self.schedule = schedule = schedule or ConsisSRSchedule()
         architecture.check()
