@@ -392,15 +392,16 @@ def test_consissr_key_map_is_a_bijection_for_the_released_architecture():
 
 
 @needs_fixture
-def test_consissr_eps_refuses_a_latent_of_another_size(nets, text):
-    side = nets.architecture.latent_size // 2
-    with torch.inference_mode(), pytest.raises(ValueError, match="tiles"):
-        nets.eps(
-            torch.zeros(1, 4, side, side),
-            500,
-            nets.context(torch.zeros(1, 1, nets.architecture.context_dim), text["positive"]),
-            torch.zeros(1, nets.architecture.model_channels, side, side),
-        )
+def test_consissr_eps_refuses_a_latent_of_another_size_or_a_text_only_context(nets, text):
+    architecture = nets.architecture
+    side = architecture.latent_size // 2
+    token = torch.zeros(1, 1, architecture.context_dim)
+    x, hint_embedding = torch.zeros(1, 4, side, side), torch.zeros(1, architecture.model_channels, side, side)
+    with torch.inference_mode():
+        with pytest.raises(ValueError, match="tiles"):
+            nets.eps(x, 500, nets.context(token, text["positive"]), hint_embedding)
+        with pytest.raises(ValueError, match="image token, text tokens"):
+            nets.eps(x, 500, text["positive"], hint_embedding)
 
 
 @needs_fixture

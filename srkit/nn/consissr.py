@@ -213,8 +213,14 @@ class ConsisSRNets(nn.Module):
     ) -> torch.Tensor:
         """ε(x_t, t) of ControlNet + UNet; x, context and hint_embedding share the batch size.
 
-        `t` is the original (not respaced) timestep, an int or a (B,) tensor.
+        `t` is the original (not respaced) timestep, an int or a (B,) tensor.  The context must be
+        [image token, text tokens] (`context`): the official model asserts its 1 + 77 tokens.
         """
+        tokens = 1 + self.architecture.clip["text_cfg"]["context_length"]
+        if context.shape[1] != tokens:
+            raise ValueError(
+                f"ConsisSR's context is [image token, text tokens] = {tokens} tokens, got {context.shape[1]}"
+            )
         timesteps = torch.as_tensor(t, device=x.device).expand(x.shape[0])
         with _autocast(self.unet):
             down, mid = self.controlnet(
