@@ -159,7 +159,7 @@ def test_golden_seesr_guided_eps_first_step_latent_tiled(case, cases, inputs, ne
 
 
 @needs_golden
-def test_seesr_unet_from_base_equals_released_unet():
+def test_golden_seesr_unet_from_base_equals_released_unet():
     released = load_seesr_unet(GOLDEN / "seesr").state_dict()
     from_base = load_seesr_unet_from_base(GOLDEN / "base", GOLDEN / "seesr").state_dict()
     assert released.keys() == from_base.keys()
@@ -169,7 +169,7 @@ def test_seesr_unet_from_base_equals_released_unet():
 
 
 @needs_golden
-def test_seesr_control_embedded_once_equals_per_call(nets, inputs):
+def test_golden_seesr_control_embedded_once_equals_per_call(nets, inputs):
     """One embedding of the control image (batch 1) serves both CFG halves: the ε of embedding [img, img] on
     every call, up to fp32 rounding (CPU convolution kernels differ with the batch size: 1.4e-8 on the
     embedding, ~1e-6 on ε); and `control_residuals` equals diffusers' own ControlNetModel.forward."""
@@ -253,6 +253,20 @@ def test_seesr_folders_round_trip(tiny_folders):
     assert SeeSRNets.load(root / "seesr", base_root=root / "base").unet.config[CONFIG_FLAG] is True
 
 
+def test_seesr_base_unet_from_bin(tiny_folders, tmp_path):
+    """A `.bin` folder (read with weights_only) loads like the safetensors one."""
+    from safetensors.torch import load_file
+
+    source = tiny_folders["root"] / "base" / "unet"
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text((source / "config.json").read_text())
+    torch.save(
+        load_file(str(source / "diffusion_pytorch_model.safetensors")),
+        tmp_path / "unet" / "diffusion_pytorch_model.bin",
+    )
+    assert same_state(load_base_unet(tmp_path), load_base_unet(tiny_folders["root"] / "base"))
+
+
 def test_seesr_image_attentions_train_and_deepcopy(tiny_folders):
     """Gradients reach the image attentions (what RFSR trains) and the ControlNet; a deep copy (EMA target)
     pairs each text attention with its own copy's image attention."""
@@ -268,32 +282,34 @@ def test_seesr_image_attentions_train_and_deepcopy(tiny_folders):
     assert twin.mid_block.image_attentions[0] is not image_attention
 
 
-def write_modified_unet(tiny_folders, destination: Path, change: str) -> Path:
-    from safetensors.torch import load_file, save_file
-
-    source = tiny_folders["root"] / "seesr" / "unet"
-    (destination / "unet").mkdir(parents=True)
-    (destination / "unet" / "config.json").write_text((source / "config.json").read_text())
-    state = load_file(str(source / "diffusion_pytorch_model.safetensors"))
-    if change == "missing":
-        state.pop("mid_block.image_attentions.0.proj_out.bias")
-    else:
-        state["mid_block.image_attentions.0.surplus"] = torch.zeros(1)
-    save_file(state, str(destination / "unet" / "diffusion_pytorch_model.safetensors"))
-    return destination
+CHANGED_KEY = "mid_block.image_attentions.0.proj_out.bias"
+EXTRA_KEY = "mid_block.image_attentions.0.surplus"
 
 
 @pytest.mark.parametrize(
-    "change, key",
+    "change, message, key",
     [
-        ("missing", "mid_block.image_attentions.0.proj_out.bias"),
-        ("extra", "mid_block.image_attentions.0.surplus"),
+        ("missing", "1 missing", CHANGED_KEY),
+        ("extra", "1 unexpected", EXTRA_KEY),
+        ("reshaped", "1 shapes", CHANGED_KEY),
     ],
 )
-def test_seesr_unet_key_mismatch_is_one_line_weights_error(tiny_folders, tmp_path, change, key):
-    folder = write_modified_unet(tiny_folders, tmp_path, change)
-    with pytest.raises(WeightsError, match=f"1 {change if change == 'missing' else 'unexpected'}") as info:
-        load_seesr_unet(folder)
+def test_seesr_unet_key_mismatch_is_one_line_weights_error(tiny_folders, tmp_path, change, message, key):
+    from safetensors.torch import load_file, save_file
+
+    source = tiny_folders["root"] / "seesr" / "unet"
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text((source / "config.json").read_text())
+    state = load_file(str(source / "diffusion_pytorch_model.safetensors"))
+    if change == "missing":
+        del state[CHANGED_KEY]
+    elif change == "extra":
+        state[EXTRA_KEY] = torch.zeros(1)
+    else:
+        state[CHANGED_KEY] = torch.zeros(3)
+    save_file(state, str(tmp_path / "unet" / "diffusion_pytorch_model.safetensors"))
+    with pytest.raises(WeightsError, match=message) as info:
+        load_seesr_unet(tmp_path)
     assert key in str(info.value) and "\n" not in str(info.value)
 
 
