@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from srkit.registry import WeightsError
 from srkit.train.gram_regulariser import GramRegulariser, VGG19Taps, gram_matrix, gram_style_loss
-from srkit.train.image_reward import ImageRewardScorer, preprocess
+from srkit.train.image_reward import ImageRewardScorer, preprocess, text_config, vision_config
 from srkit.train.reward_models import ClipIqaReward, RewardModel, load_clipiqa_reward
 from srkit.train.rfsr import (
     CLIPIQA,
@@ -237,6 +237,12 @@ def test_golden_rfsr_training_step_x0(golden) -> None:
     assert_close_f32(schedule.alphas_cumprod, golden["alphas_cumprod"], "alphas_cumprod")
     timesteps = sampler_timesteps(golden["timesteps_50"].numel(), schedule.num_train_timesteps)
     assert torch.equal(timesteps, golden["timesteps_50"])
+    from diffusers import DDPMScheduler
+
+    for steps in (20, golden["timesteps_50"].numel()):
+        scheduler = DDPMScheduler.from_config(sd2_base)
+        scheduler.set_timesteps(steps)
+        assert torch.equal(sampler_timesteps(steps, schedule.num_train_timesteps), scheduler.timesteps.long())
     assert torch.equal(timesteps[golden["x0_indices"]], golden["x0_timesteps"])
     # the start point: only batch element 0 of the LR latents, noised to the last training timestep
     start = schedule.add_noise(golden["x0_z_lr"][0:1], golden["x0_noise"], schedule.num_train_timesteps - 1)
@@ -279,6 +285,26 @@ def test_step_index_draw_follows_the_released_redraw_rule() -> None:
     assert set(sequence) == set(range(20)) | set(range(40, 50))
     structure_share = sum(index < 20 for index in sequence) / len(sequence)
     assert abs(structure_share - 2 / 3) < 0.05  # uniform over the 30 covered indices
+
+
+class ScriptedDraws:
+    """A stand-in for `random.Random` whose `randint` returns a given sequence, to show each draw's fate."""
+
+    def __init__(self, draws: list[int]) -> None:
+        self.draws = list(draws)
+
+    def randint(self, lo: int, hi: int) -> int:
+        value = self.draws.pop(0)
+        assert lo <= value <= hi
+        return value
+
+
+def test_a_missed_draw_is_followed_by_a_discarded_one() -> None:
+    """Released quirk: after an uncovered index the loop draws once more and throws that draw away."""
+    assert SETTINGS.draw_step_index(ScriptedDraws([45])) == 45
+    assert SETTINGS.draw_step_index(ScriptedDraws([25, 30, 5])) == 5
+    script = ScriptedDraws([25, 3, 30, 44, 12])  # 3 is covered but discarded, as is 44
+    assert SETTINGS.draw_step_index(script) == 12 and script.draws == []
 
 
 def test_step_index_draw_refuses_a_range_no_loss_covers() -> None:
@@ -444,6 +470,26 @@ def test_image_reward_scorer_is_a_frozen_differentiable_reward(image_reward_file
         scorer(images, prompts[:1])
 
 
+def test_image_reward_configs_for_the_released_shapes() -> None:
+    """ImageReward.pt holds BLIP ViT-L/16 at 224 px: 24 blocks, width 1024, 16 heads, MLP 4096."""
+    meta = {"device": "meta"}
+    vision_state = {
+        "cls_token": torch.empty(1, 1, 1024, **meta),
+        "pos_embed": torch.empty(1, 197, 1024, **meta),
+        "patch_embed.proj.weight": torch.empty(1024, 3, 16, 16, **meta),
+        **{f"blocks.{i}.mlp.fc1.weight": torch.empty(4096, 1024, **meta) for i in range(24)},
+    }
+    vision = vision_config(vision_state)
+    assert (vision.hidden_size, vision.num_hidden_layers, vision.num_attention_heads) == (1024, 24, 16)
+    assert (vision.image_size, vision.patch_size, vision.intermediate_size) == (224, 16, 4096)
+    assert vision.layer_norm_eps == 1e-6
+    med_config = {"hidden_size": 768, "vocab_size": 30524, "encoder_width": 768, "add_cross_attention": True}
+    text = text_config(med_config, vision.hidden_size)
+    assert text.encoder_hidden_size == 1024 and text.is_decoder and text.vocab_size == 30524
+    with pytest.raises(WeightsError, match="not BLIP's text encoder"):
+        text_config({"hidden_size": 768, "add_cross_attention": False}, 1024)
+
+
 def test_image_reward_missing_or_foreign_files_give_one_line_errors(image_reward_files, tmp_path) -> None:
     _, med_config, vocab, state = image_reward_files
     with pytest.raises(WeightsError) as error:
@@ -451,6 +497,10 @@ def test_image_reward_missing_or_foreign_files_give_one_line_errors(image_reward
     message = str(error.value)
     assert "\n" not in message and "ImageReward.pt" in message and "med_config.json" in message
     assert "THUDM/ImageReward" in message and "vocab.txt" not in message
+    torch.save({"state_dict": state}, tmp_path / "wrapped.pt")
+    with pytest.raises(WeightsError, match="no blip.visual_encoder.cls_token") as error:
+        ImageRewardScorer.from_files(tmp_path / "wrapped.pt", med_config, vocab)
+    assert "\n" not in str(error.value)
     broken = {key: value for key, value in state.items() if "blocks.1.attn.qkv" not in key}
     torch.save(broken, tmp_path / "broken.pt")
     with pytest.raises(WeightsError, match="missing encoder.layers.1.self_attn.qkv") as error:

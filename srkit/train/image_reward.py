@@ -45,6 +45,11 @@ VIT_HEAD_DIM = 64
 head count, so it is derived from the width."""
 
 CHECKPOINT_FILE, MED_CONFIG_FILE, VOCAB_FILE = "ImageReward.pt", "med_config.json", "vocab.txt"
+SHAPE_KEYS = tuple(
+    f"blip.visual_encoder.{key}"
+    for key in ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.mlp.fc1.weight")
+) + ("mlp.layers.0.weight",)
+"""The checkpoint keys the networks' shapes are read from."""
 SOURCES = {
     CHECKPOINT_FILE: "THUDM/ImageReward",
     MED_CONFIG_FILE: "THUDM/ImageReward",
@@ -128,13 +133,12 @@ def text_config(med_config: Mapping, vision_width: int) -> BlipTextConfig:
 
 def reward_head(head_state: Mapping[str, torch.Tensor]) -> nn.Sequential:
     """ImageReward's MLP (`mlp.layers.{0,2,4,6,7}`; the gaps are dropouts, identities in a frozen scorer)."""
-    indices = sorted({int(key.split(".")[0]) for key in head_state})
-    layers: list[nn.Module] = [nn.Identity() for _ in range(indices[-1] + 1)]
-    for index in indices:
-        weight = head_state[f"{index}.weight"]
+    weights = {int(key.split(".")[0]): value for key, value in head_state.items() if key.endswith(".weight")}
+    layers: list[nn.Module] = [nn.Identity() for _ in range(max(weights) + 1)]
+    for index, weight in weights.items():
         layers[index] = nn.Linear(weight.shape[1], weight.shape[0])
     head = nn.Sequential(*layers)
-    head.load_state_dict(head_state)
+    _load_strict(head, head_state, "the reward head")
     return head
 
 
@@ -190,18 +194,16 @@ class ImageRewardScorer(nn.Module):
         if missing:
             raise WeightsError(f"ImageReward files missing: {'; '.join(missing)}")
         state = torch.load(paths[CHECKPOINT_FILE], map_location="cpu", weights_only=True)
+        absent = [key for key in SHAPE_KEYS if key not in state]
+        if absent:
+            raise WeightsError(f"{paths[CHECKPOINT_FILE]} is not ImageReward's: no {', '.join(absent[:3])}")
         vision_state = _section(state, "blip.visual_encoder.")
-        if "cls_token" not in vision_state:
-            raise WeightsError(
-                f"{paths[CHECKPOINT_FILE]} is not an ImageReward checkpoint: no blip.visual_encoder.*"
-            )
         vision = BlipVisionModel(vision_config(vision_state))
         _load_strict(vision, {_rename_vision_key(k): v for k, v in vision_state.items()}, "the ViT")
         med = json.loads(paths[MED_CONFIG_FILE].read_text())
         text = BlipTextModel(text_config(med, vision.config.hidden_size), add_pooling_layer=False)
-        _load_strict(
-            text, _section(state, "blip.text_encoder."), "the text encoder", ignore=("position_ids",)
-        )
+        text_state = _section(state, "blip.text_encoder.")
+        _load_strict(text, text_state, "the text encoder", ignore=("position_ids",))
         head = reward_head(_section(state, "mlp.layers."))
         tokenizer = BertTokenizer(str(paths[VOCAB_FILE]), do_lower_case=True)
         tokenizer.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
