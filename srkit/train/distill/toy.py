@@ -1,6 +1,6 @@
 """A 2-D score distillation that runs on a CPU in seconds: evidence that the SiD losses *learn*, not only run.
 
-The procedure is SiD-LSG's, shrunk to points in the plane:
+The procedure is SiD-LSG's, shrunk to points in the plane (task "generate"):
 1. Teacher: an MLP ε-network trained by denoising on a ring of Gaussian modes, on SD's ᾱ schedule.
 2. Generator and fake score: copies of the teacher. The generator is the teacher's one-step x0 guess from pure
    noise at t_init = 625 (SiD-LSG's sampler); at the start that guess is a blurred, shrunken ring.
@@ -8,6 +8,11 @@ The procedure is SiD-LSG's, shrunk to points in the plane:
    generator loss at t ~ U{20..979}, one ε shared by teacher and fake score).
 4. Measure the sliced Wasserstein distance of generator samples to fresh data before and after, next to the
    teacher's own multi-step (DDIM) samples as the floor.
+
+Task "restore" is GenDR's setting in miniature: each ring point z_h is degraded to z_l = s·z_h + σ·n, the generator
+is GenDR's one-step update z_g = (z_l − 0.5·ε(z_l, 500))/0.5, the real score is trained on z_h and the fake score
+on z_g (Eq. 7, x0 targets), and the generator loss is SiD's ("sid") or CiD's ("cid", z_h in the inner product and
+ω). The paired distance ‖z_g − z_h‖ is reported too.
 
 `benchmarks/toy_distill.py` prints the numbers; tests/test_sid_losses.py asserts that the distance falls.
 """
@@ -22,8 +27,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from srkit.train.distill.cid import sample_timesteps
-from srkit.train.distill.sid import reduce_loss, score_matching_loss, sid_generator_loss_vp
+from srkit.train.distill.cid import cid_generator_loss, sample_timesteps
+from srkit.train.distill.sid import (
+    ScoreIdentityTerms,
+    reduce_loss,
+    score_matching_loss,
+    sid_generator_loss_vp,
+)
 from srkit.train.distill.vp import (
     PromptGuidance,
     guided_eps,
@@ -37,8 +47,12 @@ UNCONDITIONAL = PromptGuidance()
 
 @dataclass
 class ToySettings:
-    """Sizes and step counts of the toy (chosen to finish in a few seconds on two CPU cores)."""
+    """Sizes and step counts of the toy (chosen to finish in seconds on one CPU thread)."""
 
+    task: str = "generate"
+    """"generate": noise → ring with SiD-LSG's sampler; "restore": degraded point → ring with GenDR's update."""
+    loss: str = "sid"
+    """Generator loss: "sid", or "cid" (task "restore" only: it needs the HR point)."""
     seed: int = 0
     modes: int = 8
     radius: float = 2.0
@@ -50,8 +64,15 @@ class ToySettings:
     batch: int = 256
     generator_lr: float = 2e-4
     fake_lr: float = 1e-3
+    real_lr: float = 1e-4
+    """Task "restore": the real score keeps learning the HR points (GenDR Eq. 7 L_ϕ)."""
     alpha: float = 1.2
+    """SiD's α (CiD's ξ)."""
     init_timestep: int = 625
+    gendr_timestep: int = 500
+    gendr_scale: float = 0.5
+    degradation_scale: float = 0.6
+    degradation_noise: float = 0.3
     t_min: int = 20
     t_max: int = 980
     eval_samples: int = 2000
@@ -66,6 +87,9 @@ class ToyResult:
     """Sliced Wasserstein distance of the teacher's multi-step samples to the data: what a perfect student of this
     teacher would reach."""
     seconds: float
+    paired_error_before: float | None = None
+    """Task "restore": RMS distance ‖z_g − z_h‖ of each restored point to its own HR point."""
+    paired_error_after: float | None = None
 
 
 class ToyEpsNet(nn.Module):
@@ -105,27 +129,6 @@ def sliced_wasserstein(x: torch.Tensor, y: torch.Tensor, projections: int = 256,
     return ((x @ directions).sort(dim=0).values - (y @ directions).sort(dim=0).values).abs().mean().item()
 
 
-def train_teacher(
-    settings: ToySettings, alphas_cumprod: torch.Tensor, generator: torch.Generator
-) -> ToyEpsNet:
-    """Denoising score matching (ε-MSE, t uniform over the whole schedule) on fresh ring samples each step."""
-    teacher = ToyEpsNet(settings.width)
-    optimiser = torch.optim.Adam(teacher.parameters(), lr=settings.teacher_lr)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, settings.teacher_steps)
-    for _ in range(settings.teacher_steps):
-        data = ring_samples(settings.batch, settings, generator)
-        t = sample_timesteps(settings.batch, 0, alphas_cumprod.numel(), generator)
-        noise = torch.randn(data.shape, generator=generator)
-        loss = reduce_loss(
-            score_matching_loss(teacher, data, t, noise, alphas_cumprod, UNCONDITIONAL, "eps"), "mean"
-        )
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-        schedule.step()
-    return teacher.requires_grad_(False)
-
-
 def one_step_generate(
     network: nn.Module, noise: torch.Tensor, alphas_cumprod: torch.Tensor, t_init: int
 ) -> torch.Tensor:
@@ -133,6 +136,29 @@ def one_step_generate(
     a, b = vp_coefficients(alphas_cumprod, t_init, noise)
     noisy = b * noise
     return x0_from_eps(noisy, guided_eps(network, noisy, t_init, UNCONDITIONAL), a, b)
+
+
+def draw_batch(
+    settings: ToySettings, n: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(generator input, data points): noise and unpaired ring points, or degraded ring points and their HR."""
+    data = ring_samples(n, settings, generator)
+    noise = torch.randn(n, 2, generator=generator)
+    if settings.task == "generate":
+        return noise, data
+    if settings.task == "restore":
+        return settings.degradation_scale * data + settings.degradation_noise * noise, data
+    raise ValueError(f"unknown toy task '{settings.task}' (expected 'generate' or 'restore')")
+
+
+def generate(
+    network: nn.Module, inputs: torch.Tensor, settings: ToySettings, alphas_cumprod: torch.Tensor
+) -> torch.Tensor:
+    """The one-step generator of the task."""
+    if settings.task == "generate":
+        return one_step_generate(network, inputs, alphas_cumprod, settings.init_timestep)
+    eps = guided_eps(network, inputs, settings.gendr_timestep, UNCONDITIONAL)
+    return x0_from_eps(inputs, eps, settings.gendr_scale, settings.gendr_scale)
 
 
 @torch.no_grad()
@@ -153,40 +179,95 @@ def ddim_sample(
     return sample
 
 
+def score_step(
+    network: nn.Module,
+    optimiser: torch.optim.Optimizer,
+    clean: torch.Tensor,
+    target: str,
+    t_range: tuple[int, int],
+    alphas_cumprod: torch.Tensor,
+    generator: torch.Generator,
+) -> None:
+    """One denoising step of a score network on `clean` at t ~ U{t_range[0]..t_range[1] − 1}."""
+    t = sample_timesteps(clean.shape[0], *t_range, generator)
+    noise = torch.randn(clean.shape, generator=generator)
+    loss = score_matching_loss(network, clean, t, noise, alphas_cumprod, UNCONDITIONAL, target)
+    optimiser.zero_grad(set_to_none=True)
+    reduce_loss(loss, "mean").backward()
+    optimiser.step()
+
+
+def train_teacher(
+    settings: ToySettings, alphas_cumprod: torch.Tensor, generator: torch.Generator
+) -> ToyEpsNet:
+    """Denoising score matching (ε-MSE, t uniform over the whole schedule) on fresh ring samples each step."""
+    teacher = ToyEpsNet(settings.width)
+    optimiser = torch.optim.Adam(teacher.parameters(), lr=settings.teacher_lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, settings.teacher_steps)
+    for _ in range(settings.teacher_steps):
+        data = ring_samples(settings.batch, settings, generator)
+        score_step(teacher, optimiser, data, "eps", (0, alphas_cumprod.numel()), alphas_cumprod, generator)
+        schedule.step()
+    return teacher.requires_grad_(False)
+
+
+def generator_terms(
+    samples: torch.Tensor,
+    hr: torch.Tensor,
+    real: nn.Module,
+    fake: nn.Module,
+    settings: ToySettings,
+    alphas_cumprod: torch.Tensor,
+    generator: torch.Generator,
+) -> ScoreIdentityTerms:
+    t = sample_timesteps(samples.shape[0], settings.t_min, settings.t_max, generator)
+    noise = torch.randn(samples.shape, generator=generator)
+    if settings.loss == "sid":
+        return sid_generator_loss_vp(
+            samples, real, fake, t, noise, alphas_cumprod, UNCONDITIONAL, alpha=settings.alpha
+        )
+    if settings.loss == "cid" and settings.task == "restore":
+        return cid_generator_loss(
+            samples, hr, real, fake, t, noise, alphas_cumprod, UNCONDITIONAL, settings.alpha
+        )
+    raise ValueError(f"toy loss '{settings.loss}' does not apply to task '{settings.task}'")
+
+
 def distill(
     teacher: nn.Module, settings: ToySettings, alphas_cumprod: torch.Tensor, generator: torch.Generator
 ) -> nn.Module:
-    """SiD's alternation; returns the trained one-step generator network (a copy of the teacher at the start)."""
-    student, fake = copy.deepcopy(teacher).requires_grad_(True), copy.deepcopy(teacher).requires_grad_(True)
+    """SiD's alternation (CiD's in task "restore"); returns the trained one-step generator network (a copy of the
+    teacher at the start)."""
+    restore = settings.task == "restore"
+    score_target = "x0" if restore else "eps"  # GenDR Eq. 7 / SiD-LSG
+    student, fake, real = (copy.deepcopy(teacher).requires_grad_(True) for _ in range(3))
     student_optimiser = torch.optim.Adam(student.parameters(), lr=settings.generator_lr, betas=(0.0, 0.999))
     fake_optimiser = torch.optim.Adam(fake.parameters(), lr=settings.fake_lr, betas=(0.0, 0.999))
-
-    def draw(shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
-        t = sample_timesteps(shape[0], settings.t_min, settings.t_max, generator)
-        return t, torch.randn(shape, generator=generator)
-
+    real_optimiser = torch.optim.Adam(real.parameters(), lr=settings.real_lr, betas=(0.0, 0.999))
     for _ in range(settings.distill_steps):
-        latent = torch.randn(settings.batch, 2, generator=generator)
+        inputs, hr = draw_batch(settings, settings.batch, generator)
         with torch.no_grad():
-            samples = one_step_generate(student, latent, alphas_cumprod, settings.init_timestep)
-        t, noise = draw(samples.shape)
-        fake_loss = score_matching_loss(fake, samples, t, noise, alphas_cumprod, UNCONDITIONAL, "eps")
-        fake_optimiser.zero_grad(set_to_none=True)
-        reduce_loss(fake_loss, "mean").backward()
-        fake_optimiser.step()
+            samples = generate(student, inputs, settings, alphas_cumprod)
+        t_range = (settings.t_min, settings.t_max)
+        score_step(fake, fake_optimiser, samples, score_target, t_range, alphas_cumprod, generator)
+        if restore:
+            score_step(real, real_optimiser, hr, score_target, t_range, alphas_cumprod, generator)
 
-        fake.requires_grad_(False)
-        latent = torch.randn(settings.batch, 2, generator=generator)
-        samples = one_step_generate(student, latent, alphas_cumprod, settings.init_timestep)
-        t, noise = draw(samples.shape)
-        terms = sid_generator_loss_vp(
-            samples, teacher, fake, t, noise, alphas_cumprod, UNCONDITIONAL, alpha=settings.alpha
-        )
+        scores = (real, fake) if restore else (teacher, fake)
+        for network in scores:
+            network.requires_grad_(False)
+        samples = generate(student, inputs, settings, alphas_cumprod)
+        terms = generator_terms(samples, hr, *scores, settings, alphas_cumprod, generator)
         student_optimiser.zero_grad(set_to_none=True)
         reduce_loss(terms.elements, "mean").backward()
         student_optimiser.step()
-        fake.requires_grad_(True)
+        for network in scores:
+            network.requires_grad_(True)
     return student.requires_grad_(False)
+
+
+def paired_error(samples: torch.Tensor, targets: torch.Tensor) -> float:
+    return (samples - targets).pow(2).sum(dim=1).mean().sqrt().item()
 
 
 def run_toy(settings: ToySettings | None = None) -> ToyResult:
@@ -197,19 +278,23 @@ def run_toy(settings: ToySettings | None = None) -> ToyResult:
     alphas_cumprod = scaled_linear_alphas_cumprod()
     teacher = train_teacher(settings, alphas_cumprod, generator)
 
-    data = ring_samples(settings.eval_samples, settings, generator)
-    latent = torch.randn(settings.eval_samples, 2, generator=generator)
+    inputs, data = draw_batch(settings, settings.eval_samples, generator)
     with torch.no_grad():
-        before = one_step_generate(teacher, latent, alphas_cumprod, settings.init_timestep)
-    teacher_samples = ddim_sample(teacher, latent, alphas_cumprod, settings.sampler_steps)
+        before = generate(teacher, inputs, settings, alphas_cumprod)
+    teacher_samples = ddim_sample(
+        teacher, torch.randn(data.shape, generator=generator), alphas_cumprod, settings.sampler_steps
+    )
     student = distill(teacher, settings, alphas_cumprod, generator)
     with torch.no_grad():
-        after = one_step_generate(student, latent, alphas_cumprod, settings.init_timestep)
+        after = generate(student, inputs, settings, alphas_cumprod)
+    restore = settings.task == "restore"
     return ToyResult(
         distance_before=sliced_wasserstein(before, data),
         distance_after=sliced_wasserstein(after, data),
         teacher_distance=sliced_wasserstein(teacher_samples, data),
         seconds=time.perf_counter() - start,
+        paired_error_before=paired_error(before, data) if restore else None,
+        paired_error_after=paired_error(after, data) if restore else None,
     )
 
 
