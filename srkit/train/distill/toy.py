@@ -22,6 +22,8 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -220,6 +222,7 @@ def generator_terms(
     alphas_cumprod: torch.Tensor,
     generator: torch.Generator,
 ) -> ScoreIdentityTerms:
+    """The generator loss of the step at fresh t and ε: SiD's, or CiD's with the HR points as its reference."""
     t = sample_timesteps(samples.shape[0], settings.t_min, settings.t_max, generator)
     noise = torch.randn(samples.shape, generator=generator)
     if settings.loss == "sid":
@@ -233,6 +236,20 @@ def generator_terms(
     raise ValueError(f"toy loss '{settings.loss}' does not apply to task '{settings.task}'")
 
 
+@contextmanager
+def frozen(*modules: nn.Module) -> Iterator[None]:
+    """Score networks without weight gradients during the generator step (their inputs keep the graph)."""
+    flags = [[p.requires_grad for p in m.parameters()] for m in modules]
+    for module in modules:
+        module.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for module, module_flags in zip(modules, flags):
+            for parameter, flag in zip(module.parameters(), module_flags):
+                parameter.requires_grad_(flag)
+
+
 def distill(
     teacher: nn.Module, settings: ToySettings, alphas_cumprod: torch.Tensor, generator: torch.Generator
 ) -> nn.Module:
@@ -240,33 +257,33 @@ def distill(
     teacher at the start)."""
     restore = settings.task == "restore"
     score_target = "x0" if restore else "eps"  # GenDR Eq. 7 / SiD-LSG
-    student, fake, real = (copy.deepcopy(teacher).requires_grad_(True) for _ in range(3))
+    t_range = (settings.t_min, settings.t_max)
+    student, fake = (copy.deepcopy(teacher).requires_grad_(True) for _ in range(2))
+    real = copy.deepcopy(teacher).requires_grad_(True) if restore else teacher
     student_optimiser = torch.optim.Adam(student.parameters(), lr=settings.generator_lr, betas=(0.0, 0.999))
     fake_optimiser = torch.optim.Adam(fake.parameters(), lr=settings.fake_lr, betas=(0.0, 0.999))
-    real_optimiser = torch.optim.Adam(real.parameters(), lr=settings.real_lr, betas=(0.0, 0.999))
+    real_optimiser = (
+        torch.optim.Adam(real.parameters(), lr=settings.real_lr, betas=(0.0, 0.999)) if restore else None
+    )
     for _ in range(settings.distill_steps):
         inputs, hr = draw_batch(settings, settings.batch, generator)
         with torch.no_grad():
             samples = generate(student, inputs, settings, alphas_cumprod)
-        t_range = (settings.t_min, settings.t_max)
         score_step(fake, fake_optimiser, samples, score_target, t_range, alphas_cumprod, generator)
-        if restore:
+        if real_optimiser is not None:
             score_step(real, real_optimiser, hr, score_target, t_range, alphas_cumprod, generator)
 
-        scores = (real, fake) if restore else (teacher, fake)
-        for network in scores:
-            network.requires_grad_(False)
-        samples = generate(student, inputs, settings, alphas_cumprod)
-        terms = generator_terms(samples, hr, *scores, settings, alphas_cumprod, generator)
-        student_optimiser.zero_grad(set_to_none=True)
-        reduce_loss(terms.elements, "mean").backward()
+        with frozen(real, fake):
+            samples = generate(student, inputs, settings, alphas_cumprod)
+            terms = generator_terms(samples, hr, real, fake, settings, alphas_cumprod, generator)
+            student_optimiser.zero_grad(set_to_none=True)
+            reduce_loss(terms.elements, "mean").backward()
         student_optimiser.step()
-        for network in scores:
-            network.requires_grad_(True)
     return student.requires_grad_(False)
 
 
 def paired_error(samples: torch.Tensor, targets: torch.Tensor) -> float:
+    """RMS Euclidean distance between matching rows."""
     return (samples - targets).pow(2).sum(dim=1).mean().sqrt().item()
 
 
