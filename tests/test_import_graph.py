@@ -1,6 +1,6 @@
 """The layering of the house: data flows cli -> api -> engines -> building blocks, never back.
 
-Building blocks (srkit/diffusion/, srkit/nn/, srkit/convert/ and the I/O, tiling and shared helper
+Building blocks (srkit/diffusion/, srkit/nn/, srkit/taggers/, srkit/convert/ and the I/O, tiling and shared helper
 modules) must not import engines, training, the api or the CLI — not even lazily inside a function — so that each
 can be used and tested alone.  Engines never import the CLI or training; training never imports the CLI or the api.
 Read from the source (every `import` statement anywhere in a module), so nothing needs importing.
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "srkit"
-BUILDING_BLOCKS = ("diffusion", "nn", "convert", "imageio.py", "tiling.py", "alpha.py", "colorfix.py",
+BUILDING_BLOCKS = ("diffusion", "nn", "taggers", "convert", "imageio.py", "tiling.py", "alpha.py", "colorfix.py",
                    "common.py", "registry.py", "cpu_memory.py", "degrade")  # fmt: skip
 FORBIDDEN = {
     "building block": ("srkit.engines", "srkit.train", "srkit.api", "srkit.cli", "srkit.bench"),

@@ -20,9 +20,9 @@ import pytest
 import torch
 from PIL import Image
 
+from srkit.diffusion.text import QUALITY_PROMPT, compose_prompt
 from srkit.nn.swin import resize_relative_position_table
 from srkit.registry import WeightsError
-from srkit.taggers.prompts import gdpo_prompt, osediff_prompt, seesr_prompt
 from srkit.taggers.ram import RAM, RAMTagger, preprocess
 from srkit.taggers.ram_weights import load_ram_tagger, merge_dape, read_tag_list, read_thresholds
 
@@ -156,9 +156,9 @@ def test_golden_ram_dape_tags_and_prompts_from_images(spec, taggers):
         )
         tags, _, logits = tagger.tags_embeds_logits(read_image(GOLDEN / image["file"]))
         assert tags == [case["tags"]], case["id"]
-        assert osediff_prompt(tags[0]) == case["prompt_osediff"]
-        assert gdpo_prompt(tags[0]) == case["prompt_gdpo"]
-        assert seesr_prompt(tags[0]) == case["prompt_seesr"]
+        assert compose_prompt(tags[0], "") == case["prompt_osediff"]
+        assert compose_prompt(tags[0], QUALITY_PROMPT) == case["prompt_gdpo"]
+        assert compose_prompt(tags[0], "", QUALITY_PROMPT) == case["prompt_seesr"]
         if case.get("tags_xinyu1205") is not None:
             xinyu1205 = RAMTagger(loaded.model, loaded.tag_names, loaded.thresholds, separator=" | ")
             assert xinyu1205.tag_strings(logits) == [case["tags_xinyu1205"]]
@@ -341,7 +341,7 @@ def test_preprocess_defaults_to_upstream_no_antialias():
 
 
 def test_prompt_templates():
-    assert osediff_prompt("a, b") == "a, b, ,"
-    assert osediff_prompt("", "x") == ", x,"
-    assert gdpo_prompt("a") == "a, clean, high-resolution, 8k,"
-    assert seesr_prompt("a", "u", "z") == "a, u,z"
+    assert compose_prompt("a, b", "") == "a, b, ,"
+    assert compose_prompt("", "x") == ", x,"
+    assert compose_prompt("a", QUALITY_PROMPT) == "a, clean, high-resolution, 8k,"
+    assert compose_prompt("a", "u", "z") == "a, u,z"

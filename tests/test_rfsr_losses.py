@@ -224,11 +224,11 @@ def test_golden_rfsr_vgg19_taps_layout(golden) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Golden: the training step's x̂0, with srkit.engines.sd.NoiseSchedule (RFSR needs no formula of its own)
+# Golden: the training step's x̂0, with srkit.diffusion.schedule.NoiseSchedule (RFSR needs no formula of its own)
 
 
 def test_golden_rfsr_training_step_x0(golden) -> None:
-    from srkit.engines.sd import NoiseSchedule
+    from srkit.diffusion.schedule import NoiseSchedule
 
     sd2_base = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
                 "num_train_timesteps": golden["alphas_cumprod"].numel(), "clip_sample": False,

@@ -18,10 +18,10 @@ import pytest
 import torch
 from tiny_sd import tiny_unet
 
+from srkit.convert.seesr import load_base_unet, load_seesr, load_seesr_unet, load_seesr_unet_from_base
 from srkit.diffusion.control.diffusers import control_residuals
-from srkit.diffusion.seesr_nets import SeeSRNets
-from srkit.diffusion.seesr_weights import load_base_unet, load_seesr_unet, load_seesr_unet_from_base
 from srkit.nn.image_cross_attention import CONFIG_FLAG, add_image_cross_attention, image_token_kwargs
+from srkit.nn.seesr import SeeSRNets
 from srkit.registry import WeightsError
 from srkit.tiling import plan_latent_tiles
 
@@ -68,7 +68,7 @@ def inputs() -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def nets() -> SeeSRNets:
-    return SeeSRNets.load(GOLDEN / "seesr")
+    return load_seesr(GOLDEN / "seesr")
 
 
 def case_tensors(name: str) -> dict[str, torch.Tensor]:
@@ -245,12 +245,12 @@ def same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 def test_seesr_folders_round_trip(tiny_folders):
     root = tiny_folders["root"]
     assert json.loads((root / "seesr" / "unet" / "config.json").read_text())[CONFIG_FLAG] is True
-    nets = SeeSRNets.load(root / "seesr")
+    nets = load_seesr(root / "seesr")
     assert same_state(nets.unet, tiny_folders["unet"]) and same_state(
         nets.controlnet, tiny_folders["controlnet"]
     )
     assert same_state(load_seesr_unet_from_base(root / "base", root / "seesr"), tiny_folders["unet"])
-    assert SeeSRNets.load(root / "seesr", base_root=root / "base").unet.config[CONFIG_FLAG] is True
+    assert load_seesr(root / "seesr", base_root=root / "base").unet.config[CONFIG_FLAG] is True
 
 
 def test_seesr_base_unet_from_bin(tiny_folders, tmp_path):
@@ -270,7 +270,7 @@ def test_seesr_base_unet_from_bin(tiny_folders, tmp_path):
 def test_seesr_image_attentions_train_and_deepcopy(tiny_folders):
     """Gradients reach the image attentions (what RFSR trains) and the ControlNet; a deep copy (EMA target)
     pairs each text attention with its own copy's image attention."""
-    nets = SeeSRNets.load(tiny_folders["root"] / "seesr")
+    nets = load_seesr(tiny_folders["root"] / "seesr")
     latents = torch.randn(2, 4, 16, 16)
     eps = nets.eps(latents, 400, torch.randn(1, 77, 8), torch.randn(1, 5, 512), torch.rand(1, 3, 128, 128))
     eps.square().mean().backward()

@@ -543,7 +543,7 @@ def test_score_matching_targets_by_hand() -> None:
 
 
 def test_vp_coefficients_match_the_notes_table_and_the_engine_schedule() -> None:
-    from srkit.engines.sd import NoiseSchedule
+    from srkit.diffusion.schedule import NoiseSchedule
 
     acp = scaled_linear_alphas_cumprod()
     a, b = vp_coefficients(acp, torch.tensor([500, 354]), torch.zeros(2, 1))

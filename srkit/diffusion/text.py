@@ -16,11 +16,15 @@ PROMPT_KEY = "prompt"
 """Key of the positive prompt in a precomputed embeddings file of the OSEDiff family."""
 NEGATIVE_KEY = "neg"
 """Key of the negative prompt in a precomputed embeddings file."""
+QUALITY_PROMPT = "clean, high-resolution, 8k"
+"""The quality text of the SD2-based SR codebases: GDPO-SR's `--prompt`, SeeSR's `--added_prompt`, ConsisSR's
+positive prompt."""
 
 
-def compose_prompt(tags: str, prompt: str) -> str:
-    """Upstream's prompt text, `"{tags}, {prompt},"` (OSEDiff with no tags and no prompt: ", ,")."""
-    return f"{tags}, {prompt},"
+def compose_prompt(tags: str, prompt: str, added: str = "") -> str:
+    """Upstream's prompt text, byte for byte (the text encoder sees every comma): `"{tags}, {prompt},"` for
+    OSEDiff / NAOSD / GDPO-SR (no tags, no prompt: ", ,"), with SeeSR's `added` prompt right after the comma."""
+    return f"{tags}, {prompt},{added}"
 
 
 class TextEncoder:
@@ -113,6 +117,7 @@ def prompt_embeddings(
 __all__ = [
     "NEGATIVE_KEY",
     "PROMPT_KEY",
+    "QUALITY_PROMPT",
     "TextEncoder",
     "compose_prompt",
     "load_prompt_embeddings",

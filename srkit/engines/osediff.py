@@ -31,7 +31,7 @@ from PIL import Image
 
 from srkit.diffusion.loading import load_noise_schedule, load_unet, load_vae
 from srkit.diffusion.samplers.one_step import noise_injected_x0, x0_at
-from srkit.diffusion.text import PROMPT_KEY, compose_prompt, prompt_embeddings
+from srkit.diffusion.text import PROMPT_KEY, QUALITY_PROMPT, compose_prompt, prompt_embeddings
 from srkit.engines.base import WeightsSet, register
 from srkit.engines.one_step import OneStepEngine, PromptedOptions, draw_noise, one_step_spec
 from srkit.nn.lora_merge import merge_peft_state
@@ -42,8 +42,6 @@ SD21_LICENCE = "SD2.1 CreativeML-OpenRAIL++-M"
 GDPO_LICENCE = "Apache-2.0 (README only, no LICENSE file) + " + SD21_LICENCE
 PROCESS_SIZE = 512
 """Upstream's `--process_size`: inputs whose side is below process_size/scale are enlarged first."""
-NOISE_INJECTION_PROMPT = "clean, high-resolution, 8k"
-"""The user text NAOSD/GDPO-SR prompt with (after the tags), at inference and in training."""
 
 
 @dataclass
@@ -53,7 +51,7 @@ class OSEDiffOptions(PromptedOptions):
 
 @dataclass
 class NoiseInjectionOptions(PromptedOptions):
-    prompt: str = NOISE_INJECTION_PROMPT
+    prompt: str = QUALITY_PROMPT
     t_add: int = 250
     """Timestep the latent is noised to (seeded noise)."""
     t_diff: int = 100

@@ -1,8 +1,8 @@
 """Image taggers that turn an image into the tag prompt (and image tokens) of prompt-conditioned SR models.
 
 Every tagger takes [0, 1] float images (B, 3, H, W); which image (the ×4-upsampled input or the raw LR) is the
-caller's choice, because upstream methods differ.  `srkit.taggers.ram` holds RAM/DAPE, `prompts` the prompt
-templates of each method.
+caller's choice, because upstream methods differ.  `srkit.taggers.ram` holds RAM/DAPE; the prompt texts built from
+tags are composed by `srkit.diffusion.text.compose_prompt`.
 """
 
 from __future__ import annotations

@@ -27,8 +27,8 @@ from srkit.diffusion.denoiser import Conditioning, UNetDenoiser
 from srkit.diffusion.latents import vae_decode, vae_encode
 from srkit.diffusion.loading import load_unet, load_vae
 from srkit.diffusion.samplers.one_step import noise_injected_x0
-from srkit.diffusion.text import PROMPT_KEY, compose_prompt
-from srkit.engines.osediff import NOISE_INJECTION_PROMPT, training_input
+from srkit.diffusion.text import PROMPT_KEY, QUALITY_PROMPT, compose_prompt
+from srkit.engines.osediff import training_input
 from srkit.nn.lora_sites import UNET_LORA_TARGETS
 from srkit.train.lora import add_lora, merged_copy, target_modules
 from srkit.train.losses import GDPO_OMEGA, gdpo_loss, per_sample_error
@@ -54,7 +54,7 @@ class GDPOSettings:
     """Comma-separated srkit metric names; psnr/ssim count as fidelity, the rest as detail (ARF)."""
     official_gray: bool = True
     """Smooth/texture split on OpenCV's BGR→gray of RGB data, as upstream (false: BT.601 on RGB)."""
-    prompt: str = NOISE_INJECTION_PROMPT
+    prompt: str = QUALITY_PROMPT
 
 
 SETTINGS = GDPOSettings

@@ -29,8 +29,8 @@ from srkit.diffusion.denoiser import UNetDenoiser, guided
 from srkit.diffusion.latents import vae_decode, vae_encode
 from srkit.diffusion.loading import load_unet, load_vae
 from srkit.diffusion.samplers.one_step import noise_injected_x0
-from srkit.diffusion.text import NEGATIVE_KEY, PROMPT_KEY, compose_prompt
-from srkit.engines.osediff import NOISE_INJECTION_PROMPT, training_input
+from srkit.diffusion.text import NEGATIVE_KEY, PROMPT_KEY, QUALITY_PROMPT, compose_prompt
+from srkit.engines.osediff import training_input
 from srkit.nn.lora_sites import UNET_LORA_TARGETS, VAE_ENCODER_LORA_TARGETS
 from srkit.train.lora import add_lora, merged_copy, target_modules
 from srkit.train.losses import vsd_loss
@@ -57,7 +57,7 @@ class NAOSDSettings:
     lambda_lpips: float = 2.0
     lambda_vsd: float = 1.0
     lambda_vsd_lora: float = 1.0
-    prompt: str = NOISE_INJECTION_PROMPT
+    prompt: str = QUALITY_PROMPT
     negative_prompt: str = DEFAULT_NEGATIVE
 
 

@@ -17,13 +17,11 @@ them as to any other; nothing here enters autocast or a CUDA-only path.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
 
 from srkit.diffusion.control.diffusers import ControlFeatures, control_residuals, embed_control
-from srkit.diffusion.seesr_weights import load_seesr_controlnet, load_seesr_unet, load_seesr_unet_from_base
 from srkit.nn.image_cross_attention import image_token_kwargs
 
 
@@ -33,16 +31,6 @@ class SeeSRNets:
 
     unet: UNet2DConditionModel
     controlnet: ControlNetModel
-
-    @classmethod
-    def load(cls, seesr_root: str | Path, base_root: str | Path | None = None) -> SeeSRNets:
-        """From the released `seesr/{unet,controlnet}` folders.  With `base_root` the UNet is built the
-        training way: SD2-base weights + SeeSR's image attentions (upstream `from_pretrained_orig`)."""
-        if base_root is None:
-            unet = load_seesr_unet(seesr_root)
-        else:
-            unet = load_seesr_unet_from_base(base_root, seesr_root)
-        return cls(unet=unet, controlnet=load_seesr_controlnet(seesr_root))
 
     def embed_control(self, image: torch.Tensor) -> ControlFeatures:
         """ControlNet embedding of a [0,1] control image (1|B, 3, 8h, 8w): compute once, pass to `eps`."""

@@ -22,6 +22,7 @@ from diffusers import ControlNetModel, ModelMixin, UNet2DConditionModel
 
 from srkit.diffusion.control.diffusers import unsupported_options
 from srkit.nn.image_cross_attention import CONFIG_FLAG, add_image_cross_attention
+from srkit.nn.seesr import SeeSRNets
 from srkit.registry import WeightsError
 
 Model = TypeVar("Model", bound=ModelMixin)
@@ -140,3 +141,10 @@ def load_seesr_controlnet(root: str | Path, subfolder: str = "controlnet") -> Co
         raise WeightsError(f"{folder}: ControlNet options that SeeSR does not use: {unsupported}")
     controlnet = _build(ControlNetModel, config, image_cross_attention=True)
     return assign_strict(controlnet, read_state_dict(folder), str(folder))
+
+
+def load_seesr(seesr_root: str | Path, base_root: str | Path | None = None) -> SeeSRNets:
+    """SeeSR's networks from the released `seesr/{unet,controlnet}` folders.  With `base_root` the UNet is built the
+    training way: SD2-base weights + SeeSR's image attentions (upstream `from_pretrained_orig`)."""
+    unet = load_seesr_unet(seesr_root) if base_root is None else load_seesr_unet_from_base(base_root, seesr_root)
+    return SeeSRNets(unet=unet, controlnet=load_seesr_controlnet(seesr_root))
