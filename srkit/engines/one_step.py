@@ -21,6 +21,7 @@ from srkit.diffusion.runtime import (
     check_attention,
     inference,
     maybe_compile,
+    module_dtype,
     prepare_module,
     set_attention,
     vae_dtype,
@@ -92,9 +93,11 @@ class PromptedOptions(OneStepOptions):
 TAGGERS = ("none",)
 
 
-def one_step_spec(name: str, weights: tuple[str, ...], licence: str, description: str) -> EngineSpec:
-    """What every one-step diffusion SR engine is: ×4, one step, latent tiling, seeded draws."""
-    return EngineSpec(name, 4, 1, weights, licence, description, tiling="latent", stochastic=True)
+def one_step_spec(
+    name: str, weights: tuple[str, ...], licence: str, description: str, parts: tuple[str, ...] = ("unet", "vae")
+) -> EngineSpec:
+    """What every one-step diffusion SR engine is: ×4, one step, latent tiling, seeded draws, a UNet and a VAE."""
+    return EngineSpec(name, 4, 1, weights, licence, description, tiling="latent", stochastic=True, parts=parts)
 
 
 class OneStepEngine(Engine):
@@ -132,8 +135,9 @@ class OneStepEngine(Engine):
         self._unet_call = maybe_compile(self.unet, options.compile)
 
     def to_dtype(self, dtype: torch.dtype) -> None:
-        prepare_module(self.unet, self.device, dtype)
-        prepare_module(self.vae, self.device, vae_dtype(self.vae, dtype))
+        # Each part gets the dtype and kernels chosen for it (on the CPU a part may stay fp32 in a bf16 engine).
+        prepare_module(self.unet, self.device, dtype, part="unet")
+        prepare_module(self.vae, self.device, vae_dtype(self.vae, dtype), part="vae")
         self.dtype = dtype
 
     # -----------------------------------------------------------------------------------------------------------
@@ -204,7 +208,7 @@ class OneStepEngine(Engine):
         uncond = None if self.negative_embeds is None else Conditioning({"text": self.negative_embeds})
         on_tile = (lambda done, total: progress("tiles", done, total)) if progress else None
         return tiled(
-            guided(UNetDenoiser(self._unet_call, self.dtype), uncond, self.guidance),
+            guided(UNetDenoiser(self._unet_call, module_dtype(self.unet)), uncond, self.guidance),
             options.latent_tile,
             options.latent_overlap,
             tile_batch=options.tile_batch,
