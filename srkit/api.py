@@ -23,7 +23,7 @@ import srkit.engines  # noqa: F401  (declares the model names)
 from srkit import registry
 from srkit.alpha import bleed_colour
 from srkit.common import build_options, one_line, resolve_device
-from srkit.cpu_features import Kernels, check_cpu_dtype, cpu_auto_dtype, kernels_for
+from srkit.cpu_features import Kernels, check_cpu_dtype, cpu_auto_dtype, cpu_engine_dtype, kernels_for
 from srkit.cpu_memory import keep_freed_memory
 from srkit.engines.base import Engine, EngineSpec, Progress, WeightsSet, get_engine
 from srkit.imageio import (
@@ -63,12 +63,12 @@ def _stderr(message: str) -> None:
 
 def resolve_dtype(dtype: str, device: torch.device, spec: EngineSpec) -> torch.dtype:
     """`auto`: bf16, else fp16, on CUDA; on the CPU bf16 where this kind of CPU was measured faster in bf16
-    (srkit/cpu_features.py: AMX), else fp32.  The engine's parts then take their own dtype from that choice
-    (`kernels_for`): on the CPU the numerically sensitive or unmeasured parts stay fp32.  `fp32` is fp32 in
-    every part; `bf16` on the CPU needs native bf16."""
+    (srkit/cpu_features.py: AMX) and some part of the engine runs in bf16 there, else fp32.  The engine's parts
+    then take their own dtype from that choice (`kernels_for`): on the CPU the numerically sensitive or
+    unmeasured parts stay fp32.  `fp32` is fp32 in every part; `bf16` on the CPU needs native bf16."""
     if dtype == "auto":
         if device.type == "cpu":
-            return cpu_auto_dtype()
+            return cpu_engine_dtype(spec.parts, cpu_auto_dtype())
         if device.type != "cuda":
             return torch.float32
         if "bfloat16" in spec.cuda_dtypes and torch.cuda.is_bf16_supported():
@@ -81,6 +81,7 @@ def resolve_dtype(dtype: str, device: torch.device, spec: EngineSpec) -> torch.d
     chosen = getattr(torch, name)
     if device.type == "cpu":
         check_cpu_dtype(chosen)
+        return cpu_engine_dtype(spec.parts, chosen)
     elif device.type != "cuda" and chosen != torch.float32:
         raise ValueError(f"--dtype {dtype} is for CUDA or the CPU; on {device.type} srkit runs in fp32")
     return chosen

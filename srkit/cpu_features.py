@@ -277,6 +277,15 @@ def cpu_auto_dtype(cpu: CpuFeatures | None = None) -> torch.dtype:
     return torch.bfloat16 if any("bf16" in row for row in table.values()) else torch.float32
 
 
+def cpu_engine_dtype(parts: tuple[str, ...], dtype: torch.dtype, cpu: CpuFeatures | None = None) -> torch.dtype:
+    """The dtype of an engine with these parts on the CPU when `dtype` is asked for: bf16 only if some part then
+    computes in bf16 (an engine whose parts all stay fp32 is an fp32 engine: nothing casts its inputs down)."""
+    cpu = cpu or detect()
+    if dtype == torch.bfloat16 and all(kernels_for(p, torch.device("cpu"), dtype, cpu).dtype != dtype for p in parts):
+        return torch.float32
+    return dtype
+
+
 def check_cpu_dtype(dtype: torch.dtype, cpu: CpuFeatures | None = None) -> None:
     """Refuse, in one line, a precision this CPU cannot run well: fp16 anywhere, bf16 without native bf16."""
     cpu = cpu or detect()
@@ -325,6 +334,7 @@ __all__ = [
     "Layout",
     "check_cpu_dtype",
     "cpu_auto_dtype",
+    "cpu_engine_dtype",
     "detect",
     "dtype_name",
     "kernels_for",

@@ -118,6 +118,16 @@ def test_unmeasured_bf16_cpus_default_to_fp32_but_run_bf16_when_asked(on_cpu) ->
         assert kernels_for("estimator", CPU, torch.bfloat16).dtype == torch.float32
 
 
+def test_an_engine_without_bf16_parts_stays_fp32(on_cpu) -> None:
+    """A new engine whose parts nobody measured ("other") is an fp32 engine even where `auto` picks bf16."""
+    from srkit.engines.base import EngineSpec
+
+    on_cpu(AMX)
+    unmeasured = EngineSpec("new", 4, 20, (), "none", "a multi-step engine not measured yet")
+    assert resolve_dtype("auto", CPU, unmeasured) == resolve_dtype("bf16", CPU, unmeasured) == torch.float32
+    assert resolve_dtype("auto", CPU, get_engine("s3diff")[1]) == torch.bfloat16
+
+
 def test_cpu_precision_errors_are_one_clear_line(on_cpu) -> None:
     spec = get_engine("realesrgan-x4plus")[1]
     on_cpu(AVX2)

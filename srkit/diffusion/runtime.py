@@ -72,8 +72,12 @@ def prepare_module(
 def apply_kernels(module: torch.nn.Module, device: torch.device, kernels: Kernels) -> torch.nn.Module:
     """Put `module` on `device` in `kernels`' dtype, memory format and convolution kernels (any choice: the
     benchmarks compare choices with it; engines use `prepare_module`)."""
-    memory_format = torch.channels_last if kernels.channels_last else torch.contiguous_format
-    module.to(device=device, dtype=kernels.dtype, memory_format=memory_format)  # no copy where already so
+    first = next(module.parameters())
+    if first.device != device or first.dtype != kernels.dtype:
+        # torch's own `to`: diffusers' override only adds a warning about fp32-only modules, on every cast, even
+        # for models that have none (SD UNets and VAEs).
+        torch.nn.Module.to(module, device=device, dtype=kernels.dtype)
+    module.to(memory_format=torch.channels_last if kernels.channels_last else torch.contiguous_format)
     from srkit.nn.winograd_conv import use_winograd_convolutions
 
     use_winograd_convolutions(module, enabled=kernels.winograd)
