@@ -22,7 +22,7 @@ depends on shapes, not values; the differences are indicative only — quality i
 the RealSR test).  Expect ~15 minutes on 2 cores (a 512² SD run in fp32 takes ~20 s), ~25 with `--parts`.
 
 Run:  OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_cpu_dtype.py [--repeats 3] [--only default,s3diff,sd]
-          [--parts] [--clock wall|cpu] [--json out.json]
+          [--parts [gan,unet,vae] [--bf16-only]] [--clock wall|cpu] [--json out.json]
       On a busy shared machine: OMP_NUM_THREADS=1 ... --clock cpu (CPU seconds of one thread; ratios, not wall time).
 """
 
@@ -234,8 +234,10 @@ CANDIDATES = {
     "bf16 no-phase": Kernels(torch.bfloat16),
     "bf16 channels-last": Kernels(torch.bfloat16, Layout(channels_last=True, phase_upsampling=True)),
     "bf16 channels-last no-phase": Kernels(torch.bfloat16, Layout(channels_last=True)),
+    "bf16 channels-last fp32-ends": Kernels(torch.bfloat16, Layout(channels_last=True, fp32_ends=True)),
 }
-"""Every candidate for a diffusers part; GAN nets (no upsampler of diffusers') take the ones without "no-phase".
+"""Every candidate for a diffusers part ("fp32-ends": GAN nets only); GAN nets (no upsampler of diffusers') take
+the ones without "no-phase".
 Winograd is left out: it applies to fp32 only, and only AVX2 machines (where it was measured) turn it on."""
 
 
@@ -268,35 +270,42 @@ def time_candidates(name: str, module: torch.nn.Module, forward: Callable[[torch
     }  # fmt: skip
 
 
-def bench_parts(repeats: int) -> dict:
-    gan_candidates = {k: v for k, v in CANDIDATES.items() if "no-phase" not in k}
+PART_GROUPS = ("gan", "unet", "vae")
+
+
+def bench_parts(repeats: int, groups: tuple[str, ...] = PART_GROUPS, bf16_only: bool = False) -> dict:
+    candidates = {k: v for k, v in CANDIDATES.items() if k == "fp32" or not bf16_only or k.startswith("bf16")}
+    gan_candidates = {k: v for k, v in candidates.items() if "no-phase" not in k}
+    candidates = {k: v for k, v in candidates.items() if "fp32-ends" not in k}
     lr = photo(128)
     result = {}
-    for model in ("realesrgan-x4plus", "realesr-animevideov3"):
+    for model in ("realesrgan-x4plus", "realesr-animevideov3") if "gan" in groups else ():
         network = api.load_engine(model, device="cpu", dtype="fp32", log=quiet).engine.descriptor.model
         result[f"gan {model} 128²"] = time_candidates(
             f"gan {model}", network, lambda m, d: m(lr.to(d)), gan_candidates, repeats
         )
-    unet = sd21_unet()
-    for batch in (1, 2):  # 2: S3Diff's guided pair in one call
+    unet = sd21_unet() if "unet" in groups else None
+    for batch in (1, 2) if unet is not None else ():  # 2: S3Diff's guided pair in one call
         latents = torch.randn(batch, 4, 64, 64, generator=torch.Generator().manual_seed(3))
         text = torch.randn(batch, 77, 1024, generator=torch.Generator().manual_seed(4))
         t = torch.full((batch,), 999)
         result[f"unet 64² latent, batch {batch}"] = time_candidates(
             f"unet batch {batch}", unet,
             lambda m, d, x=latents, c=text, t=t: m(x.to(d), t, encoder_hidden_states=c.to(d)).sample,
-            CANDIDATES, repeats,
+            candidates, repeats,
         )  # fmt: skip
     del unet
     gc.collect()
+    if "vae" not in groups:
+        return result
     vae = sd_vae()
     image = photo(512) * 2 - 1
     latents = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(5))
     result["vae encoder 512²"] = time_candidates(
-        "vae encoder", vae, lambda m, d: m.encode(image.to(d)).latent_dist.mean, CANDIDATES, repeats
+        "vae encoder", vae, lambda m, d: m.encode(image.to(d)).latent_dist.mean, candidates, repeats
     )
     result["vae decoder 64² -> 512²"] = time_candidates(
-        "vae decoder", vae, lambda m, d: m.decode(latents.to(d)).sample, CANDIDATES, repeats
+        "vae decoder", vae, lambda m, d: m.decode(latents.to(d)).sample, candidates, repeats
     )
     return result
 
@@ -305,7 +314,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per path, interleaved (median quoted)")
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {', '.join(SECTIONS)}")
-    parser.add_argument("--parts", action="store_true", help="also time every candidate layout per network part")
+    parser.add_argument("--parts", nargs="?", const=",".join(PART_GROUPS), default="",
+                        help=f"also time every candidate layout of these parts (default: {','.join(PART_GROUPS)})")
+    parser.add_argument("--bf16-only", action="store_true", help="--parts: only fp32 and the bf16 candidates")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="what a second is (see CLOCKS)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
@@ -329,8 +340,11 @@ def main() -> None:
     for section in sections:
         result[section] = runners[section](args.repeats)
         gc.collect()
-    if args.parts:
-        result["parts"] = bench_parts(args.repeats)
+    groups = tuple(g.strip() for g in args.parts.split(",") if g.strip())
+    if set(groups) - set(PART_GROUPS):
+        sys.exit(f"unknown part group(s) in --parts; choose from {', '.join(PART_GROUPS)}")
+    if groups:
+        result["parts"] = bench_parts(args.repeats, groups, args.bf16_only)
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

@@ -185,6 +185,8 @@ class Layout:
     """NNPACK Winograd for 3×3 convs on large maps (fp32 only; srkit/nn/winograd_conv.py)."""
     phase_upsampling: bool = False
     """Four 2×2 convs for each diffusers nearest-×2 upsample + 3×3 conv (srkit/nn/upsample_conv.py)."""
+    fp32_ends: bool = False
+    """bf16 only: the first convolution reads fp32 input, the last writes fp32 output (srkit/nn/fp32_ends.py)."""
 
 
 @dataclass(frozen=True)
@@ -214,6 +216,8 @@ class Kernels:
             return f"{parts[0]} ({self.device}, PyTorch's kernels)"
         if self.channels_last:
             parts.append("channels-last")
+        if self.layout.fp32_ends and self.dtype != torch.float32:
+            parts.append("fp32 first/last conv")
         parts.append("NNPACK Winograd (large 3x3) + oneDNN" if self.winograd else "oneDNN")
         if self.phase_upsampling:
             parts.append("2x2-phase upsampling")
@@ -235,9 +239,9 @@ MEASURED: dict[str, dict[str, dict[str, Layout]]] = {
     "avx512": {p: {"fp32": layout} for p, layout in _AVX512_FP32.items()},
     "avx512-bf16": {p: {"fp32": layout} for p, layout in _AVX512_FP32.items()},
     "amx-bf16": {
-        "gan": {"fp32": Layout(channels_last=True), "bf16": Layout(channels_last=True)},
-        "unet": {"fp32": _PHASE, "bf16": Layout(channels_last=True)},
-        "vae": {"fp32": _PHASE, "bf16": Layout(channels_last=True)},
+        "gan": {"fp32": Layout(channels_last=True), "bf16": Layout(channels_last=True, fp32_ends=True)},
+        "unet": {"fp32": _PHASE, "bf16": _PLAIN},
+        "vae": {"fp32": _PHASE, "bf16": Layout(channels_last=True, phase_upsampling=True)},
         "other": {"fp32": _PHASE},
     },
 }

@@ -17,6 +17,7 @@ from srkit.cli import app
 from srkit.common import build_options
 from srkit.cpu_features import CpuFeatures, Kernels, Layout, kernels_for
 from srkit.engines.base import WeightsSet, get_engine, model_names
+from srkit.nn.fp32_ends import Fp32EndConv2d, conv_ends
 
 CPU = torch.device("cpu")
 
@@ -220,11 +221,37 @@ def test_dtype_auto_on_amx_runs_the_chosen_parts_in_bf16(name: str, tmp_path, on
     assert set(plan) <= set(held)
     for part, kernels in plan.items():
         net = modules[held[part]]
-        assert {p.dtype for p in net.parameters()} == {kernels.dtype}, part
+        ends = {id(t) for end in conv_ends(net) for t in end.parameters()} if kernels.layout.fp32_ends else set()
+        assert {p.dtype for p in net.parameters() if id(p) not in ends} == {kernels.dtype}, part
+        assert {p.dtype for p in net.parameters() if id(p) in ends} <= {torch.float32}, part
         convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.dim() == 4]
         if kernels.channels_last and convs:
             assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs), part
     assert torch.bfloat16 in run_recording_dtypes(engine, spec)
+
+
+def test_a_bf16_gan_net_reads_and_writes_fp32_at_its_ends(on_cpu) -> None:
+    """First conv: fp32 image in, bf16 features out; last conv: fp32 out, off bf16's 1/256 grid; the ends' weights
+    never take a round trip through bf16; preparing again in fp32 gives plain convolutions back."""
+    from srkit.diffusion.runtime import prepare_module
+
+    on_cpu(AMX)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, padding=1),
+                              torch.nn.ReLU(), torch.nn.Conv2d(8, 3, 3, padding=1))  # fmt: skip
+    last_weight = net[4].weight.detach().clone()
+    keys = set(net.state_dict())
+    prepare_module(net, CPU, torch.bfloat16, part="gan")
+    assert [type(m) for m in net if isinstance(m, torch.nn.Conv2d)] == [Fp32EndConv2d, torch.nn.Conv2d, Fp32EndConv2d]
+    assert net[2].weight.dtype == torch.bfloat16 and torch.equal(net[4].weight, last_weight)
+    assert set(net.state_dict()) == keys
+    image = torch.rand(1, 3, 16, 16)
+    with torch.inference_mode():
+        assert net[0](image).dtype == torch.bfloat16
+        out = net(image)
+    assert out.dtype == torch.float32 and not torch.equal(out, out.bfloat16().float())
+    prepare_module(net, CPU, torch.float32, part="gan")
+    assert all(type(m) is torch.nn.Conv2d and m.weight.dtype == torch.float32 for m in net[::2])
 
 
 def test_every_engine_names_its_parts() -> None:
@@ -239,7 +266,7 @@ def test_info_prints_the_cpu_and_each_parts_choice(on_cpu) -> None:
     data = json.loads(result.output)
     assert data["cpu"]["kind"] == "amx-bf16" and data["cpu_auto_dtype"] == "bf16"
     assert data["models"]["realesrgan-x4plus"]["gan"] == {
-        "auto": "bf16, channels-last, oneDNN", "fp32": "fp32, channels-last, oneDNN"
+        "auto": "bf16, channels-last, fp32 first/last conv, oneDNN", "fp32": "fp32, channels-last, oneDNN"
     }  # fmt: skip
     assert data["models"]["s3diff"]["estimator"]["auto"].startswith("fp32")
     text = CliRunner().invoke(app, ["info"])

@@ -72,14 +72,24 @@ def prepare_module(
 def apply_kernels(module: torch.nn.Module, device: torch.device, kernels: Kernels) -> torch.nn.Module:
     """Put `module` on `device` in `kernels`' dtype, memory format and convolution kernels (any choice: the
     benchmarks compare choices with it; engines use `prepare_module`)."""
-    first = next(module.parameters())
-    if first.device != device or first.dtype != kernels.dtype:
-        # torch's own `to`: diffusers' override only adds a warning about fp32-only modules, on every cast, even
-        # for models that have none (SD UNets and VAEs).
-        torch.nn.Module.to(module, device=device, dtype=kernels.dtype)
-    module.to(memory_format=torch.channels_last if kernels.channels_last else torch.contiguous_format)
+    from srkit.nn.fp32_ends import conv_ends, keep_ends_fp32, release_ends
     from srkit.nn.winograd_conv import use_winograd_convolutions
 
+    release_ends(module)
+    ends = conv_ends(module) if kernels.layout.fp32_ends and kernels.dtype != torch.float32 else []
+    fp32_tensors = {id(t) for end in ends for t in end.parameters()}
+
+    def convert(tensor: torch.Tensor) -> torch.Tensor:
+        if not tensor.is_floating_point():
+            return tensor.to(device)
+        return tensor.to(device, torch.float32 if id(tensor) in fp32_tensors else kernels.dtype)
+
+    # torch's own `to` logic, tensor by tensor (the ends' weights never take a round trip through bf16); not
+    # diffusers' `to`, which warns about fp32-only modules on every cast even for models that have none.
+    torch.nn.Module._apply(module, convert)
+    module.to(memory_format=torch.channels_last if kernels.channels_last else torch.contiguous_format)
+    if ends:
+        keep_ends_fp32(module, kernels.dtype)
     use_winograd_convolutions(module, enabled=kernels.winograd)
     if kernels.phase_upsampling or "srkit.nn.upsample_conv" in sys.modules:  # a GAN never imports diffusers
         from srkit.nn.upsample_conv import use_phase_upsampling
