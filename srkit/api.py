@@ -91,10 +91,11 @@ def auto_tile(device: torch.device, scale: int) -> int:
 # Loading
 
 
-def resolve_weights(spec: EngineSpec, weights: str | Path | None, offline: bool | None, log: Log) -> WeightsSet:
-    """Local paths for every registry key the model needs; `weights` replaces the main checkpoint."""
+def resolve_weights(keys: tuple[str, ...], weights: str | Path | None, offline: bool | None, log: Log) -> WeightsSet:
+    """Local paths for every registry key the model needs (main checkpoint first); `weights` replaces the main
+    checkpoint."""
     paths: dict[str, Path] = {}
-    for index, key in enumerate(spec.weights):
+    for index, key in enumerate(keys):
         if index == 0 and weights is not None:
             path = Path(weights).expanduser()
             if not path.exists():
@@ -124,7 +125,7 @@ def load_engine(
     engine_options = build_options(engine_class.options_class, options)
     if torch_device.type == "cpu":
         keep_freed_memory()  # srkit/cpu_memory.py: no page-fault storm for large activations
-    weight_set = resolve_weights(spec, weights, offline, log)
+    weight_set = resolve_weights(engine_class.weights_for(engine_options), weights, offline, log)
     engine = engine_class.from_weights(weight_set, torch_device, torch_dtype, engine_options)
     if tile == "auto":
         tile_size = auto_tile(torch_device, spec.scale)
