@@ -93,7 +93,7 @@ def auto_tile(device: torch.device, scale: int) -> int:
 
 def resolve_weights(keys: tuple[str, ...], weights: str | Path | None, offline: bool | None, log: Log) -> WeightsSet:
     """Local paths for every registry key the model needs (main checkpoint first); `weights` replaces the main
-    checkpoint."""
+    checkpoint. Keys an engine asks for later (named by its checkpoint) are resolved the same way on demand."""
     paths: dict[str, Path] = {}
     for index, key in enumerate(keys):
         if index == 0 and weights is not None:
@@ -103,7 +103,7 @@ def resolve_weights(keys: tuple[str, ...], weights: str | Path | None, offline: 
             paths[key] = path
         else:
             paths[key] = registry.resolve(key, offline=offline, log=log)
-    return WeightsSet(paths)
+    return WeightsSet(paths, resolve=lambda key: registry.resolve(key, offline=offline, log=log))
 
 
 def load_engine(

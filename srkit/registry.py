@@ -82,7 +82,7 @@ class WeightsEntry:
 
     @property
     def is_folder(self) -> bool:
-        return self.format == "diffusers-folder"
+        return self.format in ("diffusers-folder", "transformers-folder")
 
 
 @dataclass
@@ -168,7 +168,7 @@ def is_cached(entry: WeightsEntry) -> bool:
 
 
 def entry_path(entry: WeightsEntry) -> Path:
-    """What engines receive: the folder for a diffusers folder, else the main (first) file."""
+    """What engines receive: the folder for a diffusers/transformers folder, else the main (first) file."""
     if entry.is_folder:
         return entry_dir(entry)
     found = cached_file(entry, entry.files[0])

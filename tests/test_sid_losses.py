@@ -577,7 +577,11 @@ def test_adversarial_losses_by_hand() -> None:
         torch.full_like(real, math.log(3.0)), torch.full_like(real, -math.log(3.0))
     )
     torch.testing.assert_close(confident, torch.full_like(real, -2 * math.log(0.75)))
-    assert not discriminator_loss(real, fake).requires_grad  # the head's loss never moves the generator
+    # The head learns from both maps: ∂/∂D_fake = σ(D_fake) = 0.5 at 0, ∂/∂D_real = −(1 − σ(D_real)) = −0.5.
+    real.requires_grad_(True)
+    discriminator_loss(real, fake).sum().backward()
+    torch.testing.assert_close(fake.grad, torch.full_like(real, 0.5))
+    torch.testing.assert_close(real.grad, torch.full_like(real, -0.5))
 
 
 def test_repa_alignment_by_hand() -> None:

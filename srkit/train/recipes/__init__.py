@@ -3,8 +3,10 @@ paper's hyper-parameters), the trainable parameters, the losses of one batch and
 loads (see srkit/train/trainer.py for the contract).
 
 A recipe module exposes `SETTINGS` (a dataclass with the paper's defaults) and
-`build(settings, inputs: RecipeInputs) -> Recipe`.  `srkit finetune --recipe NAME` and `srkit finetune --help` read
-this table; planned recipes are listed with what they are waiting for.
+`build(settings, inputs: RecipeInputs) -> Recipe`; optionally `SETTINGS_HELP` ({setting: where its default comes
+from}, shown by --help), `DEFAULT_LR` (the paper's learning rate, when the run gives none) and `HR_ONLY` (the recipe
+reads HR crops only, so no degradation is run).  `srkit finetune --recipe NAME` / `srkit distill --recipe NAME` and
+their --help read this table; planned recipes are listed with what they are waiting for.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ class RecipeSpec:
     module: str
     """Module defining `SETTINGS` and `build`; empty for a planned recipe."""
     description: str
+    command: str = "finetune"
+    """The CLI command that runs it: "finetune" or "distill"."""
 
 
 @dataclass(frozen=True)
@@ -52,7 +56,12 @@ RECIPES: dict[str, RecipeSpec] = {
         RecipeSpec("consissr-clip", "", "ConsisSR stage 1 (CLIP distillation): planned"),
         RecipeSpec("consissr", "", "ConsisSR stage 2 (TALA): planned"),
         RecipeSpec("rfsr", "", "RFSR reward-feedback fine-tuning of SeeSR/ConsisSR: planned"),
-        RecipeSpec("vae16", "", "SD2.1 UNet adapted to the 16-channel VAE (GenDR's teacher): planned"),
+        RecipeSpec("vae16", "srkit.train.recipes.vae16",
+                   "GenDR's teacher: an SD2.1 UNet adapted to the 16-channel VAE vae-kl-f8-d16 with REPA"),
+        RecipeSpec("cid", "srkit.train.recipes.cid",
+                   "GenDR's CiD: one-step student by consistent score identity distillation", "distill"),
+        RecipeSpec("cida", "srkit.train.recipes.cida",
+                   "GenDR's CiDA: CiD + adversarial head + REPA alignment (the paper's GenDR)", "distill"),
     )
 }  # fmt: skip
 
@@ -66,15 +75,24 @@ def local_or_registry(path: Path | None, entry: str, offline: bool) -> Path:
     return registry.resolve(entry, offline=offline)
 
 
-def built_recipes() -> list[str]:
-    return [name for name, spec in RECIPES.items() if spec.module]
+def built_recipes(command: str | None = None) -> list[str]:
+    """Built recipes, those of one CLI command when given."""
+    return [name for name, spec in RECIPES.items() if spec.module and command in (None, spec.command)]
 
 
-def recipe_module(name: str) -> ModuleType:
-    """The module of a built recipe; a clear error for planned and unknown names."""
+def recipe_names(command: str) -> list[str]:
+    """Every recipe of a CLI command, built or planned."""
+    return [name for name, spec in RECIPES.items() if spec.command == command]
+
+
+def recipe_module(name: str, command: str | None = None) -> ModuleType:
+    """The module of a built recipe; a clear error for planned and unknown names, and for a recipe of the other
+    command (`command`: the one it is run from)."""
     spec = RECIPES.get(name)
     if spec is None:
         raise ValueError(f"unknown recipe '{name}'; choose one of: {', '.join(RECIPES)}")
+    if command is not None and spec.command != command:
+        raise ValueError(f"recipe '{name}' is run by `srkit {spec.command}`, not `srkit {command}`")
     if not spec.module:
         raise ValueError(
             f"recipe '{name}' is not built yet in this version of srkit (built: {', '.join(built_recipes())})"
@@ -83,11 +101,15 @@ def recipe_module(name: str) -> ModuleType:
 
 
 def describe_settings(name: str) -> str:
-    """One line per hyper-parameter with its default (the paper's), for --help."""
+    """One line per hyper-parameter with its default (the paper's) and, where the recipe says, its source, for
+    --help."""
+    module = recipe_module(name)
+    notes = getattr(module, "SETTINGS_HELP", {})
     lines = []
-    for fld in dataclasses.fields(recipe_module(name).SETTINGS):
+    for fld in dataclasses.fields(module.SETTINGS):
         value = str(fld.default)
-        lines.append(f"{fld.name}={value if len(value) <= 40 else value[:37] + '...'}")
+        line = f"{fld.name}={value if len(value) <= 40 else value[:37] + '...'}"
+        lines.append(f"{line}: {notes[fld.name]}" if fld.name in notes else line)
     return "\n".join(lines)
 
 
@@ -99,4 +121,5 @@ __all__ = [
     "describe_settings",
     "local_or_registry",
     "recipe_module",
+    "recipe_names",
 ]
