@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from srkit.common import build_options
 from srkit.train.data import DegradedHRDataset
@@ -46,6 +47,7 @@ def finetune(
     if "lr" not in config and hasattr(module, "DEFAULT_LR"):
         config["lr"] = module.DEFAULT_LR
     train_config = TrainConfig(out=Path(out), **config)
+    torch.manual_seed(train_config.seed)  # the same initial weights (LoRA, heads) in every process and every run
     degrade = not getattr(module, "HR_ONLY", False)
     dataset = DegradedHRDataset(data, crop=crop, scale=4, seed=train_config.seed, degrade=degrade)
     inputs = RecipeInputs(
