@@ -140,7 +140,7 @@ def test_cida_losses_are_finite_and_each_reaches_only_its_own_group(cida_recipe,
     steps = list(recipe.losses(one_batch(gendr_inputs), 0))
     assert [group for group, _, _ in steps] == ["fake", "real", "discriminator", "generator"]
     assert all(torch.isfinite(loss) and loss.requires_grad for _, loss, _ in steps)
-    assert set(steps[-1][2]) == {"cid", "omega_inv", "adv", "repa"}
+    assert set(steps[-1][2]) == {"cid", "mse", "omega_inv", "adv", "repa"}
     groups = recipe.parameter_groups()
     for group, loss, _ in steps:
         for params in groups.values():

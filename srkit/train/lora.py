@@ -8,6 +8,7 @@ away for one forward pass while the inputs keep their graph (SiD's generator ste
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
@@ -38,7 +39,9 @@ def add_lora(
 
     extra = {} if alpha is None else {"lora_alpha": alpha}
     config = LoraConfig(r=rank, init_lora_weights="gaussian", target_modules=targets, **extra)
-    model.add_adapter(config, adapter_name=adapter)
+    with warnings.catch_warnings():  # a second named adapter on one model is what GenDR's scores are
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        model.add_adapter(config, adapter_name=adapter)
     return {name: p for name, p in model.named_parameters() if f".lora_A.{adapter}." in name or f".lora_B.{adapter}." in name}
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,22 +159,29 @@ def build(settings: CiDRecipeSettings, inputs: RecipeInputs, name: str = "cid") 
 
 
 class ScoreNetwork:
-    """One adapter of the shared score UNet as an ε-model (z_t, t, prompt embedding) → ε̂; remembers the mid-block
-    output of its last call when `keep_features` is set (the discriminator's input)."""
+    """One adapter of the shared score UNet as an ε-model (z_t, t, prompt embedding) → ε̂; inside
+    `keeping_features()` every call also keeps its mid-block output (the discriminator's input)."""
 
     def __init__(self, unet: torch.nn.Module, adapter: str) -> None:
         self.unet, self.adapter = unet, adapter
-        self.keep_features = False
-        self.features: torch.Tensor | None = None
+        self.kept: list[torch.Tensor] | None = None
 
     def __call__(self, noisy: torch.Tensor, t: torch.Tensor, embedding: torch.Tensor | None) -> torch.Tensor:
         use_adapter(self.unet, self.adapter)
-        if not self.keep_features:
+        if self.kept is None:
             return self.unet(noisy, t, encoder_hidden_states=embedding).sample
         with module_output(self.unet.mid_block) as outputs:
             eps = self.unet(noisy, t, encoder_hidden_states=embedding).sample
-        self.features = outputs[-1]
+        self.kept.extend(outputs)
         return eps
+
+    @contextmanager
+    def keeping_features(self) -> Iterator[list[torch.Tensor]]:
+        self.kept = []
+        try:
+            yield self.kept
+        finally:
+            self.kept = None
 
 
 class GenDRDistillRecipe(SDRecipe):
@@ -300,27 +308,25 @@ class GenDRDistillRecipe(SDRecipe):
 
         t = sample_timesteps(z_g.shape[0], s.t_min, s.t_max, device=z_g.device)
         noise = torch.randn_like(z_g)
-        self.real.keep_features = self.head is not None
-        try:
-            with frozen(self.scores, *([self.head] if self.head is not None else [])):
-                terms = cid_generator_loss(
-                    z_g, z_h, self.real, self.fake, t, noise, self.alphas_cumprod, self.guidance(s.cfg_scale),
-                    s.xi, s.form,
-                )  # fmt: skip
-                adversarial = None
-                if self.head is not None:
-                    fake_features = self._conditional_half(self.real.features, z_g.shape[0])
-                    adversarial = generator_adversarial_loss(self.head(fake_features))
-        finally:
-            self.real.keep_features, self.real.features = False, None
+        adversarial = None
+        with frozen(self.scores, *filter(None, [self.head])), self.real.keeping_features() as real_features:
+            terms = cid_generator_loss(
+                z_g, z_h, self.real, self.fake, t, noise, self.alphas_cumprod, self.guidance(s.cfg_scale), s.xi, s.form
+            )
+            if self.head is not None:
+                fake_features = self._conditional_half(real_features[-1], z_g.shape[0])
+                adversarial = generator_adversarial_loss(self.head(fake_features))
         if self.head is not None:
             discriminator = self.discriminator_loss(z_h, fake_features.detach(), t, noise)
             yield "discriminator", discriminator, {"disc": discriminator.item()}
 
-        cid = terms.elements + s.lambda_mse * regression_loss(z_g, z_h) if s.lambda_mse else terms.elements
+        cid, logs = terms.elements, {"omega_inv": terms.weight_factor.mean().item()}
+        if s.lambda_mse:
+            mse = regression_loss(z_g, z_h)
+            cid, logs["mse"] = cid + s.lambda_mse * mse, mse.mean().item()
         repa = self.repa_loss(generator_features, batch["hr"]) if self.projector is not None else None
         total = cida_generator_loss(cid, adversarial, repa, s, step)
-        logs = {"cid": total.cid.item(), "omega_inv": terms.weight_factor.mean().item()}
+        logs["cid"] = total.cid.item()
         logs |= {name: value.item() for name, value in (("adv", total.adversarial), ("repa", total.repa)) if value is not None}
         yield "generator", total.total, logs
 
@@ -336,14 +342,9 @@ class GenDRDistillRecipe(SDRecipe):
         (already computed, detached): only the head learns [proposal, notes §C]."""
         a, b = vp_coefficients(self.alphas_cumprod, t, z_h)
         embedding = self.embeddings[PROMPT_KEY].expand(z_h.shape[0], -1, -1)
-        with torch.no_grad():
-            self.real.keep_features = True
-            try:
-                self.real(a * z_h + b * noise, t, embedding)
-                real_features = self.real.features
-            finally:
-                self.real.keep_features, self.real.features = False, None
-        elements = discriminator_loss(self.head(real_features), self.head(fake_features))
+        with torch.no_grad(), self.real.keeping_features() as real_features:
+            self.real(a * z_h + b * noise, t, embedding)
+        elements = discriminator_loss(self.head(real_features[-1]), self.head(fake_features))
         return reduce_loss(elements, self.settings.normalisation)
 
     def repa_loss(self, features: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
