@@ -40,6 +40,7 @@ from srkit.train.distill import (
     sid_generator_sigma,
     x0_from_eps,
 )
+from srkit.train.distill.cid import regression_loss
 from srkit.train.distill.sid import edm_loss_weight
 from srkit.train.distill.vp import guided_eps, scaled_linear_alphas_cumprod, vp_coefficients
 
@@ -443,7 +444,7 @@ def constant_eps(value: float):
 ACP = scaled_linear_alphas_cumprod().to(DTYPE)
 
 
-def cid_by_hand(z_g_value: float, z_h_value: float, gap: float, xi: float):
+def cid_by_hand(z_g_value: float, z_h_value: float, gap: float, xi: float, form: str = "paper"):
     """CiD with networks whose x0 estimates are known: ε_real = 0 gives f_real = z_t/a = z_g (noise 0), and a
     constant ε_fake = gap·a/b gives f_fake = z_g − gap. Returns the reduced loss and ∂L/∂z_g."""
     t = torch.tensor([500, 500])
@@ -459,6 +460,7 @@ def cid_by_hand(z_g_value: float, z_h_value: float, gap: float, xi: float):
         ACP,
         PromptGuidance(),
         xi=xi,
+        form=form,
     )
     loss = reduce_loss(terms.elements, "sum")
     loss.backward()
@@ -479,6 +481,32 @@ def test_cid_sr_term_by_hand() -> None:
     torch.testing.assert_close(terms.elements, constant(0.35))
     torch.testing.assert_close(terms.weight_factor, torch.full((2,), 2.0, dtype=DTYPE))
     torch.testing.assert_close(grad, constant(0.5 / 2 / 2))
+
+
+def test_cid_forms_and_regression_term_by_hand() -> None:
+    """Where z_h enters (srkit.train.distill.cid.CiDForm), with f_real = z_g = 2, f_fake = 1.5, z_h = 0, ξ = 1."""
+    # "hr-weight" (the recipe's default): SiD's inner product, f_real − z_g = 0, ω⁻¹ = |0 − 2| = 2:
+    # ℓ = 0.5·(0 − 0.5)/2 = −0.125; the direct term −gap·ω and the real network's Jacobian +gap·ω cancel.
+    terms, _, grad = cid_by_hand(z_g_value=2.0, z_h_value=0.0, gap=0.5, xi=1.0, form="hr-weight")
+    torch.testing.assert_close(terms.elements, constant(-0.125))
+    torch.testing.assert_close(terms.weight_factor, torch.full((2,), 2.0, dtype=DTYPE))
+    torch.testing.assert_close(grad, constant(0.0))
+    # "paper": ℓ = 0.5·((2 − 0) − 0.5)/2 = 0.375, gradient gap·ω/B = 0.125 (through the real network only).
+    terms, _, grad = cid_by_hand(z_g_value=2.0, z_h_value=0.0, gap=0.5, xi=1.0, form="paper")
+    torch.testing.assert_close(terms.elements, constant(0.375))
+    torch.testing.assert_close(grad, constant(0.125))
+    # "sid": ω from z_g, |2 − 2| = 0, floored at 1e-5: ℓ = 0.5·(0 − 0.5)/1e-5.
+    terms, _, _ = cid_by_hand(z_g_value=2.0, z_h_value=0.0, gap=0.5, xi=1.0, form="sid")
+    torch.testing.assert_close(terms.elements, constant(-25_000.0))
+    with pytest.raises(ValueError, match="unknown CiD form"):
+        cid_by_hand(z_g_value=2.0, z_h_value=0.0, gap=0.5, xi=1.0, form="zh")
+    # Eq. 6: (z_g − z_h)², gradient 2·(z_g − z_h), none into z_h.
+    z_g, z_h = constant(3.0).requires_grad_(True), constant(1.0).requires_grad_(True)
+    elements = regression_loss(z_g, z_h)
+    torch.testing.assert_close(elements, constant(4.0))
+    elements.sum().backward()
+    torch.testing.assert_close(z_g.grad, constant(4.0))
+    assert z_h.grad is None
 
 
 def test_cid_gradient_vanishes_with_detached_network_inputs() -> None:

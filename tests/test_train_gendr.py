@@ -226,6 +226,8 @@ def test_cli_keeps_recipes_to_their_command_and_explains_the_cid_choice(gendr_in
     help_text = " ".join(runner.invoke(app, ["distill", "--help"], terminal_width=200).output.split())
     assert "form=hr-weight" in help_text and "[srkit choice]" in help_text and "WARNING: diverges" in help_text
     assert "lambda_adv=0.01" in help_text and "lambda_cid=10.0" in help_text  # cida: the paper's λ
+    models = runner.invoke(app, ["models", "gendr"], terminal_width=250)
+    assert "srkit distill --recipe cida" in " ".join(models.output.split())
 
 
 def test_cida_two_processes_complete(gendr_inputs, tmp_path):
