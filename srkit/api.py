@@ -127,6 +127,8 @@ def load_engine(
         keep_freed_memory()  # srkit/cpu_memory.py: no page-fault storm for large activations
     weight_set = resolve_weights(engine_class.weights_for(engine_options), weights, offline, log)
     engine = engine_class.from_weights(weight_set, torch_device, torch_dtype, engine_options)
+    for notice in engine.notices:
+        log(f"{spec.name}: {notice}")
     if tile == "auto":
         tile_size = auto_tile(torch_device, spec.scale)
     elif tile in (None, 0, "0", "none"):

@@ -357,6 +357,45 @@ def benchmark(
         log(f"{label}: {path}")
 
 
+@app.command()
+def tag(
+    inputs: Annotated[list[str], typer.Argument(help="Image files, folders or glob patterns.")],
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Folder for the .txt files (default: beside each image).")] = None,
+    tagger: Annotated[str, typer.Option("--tagger", help="dape (RAM + DAPE LoRA, as SeeSR/OSEDiff) or ram.")] = "dape",
+    write_txt: Annotated[bool, typer.Option("--write-txt", help="Write {stem}.txt with the tags (SeeSR/RFSR training tag files).")] = False,
+    recursive: Annotated[bool, typer.Option("-r", "--recursive", help="Descend into sub-folders.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print {file: tags} and the batch summary as JSON.")] = False,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")] = "auto",
+    offline: Annotated[bool, typer.Option("--offline", help="Never touch the network.")] = False,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet")] = False,
+) -> None:
+    """Tag images with RAM / DAPE (the prompts' tags); one line per image, or .txt files with --write-txt."""
+    from srkit.tagging import load_tagger, tag_paths
+
+    log = (lambda message: None) if quiet or as_json else (lambda message: err.print(message, highlight=False, markup=False))
+
+    def on_file(result: api.FileResult, done: int, total: int) -> None:
+        if result.status == "failed":
+            err.print(f"[red]failed[/] {escape(result.input)}: {escape(result.error or '')}", highlight=False)
+
+    try:
+        with _offline_env(offline):
+            model = load_tagger(tagger, device=device, log=log)
+        report, tags = tag_paths(inputs, model, output=output, write_txt=write_txt, recursive=recursive, warn=log,
+                                 on_file=on_file)  # fmt: skip
+    except (CliError, ValueError, KeyError, registry.WeightsError) as exc:
+        _fail(one_line(exc))
+    if as_json:
+        print(json.dumps({"tags": tags, **report.to_json()}, indent=2))
+    else:
+        for path, text in tags.items():
+            print(f"{path}\t{text}")
+    if not report.results:
+        _fail("no input images found", code=1)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 app.command()(degrade)  # LR/HR pairs through the Real-ESRGAN degradation (srkit/degrade/)
 

@@ -73,6 +73,8 @@ class Engine:
         self.device = device
         self.dtype = dtype
         self.options = options
+        self.notices: list[str] = []
+        """One-line messages for the user about choices made while building (the api prints them)."""
 
     @classmethod
     def weights_for(cls, options: EngineOptions) -> tuple[str, ...]:
