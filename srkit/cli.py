@@ -416,13 +416,13 @@ def finetune(
     text: Annotated[Path | None, typer.Option("--text", help="Folder with tokenizer/text_encoder/scheduler (default: registry sd21-text).")] = None,
     prompt_embeds: Annotated[Path | None, typer.Option("--prompt-embeds", help="Precomputed `prompt`/`neg` embeddings instead of a text encoder.")] = None,
     crop: Annotated[int, typer.Option("--crop", help="HR crop side (multiple of 4).")] = 512,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per process and step.")] = 1,
-    grad_accum: Annotated[int, typer.Option("--grad-accum", min=1, help="Micro-batches per optimiser step.")] = 1,
-    lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate (paper: 5e-5).")] = 5e-5,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Images per process and step (default: the recipe's release, else 1).")] = None,
+    grad_accum: Annotated[int | None, typer.Option("--grad-accum", min=1, help="Micro-batches per optimiser step (default: the recipe's release, else 1).")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="AdamW learning rate (default: the recipe's release: naosd/gdpo 5e-5, rfsr 5e-6).")] = None,
     max_grad_norm: Annotated[float, typer.Option("--max-grad-norm", help="Gradient clipping (0: off).")] = 1.0,
     mixed_precision: Annotated[str, typer.Option("--mixed-precision", help="no, fp16, bf16 (CUDA only).")] = "no",
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=1, help="Steps between checkpoints.")] = 500,
-    ema: Annotated[float, typer.Option("--ema", help="EMA decay of the trained weights (0: off).")] = 0.0,
+    ema: Annotated[float | None, typer.Option("--ema", help="EMA decay of the trained weights (0: off; default: the recipe's release, else off).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of data order, crops, degradations and noise.")] = 123,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in --out.")] = False,
     tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Also log to OUT/tensorboard.")] = False,
@@ -436,6 +436,7 @@ def finetune(
               "max_grad_norm": max_grad_norm, "mixed_precision": mixed_precision,
               "checkpoint_every": checkpoint_every, "ema_decay": ema, "seed": seed, "resume": resume,
               "tensorboard": tensorboard}  # fmt: skip
+    config = {key: value for key, value in config.items() if value is not None}
     from srkit.train.run import finetune as run_recipe
 
     try:

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from srkit.colorfix import color_fix
 from srkit.common import build_options
@@ -135,7 +134,7 @@ def test_golden_seesr_trajectory_decode_and_outputs(name: str, cases, networks, 
 def test_golden_seesr_tiled_vae_case_runs_close(name: str, cases, networks, inputs) -> None:
     """The README calls the tiled-VAE case optional: srkit's tiled VAE shares GroupNorm statistics differently
     from upstream's vaehook, so only closeness is checked (upstream's own tiling moves `decoded` by 0.068)."""
-    model, control, latent, recorded = run(name, cases, networks, inputs)
+    model, _, latent, recorded = run(name, cases, networks, inputs)
     with torch.inference_mode():
         decoded = vae_decode(model.vae, latent, tiling=model.vae_tiling)
     assert (decoded - recorded["decoded"]).abs().mean() < 0.02

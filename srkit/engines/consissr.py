@@ -182,8 +182,6 @@ class ConsisSREngine(MultiStepEngine):
 
     @classmethod
     def from_weights(cls, weights: WeightsSet, device, dtype, options: ConsisSROptions) -> ConsisSREngine:
-        from srkit.convert.consissr import load_consissr
-
         start_engine = None
         if options.start == "gan":
             start_class, start_spec = get_engine(options.start_model)
@@ -191,7 +189,7 @@ class ConsisSREngine(MultiStepEngine):
                 raise ValueError(f"--start-model must be a x{SCALE} GAN model, not '{options.start_model}'")
             start_options = start_class.options_class()
             start_engine = start_class.from_weights(weights, device, torch.float32, start_options)
-        nets = load_consissr(weights["consissr"], *_architecture(options))
+        nets = load_export(weights["consissr"], options.model_config, options.clip_config)
         return cls(nets, torch.device(device), dtype, options, start_engine)
 
     def to_dtype(self, dtype: torch.dtype) -> None:
@@ -275,10 +273,44 @@ class ConsisSREngine(MultiStepEngine):
         return resize_to(crop_to(fixed.clamp(0, 1), size), out_size)
 
 
-def _architecture(options: ConsisSROptions):
-    """(architecture, schedule) from the options' configs, or (None, None) for the released model's defaults."""
-    if options.model_config is None:
-        if options.clip_config is not None:
+EXPORT_CHECKPOINT, EXPORT_MODEL_CONFIG, EXPORT_CLIP_CONFIG = "ConsisSR.ckpt", "model.yaml", "openclip.json"
+"""An srkit-trained ConsisSR: the official checkpoint layout plus the configs of its sizes, in one folder."""
+
+
+def save_export(nets, folder: Path) -> Path:
+    """Write trained networks as a folder `--model consissr --weights FOLDER` loads (official checkpoint layout)."""
+    import yaml
+
+    from srkit.common import atomic_folder
+    from srkit.convert.consissr import ldm_model_config, save_consissr
+
+    with atomic_folder(folder) as partial:
+        save_consissr(nets, partial / EXPORT_CHECKPOINT)
+        (partial / EXPORT_MODEL_CONFIG).write_text(yaml.safe_dump(ldm_model_config(nets.architecture, nets.schedule)))
+        (partial / EXPORT_CLIP_CONFIG).write_text(json.dumps(dict(nets.architecture.clip)))
+    return folder
+
+
+def load_export(path: str | Path, model_config: str | None = None, clip_config: str | None = None):
+    """ConsisSR networks from the official checkpoint file, or from an export folder (its configs unless given)."""
+    from srkit.convert.consissr import load_consissr
+
+    path = Path(path)
+    if path.is_dir():
+        model_config = model_config or _existing(path / EXPORT_MODEL_CONFIG)
+        clip_config = clip_config or _existing(path / EXPORT_CLIP_CONFIG)
+        path = path / EXPORT_CHECKPOINT
+    return load_consissr(path, *_architecture(model_config, clip_config))
+
+
+def _existing(path: Path) -> str | None:
+    return str(path) if path.is_file() else None
+
+
+def _architecture(model_config: str | None, clip_config: str | None):
+    """(architecture, schedule) from official-layout configs, or (None, None) for the released model's defaults."""
+    if model_config is None:
+        if clip_config is not None:
             raise ValueError("clip_config goes with model_config (the released model uses ViT-H-14)")
         return None, None
     import yaml
@@ -286,8 +318,8 @@ def _architecture(options: ConsisSROptions):
     from srkit.convert.consissr import architecture_from_ldm_config
 
     try:
-        model = yaml.safe_load(Path(options.model_config).read_text())
-        clip = json.loads(Path(options.clip_config).read_text()) if options.clip_config else None
+        model = yaml.safe_load(Path(model_config).read_text())
+        clip = json.loads(Path(clip_config).read_text()) if clip_config else None
     except (OSError, ValueError) as exc:
         raise WeightsError(f"cannot read the ConsisSR model config: {exc}") from exc
     if clip is None:
@@ -297,4 +329,12 @@ def _architecture(options: ConsisSROptions):
     return architecture_from_ldm_config(model, clip)
 
 
-__all__ = ["NEGATIVE_PROMPT", "ConsisSREngine", "ConsisSROptions", "prepare_batch", "prepare_official"]
+__all__ = [
+    "NEGATIVE_PROMPT",
+    "ConsisSREngine",
+    "ConsisSROptions",
+    "load_export",
+    "prepare_batch",
+    "prepare_official",
+    "save_export",
+]
