@@ -25,7 +25,7 @@ import tomllib
 
 from srkit.common import atomic_path
 
-REGISTRY_FILE = Path(__file__).with_name("weights.toml")
+REGISTRY_FILE = Path(__file__).resolve().parents[1] / "weights.toml"
 USER_AGENT = "srkit (+https://pypi.org/project/srkit)"
 
 
