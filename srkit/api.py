@@ -24,7 +24,7 @@ from srkit import registry
 from srkit.alpha import bleed_colour
 from srkit.common import build_options, one_line, resolve_device
 from srkit.cpu_memory import keep_freed_memory
-from srkit.engines.base import Engine, EngineSpec, Progress, WeightsSet, get_engine
+from srkit.engines.base import Engine, EngineSpec, Progress, WeightsSet, get_engine, model_names
 from srkit.imageio import (
     WRITE_FORMATS,
     ImageData,
@@ -91,18 +91,54 @@ def auto_tile(device: torch.device, scale: int) -> int:
 # Loading
 
 
-def resolve_weights(spec: EngineSpec, weights: str | Path | None, offline: bool | None, log: Log) -> WeightsSet:
-    """Local paths for every registry key the model needs; `weights` replaces the main checkpoint."""
+def resolve_weights(
+    spec: EngineSpec, weights: str | Path | None, offline: bool | None, log: Log, keys: tuple[str, ...] | None = None
+) -> WeightsSet:
+    """Local paths for every registry entry the model needs, under the keys its engine reads them by (`keys`, the
+    engine's own entries: a user model's entry stands in for its engine's main checkpoint); `weights` replaces the
+    main checkpoint."""
     paths: dict[str, Path] = {}
-    for index, key in enumerate(spec.weights):
+    for index, (key, entry) in enumerate(zip(keys or spec.weights, spec.weights, strict=True)):
         if index == 0 and weights is not None:
             path = Path(weights).expanduser()
             if not path.exists():
                 raise registry.WeightsError(f"--weights {path} does not exist")
             paths[key] = path
         else:
-            paths[key] = registry.resolve(key, offline=offline, log=log)
+            paths[key] = registry.resolve(entry, offline=offline, log=log)
     return WeightsSet(paths)
+
+
+def add_model(
+    name: str,
+    path: str | Path,
+    *,
+    engine: str | None = None,
+    sha256: str | None = None,
+    licence: str | None = None,
+    registry_file: str | Path | None = None,
+    replace: bool = False,
+) -> registry.WeightsEntry | None:
+    """Name weights on this machine (a training export or a checkpoint) in a user registry so that `--model NAME`
+    runs them on their engine (from the export's config unless given).
+
+    Checked first: the engine is a model, a built-in model's own name keeps its own engine, and the path has the
+    shape (folder or file) of that engine's main checkpoint.  Returns the entry as srkit now reads it, or None when
+    `registry_file` is not a file srkit reads (name it in SRKIT_REGISTRY).
+    """
+    fields = registry.local_entry(Path(path), engine=engine, sha256=sha256, licence=licence)
+    engine = fields["engine"]
+    if engine not in model_names():
+        raise ValueError(f"engine '{engine}' is not a model; use one of: {', '.join(model_names())}")
+    if name in model_names() and name != engine:
+        raise ValueError(f"'{name}' is a built-in model with its own engine; choose another name")
+    main = registry.load_registry().entries.get(get_engine(engine)[1].weights[0])
+    if main is not None and main.is_folder != (fields["format"] == "diffusers-folder"):
+        shape = "a model folder" if main.is_folder else "a single checkpoint file"
+        raise ValueError(f"the {engine} engine reads {shape} as its main checkpoint, and {path} is not one")
+    target = registry.add_entry(name, fields, Path(registry_file) if registry_file else None, replace)
+    entry = registry.load_registry().entries.get(name)
+    return entry if entry is not None and entry.origin == target else None
 
 
 def load_engine(
@@ -124,7 +160,7 @@ def load_engine(
     engine_options = build_options(engine_class.options_class, options)
     if torch_device.type == "cpu":
         keep_freed_memory()  # srkit/cpu_memory.py: no page-fault storm for large activations
-    weight_set = resolve_weights(spec, weights, offline, log)
+    weight_set = resolve_weights(spec, weights, offline, log, engine_class.spec.weights)
     engine = engine_class.from_weights(weight_set, torch_device, torch_dtype, engine_options)
     if tile == "auto":
         tile_size = auto_tile(torch_device, spec.scale)

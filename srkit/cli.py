@@ -16,11 +16,11 @@ from rich.table import Table
 from srkit import api, registry
 from srkit.common import one_line
 from srkit.degrade.cli import degrade
-from srkit.engines.base import get_engine, model_names
+from srkit.engines.base import get_engine, model_names, user_models
 from srkit.train.recipes import RECIPES, built_recipes, describe_settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Super-resolution: GAN and one-step diffusion models.")
-weights_app = typer.Typer(no_args_is_help=True, help="List, fetch, verify and import model weights.")
+weights_app = typer.Typer(no_args_is_help=True, help="List, fetch, verify, import and add model weights.")
 app.add_typer(weights_app, name="weights")
 err = Console(stderr=True, soft_wrap=True)  # one message = one line, whatever the width
 out = Console(width=None if sys.stdout.isatty() else 200)  # pipes and files get whole lines
@@ -192,6 +192,8 @@ def weights_status(name: str) -> str:
         entry = registry.load_registry().entry(name)
     except registry.WeightsError:
         return "unregistered"
+    if entry.location is not None:
+        return "local" if registry.is_cached(entry) else "missing"
     if registry.is_cached(entry):
         return "cached"
     if entry.status == "unreleased":
@@ -218,7 +220,7 @@ def models(name: Annotated[str | None, typer.Argument(help="Show one model's opt
     if name is not None:
         try:
             engine_class, spec = get_engine(name)
-        except (KeyError, ImportError) as exc:
+        except (KeyError, ImportError, registry.WeightsError) as exc:
             _fail(one_line(exc))
         out.print(f"[bold]{spec.name}[/]: {spec.description}\nx{spec.scale}, {spec.steps} step(s), licence {spec.licence}")
         out.print("weights: " + ", ".join(f"{w} ({weights_status(w)})" for w in spec.weights))
@@ -229,7 +231,11 @@ def models(name: Annotated[str | None, typer.Argument(help="Show one model's opt
         out.print(table)
         return
     table = _table("model", "scale", "steps", "weights", "licence", "description")
-    for model_name in model_names():
+    try:
+        names = model_names() + user_models()  # yours (`srkit weights add`) after the built-in ones
+    except registry.WeightsError as exc:
+        _fail(one_line(exc))
+    for model_name in names:
         try:
             _, spec = get_engine(model_name)
         except ImportError as exc:
@@ -242,10 +248,15 @@ def models(name: Annotated[str | None, typer.Argument(help="Show one model's opt
 
 @weights_app.command("list")
 def weights_list() -> None:
-    """Every registered checkpoint, its status and licence."""
-    table = _table("name", "engine", "format", "status", "licence")
-    for name, entry in registry.load_registry().entries.items():
-        table.add_row(name, entry.engine, entry.format, weights_status(name), entry.licence)
+    """Every registered checkpoint, its status, licence and the registry file that defines it."""
+    table = _table("name", "engine", "format", "status", "licence", "defined in")
+    try:
+        entries = registry.load_registry().entries
+    except registry.WeightsError as exc:
+        _fail(one_line(exc))
+    for name, entry in entries.items():
+        origin = "built-in" if entry.builtin else entry.where
+        table.add_row(name, entry.engine, entry.format, weights_status(name), entry.licence, origin)
     out.print(table)
 
 
@@ -296,6 +307,49 @@ def weights_import(
     except registry.WeightsError as exc:
         _fail(str(exc), code=1)
     out.print(f"{name}: {dest}", highlight=False)
+
+
+REGISTRY_OPTION_HELP = (
+    "User registry file (default $SRKIT_HOME/weights.toml; a team's file is read when SRKIT_REGISTRY names it)."
+)
+
+
+@weights_app.command("add")
+def weights_add(
+    name: Annotated[str, typer.Argument(help="The name to use with --model.")],
+    path: Annotated[Path, typer.Option("--path", help="A model folder (e.g. a training export) or a checkpoint file.")],
+    engine: Annotated[str | None, typer.Option("--engine", help="The model that runs it (default: from the export's srkit_export.json).")] = None,
+    sha256: Annotated[str | None, typer.Option("--sha256", help="auto: record every file's sha256 for `weights verify`; or the one file's known digest.")] = None,
+    licence: Annotated[str | None, typer.Option("--licence", "--license", help="Licence note (default: from the export's config).")] = None,
+    registry_file: Annotated[Path | None, typer.Option("--registry", help=REGISTRY_OPTION_HELP)] = None,
+    replace: Annotated[bool, typer.Option("--replace", help="Replace an entry of that name (yours, a team's, or a built-in one).")] = False,
+) -> None:
+    """Name your own weights (e.g. `srkit finetune`'s export) so that upscale, benchmark, models and verify use them."""
+    try:
+        entry = api.add_model(name, path, engine=engine, sha256=sha256, licence=licence,
+                              registry_file=registry_file, replace=replace)  # fmt: skip
+    except (ValueError, registry.WeightsError) as exc:
+        _fail(one_line(exc))
+    target = registry_file or registry.user_registry_file()
+    if entry is None:
+        err.print(f"note: srkit does not read {target} yet; set {registry.REGISTRY_ENV}={target}", highlight=False)
+        return
+    hashed = "with sha256" if all(f.sha256 for f in entry.files) else "sizes only (--sha256 auto to hash)"
+    out.print(f"{name}: {entry.engine} model, {len(entry.files)} file(s) in {entry.location}, {hashed}; "
+              f"written to {entry.where}. Try `srkit upscale IMAGE --model {name}`", highlight=False)  # fmt: skip
+
+
+@weights_app.command("remove")
+def weights_remove(
+    name: str,
+    registry_file: Annotated[Path | None, typer.Option("--registry", help=REGISTRY_OPTION_HELP)] = None,
+) -> None:
+    """Remove your entry NAME from a user registry (the weights files themselves are kept)."""
+    try:
+        target = registry.remove_entry(name, registry_file)
+    except registry.WeightsError as exc:
+        _fail(one_line(exc))
+    out.print(f"{name}: removed from {target}", highlight=False)
 
 
 def _expand_names(names: list[str]) -> list[str]:
@@ -409,7 +463,7 @@ def finetune(
         )  # fmt: skip
     except (CliError, ValueError, KeyError, registry.WeightsError) as exc:
         _fail(one_line(exc), code=2)
-    err.print(f"done: {exported}", highlight=False)
+    err.print(f"done: {exported} (to use it by name: srkit weights add NAME --path {exported})", highlight=False)
 
 
 finetune.__doc__ = (finetune.__doc__ or "") + "".join(
