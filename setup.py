@@ -1,8 +1,9 @@
 """Build hook: wheels carry the top-level `weights.toml` (the one built-in registry) as `srkit/weights.toml`.
 
-The repository keeps a single copy at its root, beside pyproject.toml; `build_py` places it inside the package in
-the build tree only, so no second copy lives in git and none can drift.  Editable installs skip the copy and read
-the root file (srkit/registry.py looks beside the package, then one folder up).  sdists take it via MANIFEST.in.
+The repository keeps a single copy at its root, beside pyproject.toml; `build_py` places it inside the package
+in the build tree only, so no second copy lives in git and none can drift.  Editable installs skip the copy
+and read the root file (srkit/registry.py looks beside the package, then one folder up).  sdists take it via
+MANIFEST.in.
 """
 
 from pathlib import Path

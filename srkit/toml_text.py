@@ -1,10 +1,10 @@
-"""Top-level tables of a TOML file as text: where each starts, and replacing one while the rest stays byte for byte.
+"""Top-level tables of a TOML file as text: where each starts, and replacing one, the rest kept byte for byte.
 
-tomllib reads TOML but keeps no positions and cannot write.  The registry needs both: a malformed entry of a user's
-`weights.toml` is reported with its file and line, and `srkit weights add/remove` edit one entry of a file that
-people also edit by hand (comments and the other entries must survive).  Only what the registry's schema uses is
-written: strings, integers, booleans, lists, and lists of inline tables one per line.  Callers parse the edited
-text again to check that only the intended table changed.
+tomllib reads TOML but keeps no positions and cannot write.  The registry needs both: a malformed entry of a
+user's `weights.toml` is reported with its file and line, and `srkit weights add/remove` edit one entry of a
+file that people also edit by hand (comments and the other entries must survive).  Only what the registry's
+schema uses is written: strings, integers, booleans, lists, and lists of inline tables one per line.  Callers
+parse the edited text again to check that only the intended table changed.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ def _header_key(line: str) -> str | None:
 
 
 def table_span(text: str, name: str) -> tuple[int, int] | None:
-    """0-based line span [start, end) of table `name`: its header up to the next header that is not one of its own
-    sub-tables, without the blank and comment lines just before that header (they introduce the next table)."""
+    """0-based line span [start, end) of table `name`: its header up to the next header that is not one of its
+    own sub-tables, less the blank and comment lines just before that header (they introduce the next table)."""
     lines = text.splitlines()
     start = next((i for i, line in enumerate(lines) if _header_key(line) == name), None)
     if start is None:
@@ -63,13 +63,16 @@ def line_of(text: str, name: str, key: str | None = None, contains: str | None =
     lines = text.splitlines()
     assigns = re.compile(rf"\s*{re.escape(key)}\s*=") if key else None
     for index in range(span[0] + 1, span[1]):
-        if (assigns is None or assigns.match(lines[index])) and (contains is None or contains in lines[index]):
+        if (assigns is None or assigns.match(lines[index])) and (
+            contains is None or contains in lines[index]
+        ):
             return index + 1
     return span[0] + 1
 
 
 def replace_table(text: str, name: str, block: str | None) -> str:
-    """`text` with table `name` replaced by `block` (appended when absent; removed when `block` is None)."""
+    """`text` with table `name` replaced by `block` (appended when absent; removed, with the comment lines right
+    above its header, when `block` is None)."""
     lines = text.splitlines(keepends=True)
     span = table_span(text, name)
     new = [] if block is None else block.splitlines(keepends=True)
@@ -81,8 +84,11 @@ def replace_table(text: str, name: str, block: str | None) -> str:
             head += "\n"
         return head + ("\n" if head.strip() else "") + "".join(new)
     start, end = span
-    if block is None and start > 0 and not lines[start - 1].strip():
-        start -= 1  # the blank line that separated the removed table from the one before
+    if block is None:  # its comment lines go too, and the blank line that set it apart from the table before
+        while start > 0 and lines[start - 1].lstrip().startswith("#"):
+            start -= 1
+        if start > 0 and not lines[start - 1].strip():
+            start -= 1
     return "".join(lines[:start] + new + lines[end:])
 
 

@@ -1,5 +1,5 @@
-"""The built-in registry is the top-level `weights.toml`, one copy in the tree; the sdist carries it and a wheel
-built from that sdist ships it inside the package, so an installed wheel lists the same entries as the source."""
+"""The built-in registry is the top-level `weights.toml`, one copy in the tree; the sdist carries it and a
+wheel built from that sdist ships it inside the package: an installed wheel lists the source's entries."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import tomllib
 import zipfile
 from pathlib import Path
+
+import tomllib
 
 from srkit import registry
 
@@ -27,7 +28,9 @@ def test_the_built_in_registry_is_the_one_top_level_file():
 def _build(hook: str, source: Path, out: Path) -> Path:
     """setuptools' PEP 517 hook, as `pip wheel --no-build-isolation` / `python -m build` call it (no network)."""
     code = f"import setuptools.build_meta as b; print(b.{hook}({str(out)!r}))"
-    done = subprocess.run([sys.executable, "-c", code], cwd=source, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", code], check=False, cwd=source, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return out / done.stdout.strip().splitlines()[-1]
 
@@ -57,7 +60,9 @@ def test_an_installed_wheel_lists_the_same_entries_as_the_source_tree(tmp_path):
     env |= {"PYTHONPATH": str(site), "SRKIT_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
     code = ("import json, srkit.registry as r; "
             "print(json.dumps([r.__file__, str(r.REGISTRY_FILE), sorted(r.load_registry().entries)]))")  # fmt: skip
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", code], check=False, cwd=tmp_path, env=env, capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     module, registry_file, names = json.loads(done.stdout)
     assert Path(module).is_relative_to(site) and Path(registry_file) == site / "srkit" / "weights.toml"

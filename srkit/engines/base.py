@@ -128,9 +128,11 @@ def model_names() -> list[str]:
 
 
 def user_models() -> list[str]:
-    """Your registry entries that name a model as their engine: each is a model of its own (`--model NAME`)."""
-    entries = registry.load_registry().entries
-    return sorted(n for n, e in entries.items() if not e.builtin and e.engine in _MODULES and n not in _MODULES)
+    """Your registry entries (not overrides of built-in ones) that name a model as their engine: each is a model
+    of its own (`--model NAME`)."""
+    reg = registry.load_registry()
+    builtin = reg.builtin_names | _MODULES.keys()
+    return sorted(n for n, e in reg.entries.items() if n not in builtin and e.engine in _MODULES)
 
 
 def get_engine(name: str) -> tuple[type[Engine], EngineSpec]:
@@ -149,8 +151,9 @@ def _user_model(name: str) -> tuple[type[Engine], EngineSpec]:
     """A user entry run by the engine it names, with the entry as the main checkpoint (the engine's other weights
     come from their own entries).  The engine class reads the main checkpoint under its own key: the api maps
     `spec.weights` onto `engine_class.spec.weights` in order."""
-    entry = registry.load_registry().entries.get(name)
-    if entry is None or entry.builtin:
+    reg = registry.load_registry()
+    entry = reg.entries.get(name)
+    if entry is None or name in reg.builtin_names:
         known = ", ".join(model_names() + user_models())
         raise KeyError(f"unknown model '{name}'; known models: {known}")
     if entry.engine not in _MODULES:

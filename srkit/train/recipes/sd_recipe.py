@@ -1,10 +1,10 @@
 """What the Stable-Diffusion recipes share: the model folder they start from, the noise schedule and the fixed
 prompts of its text side, optimiser groups, device moves and a self-contained export folder.
 
-A recipe subclasses `SDRecipe` (setting `name`, the `engine` that runs its export and a `licence` note), builds its
-networks in `__init__` after calling the base, fills `self.groups`, and writes its own networks in `export` inside
-`self.export_folder(folder)`.  That folder also gets the export config (srkit.registry.EXPORT_CONFIG), so
-`srkit weights add NAME --path EXPORT` needs nothing more.
+A recipe subclasses `SDRecipe` (setting `name`, the `engine` that runs its export and a `licence` note),
+builds its networks in `__init__` after calling the base, fills `self.groups`, and writes its own networks in
+`export` inside `self.export_folder(folder)`.  That folder also gets the export config
+(srkit.registry.EXPORT_CONFIG), so `srkit weights add NAME --path EXPORT` needs nothing more.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class SDRecipe:
             self.schedule.alpha_bar(t)
         self.embeddings = prompt_embeddings(prompts, folder=text_side, precomputed=prompt_embeds)
         self.groups: dict[str, dict[str, torch.nn.Parameter]] = {}
-        base_licence = registry.read_export_config(self.base).get("licence")  # a base that is itself an export
+        base_licence = registry.read_export_config(self.base).get("licence")  # a base that is an export
         self.export_config = {"engine": self.engine, "recipe": self.name, "base": str(self.base.absolute()),
                               "licence": base_licence or self.licence, "format": "diffusers-folder"}  # fmt: skip
 
