@@ -292,7 +292,7 @@ def weights_verify(names: Annotated[list[str] | None, typer.Argument(help="Defau
 
 @weights_app.command("path")
 def weights_path(name: str) -> None:
-    """Where an entry lives in the cache ($SRKIT_HOME)."""
+    """Where an entry's files are: its cache folder ($SRKIT_HOME), or the folder a user entry points at."""
     try:
         entry = registry.load_registry().entry(name)
     except registry.WeightsError as exc:
@@ -453,7 +453,8 @@ def finetune(
     reward_metrics: Annotated[str | None, typer.Option("--reward-metrics", help="gdpo: reward metrics, e.g. psnr,musiq,maniqa (the paper's).")] = None,
     option: Annotated[list[str], typer.Option("-O", "--option", help="Recipe hyper-parameter key=value (see the list below).")] = [],  # noqa: B006
 ) -> None:
-    """Fine-tune or pre-train a model with a paper's recipe; the result loads with `srkit upscale --weights`."""
+    """Fine-tune or pre-train a model with a paper's recipe; the export loads with `srkit upscale --weights`, or by
+    name after `srkit weights add NAME --path OUT/export`."""
     config = {"steps": steps, "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr,
               "max_grad_norm": max_grad_norm, "mixed_precision": mixed_precision,
               "checkpoint_every": checkpoint_every, "ema_decay": ema, "seed": seed, "resume": resume,

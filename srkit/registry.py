@@ -145,7 +145,8 @@ FILE_FIELDS: dict[str, type] = {"path": str, "sha256": str, "size": int, "url": 
 ALT_FIELDS: dict[str, type] = {"url": str, "hf": str, "pypi": str, "convert": str, "sha256": str}
 SOURCE_KINDS = ("url", "hf", "pypi")
 FORMATS = ("official-pickle", "safetensors", "diffusers-folder", "ncnn", "ldm-ckpt")
-STATUSES = ("released", "unreleased")
+STATUSES = ("released", "manual", "unreleased")
+"""manual: published where srkit cannot download from; manual and unreleased entries say in `obtain` what to do."""
 ENTRY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 """Entry names are cache folder names and `--model` values: no spaces, slashes or leading dots."""
 SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -271,7 +272,7 @@ class _RegistryText:
             duplicate = next(p for p in seen if seen.count(p) > 1)
             raise self.error(f"'{name}' lists {duplicate} twice", name, contains=f'"{duplicate}"')
         for file in files:
-            if not file.sources and location is None and table.get("status") != "unreleased":
+            if not file.sources and location is None and table.get("status") not in ("manual", "unreleased"):
                 raise self.error(f"'{name}': {file.path} has no source (url, hf or alt) and the entry no path",
                                  name, contains=f'"{file.path}"')  # fmt: skip
         return WeightsEntry(
@@ -507,19 +508,15 @@ def _has_local_source(entry: WeightsEntry) -> bool:
 
 
 def verify(name: str) -> list[tuple[str, str]]:
-    """(file, status) for each file of an entry: ok, missing, mismatch (hash or size), unverified (no hash)."""
+    """(file, status) for each file of an entry: ok, missing, mismatch, unverified (no registered hash)."""
     entry = load_registry().entry(name)
     report = []
     for file in entry.files:
         local = cached_file(entry, file)
         if local is None:
             report.append((file.path, "missing"))
-        elif local.name != Path(file.path).name:
+        elif local.name != Path(file.path).name or not file.sha256:
             report.append((str(local.name), "unverified"))
-        elif file.size is not None and local.stat().st_size != file.size:
-            report.append((file.path, "mismatch"))
-        elif not file.sha256:
-            report.append((file.path, "unverified"))
         else:
             report.append((file.path, "ok" if sha256_of(local) == file.sha256 else "mismatch"))
     return report

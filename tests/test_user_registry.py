@@ -241,6 +241,8 @@ def test_a_checkpoint_added_by_name_lists_upscales_and_verifies(home, tmp_path, 
     assert verified.exit_code == 0 and verified.output.split() == ["tiny/tiny.pth:", "ok"]
     checkpoint.write_bytes(b"x" + checkpoint.read_bytes()[1:])  # same size, another digest
     assert invoke("weights", "verify", "tiny").output.split() == ["tiny/tiny.pth:", "mismatch"]
+    with pytest.raises(registry.WeightsError, match="reads its files from .*models, not from the cache"):
+        registry.import_file("tiny", checkpoint)
     checkpoint.unlink()
     missing = CliRunner().invoke(app, ["upscale", str(image), "--model", "tiny"])
     assert (
@@ -280,6 +282,10 @@ def test_add_refuses_clashing_names_and_remove_only_touches_user_entries(
     )
     assert "not a usable entry name" in refused(*add[:2], "../up", *add[2:])
     assert "(no srkit_export.json); pass --engine" in refused("weights", "add", "e", "--path", str(tmp_path))
+
+    unread = invoke(*add[:2], "elsewhere", *add[2:], "--registry", str(tmp_path / "other.toml"))
+    assert f"srkit does not read {tmp_path / 'other.toml'} yet; set SRKIT_REGISTRY=" in unread.output
+    assert "[elsewhere]" in (tmp_path / "other.toml").read_text()
 
     team = write(tmp_path / "team.toml", entry("shared", "https://team/m.pth"))
     monkeypatch.setenv("SRKIT_REGISTRY", str(team))
@@ -338,7 +344,8 @@ def test_a_naosd_export_added_by_name_upscales_benchmarks_and_verifies_offline(
     listed = invoke("models")
     row = next(line for line in listed.output.splitlines() if line.strip("│ ").startswith("my-naosd "))
     assert "x4" in row and "local" in row
-    assert not any(line.strip("│ ").startswith("sd21-text ") for line in listed.output.splitlines())  # not a model
+    names = [line.strip("│ ").split(" ")[0] for line in listed.output.splitlines()]
+    assert "my-naosd" in names and "sd21-text" not in names  # an override of a built-in entry is no model
     assert "weights: my-naosd (local), sd21-text (local)" in invoke("models", "my-naosd").output
 
     image = tmp_path / "in.png"
