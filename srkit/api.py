@@ -92,23 +92,23 @@ def auto_tile(device: torch.device, scale: int) -> int:
 
 
 def resolve_weights(
-    spec: EngineSpec,
+    keys: tuple[str, ...],
     weights: str | Path | None,
     offline: bool | None,
     log: Log,
-    keys: tuple[str, ...] | None = None,
+    main_entry: str | None = None,
 ) -> WeightsSet:
-    """Local paths for every registry entry the model needs, under the keys its engine reads them by (`keys`,
-    the engine's own entries: a user model's entry stands in for its engine's main checkpoint); `weights`
-    replaces the main checkpoint."""
+    """Local paths for every registry key the engine reads (main checkpoint first); `weights` replaces the main
+    checkpoint, and `main_entry` names the registry entry that supplies it (a user model's own entry)."""
     paths: dict[str, Path] = {}
-    for index, (key, entry) in enumerate(zip(keys or spec.weights, spec.weights, strict=True)):
+    for index, key in enumerate(keys):
         if index == 0 and weights is not None:
             path = Path(weights).expanduser()
             if not path.exists():
                 raise registry.WeightsError(f"--weights {path} does not exist")
             paths[key] = path
         else:
+            entry = main_entry if index == 0 and main_entry else key
             paths[key] = registry.resolve(entry, offline=offline, log=log)
     return WeightsSet(paths)
 
@@ -174,7 +174,8 @@ def load_engine(
     engine_options = build_options(engine_class.options_class, options)
     if torch_device.type == "cpu":
         keep_freed_memory()  # srkit/cpu_memory.py: no page-fault storm for large activations
-    weight_set = resolve_weights(spec, weights, offline, log, engine_class.spec.weights)
+    keys = engine_class.weights_for(engine_options)
+    weight_set = resolve_weights(keys, weights, offline, log, spec.weights[0])
     engine = engine_class.from_weights(weight_set, torch_device, torch_dtype, engine_options)
     if tile == "auto":
         tile_size = auto_tile(torch_device, spec.scale)

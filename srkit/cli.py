@@ -205,8 +205,8 @@ def weights_status(name: str) -> str:
         return "local" if registry.is_cached(entry) else "missing"
     if registry.is_cached(entry):
         return "cached"
-    if entry.status == "unreleased":
-        return "unreleased"
+    if entry.status in ("unreleased", "manual"):
+        return entry.status
     if all(any(s.kind == "pypi" for s in f.sources) for f in entry.files):
         return "embedded"
     return "not cached"

@@ -78,6 +78,12 @@ class Engine:
         self.options = options
 
     @classmethod
+    def weights_for(cls, options: EngineOptions) -> tuple[str, ...]:
+        """Registry keys to resolve for these options: the spec's, plus any an option brings in (ConsisSR's
+        `--start gan` needs its GAN model's weights)."""
+        return cls.spec.weights
+
+    @classmethod
     def from_weights(
         cls, weights: WeightsSet, device: torch.device, dtype: torch.dtype, options: EngineOptions
     ) -> Engine:
@@ -149,8 +155,8 @@ def get_engine(name: str) -> tuple[type[Engine], EngineSpec]:
 
 def _user_model(name: str) -> tuple[type[Engine], EngineSpec]:
     """A user entry run by the engine it names, with the entry as the main checkpoint (the engine's other weights
-    come from their own entries).  The engine class reads the main checkpoint under its own key: the api maps
-    `spec.weights` onto `engine_class.spec.weights` in order."""
+    come from their own entries).  The engine class reads the main checkpoint under its own key; the api
+    resolves it from `spec.weights[0]`, the user's entry."""
     reg = registry.load_registry()
     entry = reg.entries.get(name)
     if entry is None or name in reg.builtin_names:
