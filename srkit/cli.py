@@ -16,11 +16,11 @@ from rich.table import Table
 from srkit import api, registry
 from srkit.common import one_line
 from srkit.degrade.cli import degrade
-from srkit.engines.base import get_engine, model_names
+from srkit.engines.base import get_engine, model_names, user_models
 from srkit.train.recipes import RECIPES, built_recipes, describe_settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Super-resolution: GAN and one-step diffusion models.")
-weights_app = typer.Typer(no_args_is_help=True, help="List, fetch, verify and import model weights.")
+weights_app = typer.Typer(no_args_is_help=True, help="List, fetch, verify, import and add model weights.")
 app.add_typer(weights_app, name="weights")
 err = Console(stderr=True, soft_wrap=True)  # one message = one line, whatever the width
 out = Console(width=None if sys.stdout.isatty() else 200)  # pipes and files get whole lines
@@ -187,11 +187,22 @@ class _offline_env:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@weights_app.callback()
+def _check_registry() -> None:
+    """Every weights command reads the layered registry: a malformed file stops it here, in one line."""
+    try:
+        registry.load_registry()
+    except registry.WeightsError as exc:
+        _fail(one_line(exc))
+
+
 def weights_status(name: str) -> str:
     try:
         entry = registry.load_registry().entry(name)
     except registry.WeightsError:
         return "unregistered"
+    if entry.location is not None:
+        return "local" if registry.is_cached(entry) else "missing"
     if registry.is_cached(entry):
         return "cached"
     if entry.status in ("unreleased", "manual"):
@@ -218,7 +229,7 @@ def models(name: Annotated[str | None, typer.Argument(help="Show one model's opt
     if name is not None:
         try:
             engine_class, spec = get_engine(name)
-        except (KeyError, ImportError) as exc:
+        except (KeyError, ImportError, registry.WeightsError) as exc:
             _fail(one_line(exc))
         out.print(f"[bold]{spec.name}[/]: {spec.description}\nx{spec.scale}, {spec.steps} step(s), licence {spec.licence}")
         out.print("weights: " + ", ".join(f"{w} ({weights_status(w)})" for w in spec.weights))
@@ -229,7 +240,11 @@ def models(name: Annotated[str | None, typer.Argument(help="Show one model's opt
         out.print(table)
         return
     table = _table("model", "scale", "steps", "weights", "licence", "description")
-    for model_name in model_names():
+    try:
+        names = model_names() + user_models()  # yours (`srkit weights add`) after the built-in ones
+    except registry.WeightsError as exc:
+        _fail(one_line(exc))
+    for model_name in names:
         try:
             _, spec = get_engine(model_name)
         except ImportError as exc:
@@ -242,10 +257,11 @@ def models(name: Annotated[str | None, typer.Argument(help="Show one model's opt
 
 @weights_app.command("list")
 def weights_list() -> None:
-    """Every registered checkpoint, its status and licence."""
-    table = _table("name", "engine", "format", "status", "licence")
+    """Every registered checkpoint, its status, licence and the registry file that defines it."""
+    table = _table("name", "engine", "format", "status", "licence", "defined in")
     for name, entry in registry.load_registry().entries.items():
-        table.add_row(name, entry.engine, entry.format, weights_status(name), entry.licence)
+        origin = "built-in" if entry.builtin else entry.where
+        table.add_row(name, entry.engine, entry.format, weights_status(name), entry.licence, origin)
     out.print(table)
 
 
@@ -276,7 +292,7 @@ def weights_verify(names: Annotated[list[str] | None, typer.Argument(help="Defau
 
 @weights_app.command("path")
 def weights_path(name: str) -> None:
-    """Where an entry lives in the cache ($SRKIT_HOME)."""
+    """Where an entry's files are: its cache folder ($SRKIT_HOME), or the folder a user entry points at."""
     try:
         entry = registry.load_registry().entry(name)
     except registry.WeightsError as exc:
@@ -296,6 +312,51 @@ def weights_import(
     except registry.WeightsError as exc:
         _fail(str(exc), code=1)
     out.print(f"{name}: {dest}", highlight=False)
+
+
+REGISTRY_OPTION_HELP = (
+    "User registry file (default $SRKIT_HOME/weights.toml; a team's file is read when SRKIT_REGISTRY names it)."
+)
+
+
+@weights_app.command("add")
+def weights_add(
+    name: Annotated[str, typer.Argument(help="The name to use with --model.")],
+    path: Annotated[Path, typer.Option("--path", help="A model folder (e.g. a training export) or a checkpoint file.")],
+    engine: Annotated[str | None, typer.Option("--engine", help="The model that runs it (default: from the export's srkit_export.json).")] = None,
+    sha256: Annotated[str | None, typer.Option("--sha256", help="auto: record every file's sha256 for `weights verify`; or the one file's known digest.")] = None,
+    licence: Annotated[str | None, typer.Option("--licence", "--license", help="Licence note (default: from the export's config).")] = None,
+    registry_file: Annotated[Path | None, typer.Option("--registry", help=REGISTRY_OPTION_HELP)] = None,
+    replace: Annotated[bool, typer.Option("--replace", help="Replace an entry of that name (yours, a team's, or a built-in one).")] = False,
+) -> None:
+    """Name your own weights (e.g. `srkit finetune`'s export) so that upscale, benchmark, models and verify use them."""
+    try:
+        entry = api.add_model(name, path, engine=engine, sha256=sha256, licence=licence,
+                              registry_file=registry_file, replace=replace)  # fmt: skip
+    except (ValueError, registry.WeightsError) as exc:
+        _fail(one_line(exc))
+    target = registry_file or registry.user_registry_file()
+    if entry is None:
+        err.print(
+            f"note: srkit does not read {target} yet; set {registry.REGISTRY_ENV}={target}", highlight=False
+        )
+        return
+    hashed = "with sha256" if all(f.sha256 for f in entry.files) else "sizes only (--sha256 auto to hash)"
+    out.print(f"{name}: {entry.engine} model, {len(entry.files)} file(s) in {entry.location}, {hashed}; "
+              f"written to {entry.where}. Try `srkit upscale IMAGE --model {name}`", highlight=False)  # fmt: skip
+
+
+@weights_app.command("remove")
+def weights_remove(
+    name: str,
+    registry_file: Annotated[Path | None, typer.Option("--registry", help=REGISTRY_OPTION_HELP)] = None,
+) -> None:
+    """Remove your entry NAME from a user registry (the weights files themselves are kept)."""
+    try:
+        target = registry.remove_entry(name, registry_file)
+    except registry.WeightsError as exc:
+        _fail(one_line(exc))
+    out.print(f"{name}: removed from {target}", highlight=False)
 
 
 def _expand_names(names: list[str]) -> list[str]:
@@ -431,7 +492,8 @@ def finetune(
     reward_metrics: Annotated[str | None, typer.Option("--reward-metrics", help="gdpo: reward metrics, e.g. psnr,musiq,maniqa (the paper's).")] = None,
     option: Annotated[list[str], typer.Option("-O", "--option", help="Recipe hyper-parameter key=value (see the list below).")] = [],  # noqa: B006
 ) -> None:
-    """Fine-tune or pre-train a model with a paper's recipe; the result loads with `srkit upscale --weights`."""
+    """Fine-tune or pre-train a model with a paper's recipe; the export loads with `srkit upscale --weights`, or by
+    name after `srkit weights add NAME --path OUT/export`."""
     config = {"steps": steps, "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr,
               "max_grad_norm": max_grad_norm, "mixed_precision": mixed_precision,
               "checkpoint_every": checkpoint_every, "ema_decay": ema, "seed": seed, "resume": resume,
@@ -449,7 +511,9 @@ def finetune(
         )  # fmt: skip
     except (CliError, ValueError, KeyError, registry.WeightsError) as exc:
         _fail(one_line(exc), code=2)
-    err.print(f"done: {exported}", highlight=False)
+    err.print(
+        f"done: {exported} (to use it by name: srkit weights add NAME --path {exported})", highlight=False
+    )
 
 
 finetune.__doc__ = (finetune.__doc__ or "") + "".join(
