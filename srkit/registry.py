@@ -145,7 +145,7 @@ ENTRY_FIELDS: dict[str, type] = {
 FILE_FIELDS: dict[str, type] = {"path": str, "sha256": str, "size": int, "url": str, "hf": str, "alt": list}
 ALT_FIELDS: dict[str, type] = {"url": str, "hf": str, "pypi": str, "convert": str, "sha256": str}
 SOURCE_KINDS = ("url", "hf", "pypi")
-FORMATS = ("official-pickle", "safetensors", "diffusers-folder", "ncnn", "ldm-ckpt")
+FORMATS = ("official-pickle", "safetensors", "diffusers-folder", "ncnn", "ldm-ckpt", "text")
 STATUSES = ("released", "manual", "unreleased")
 """manual: published where srkit cannot download from; manual and unreleased entries say in `obtain` what to do."""
 ENTRY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
