@@ -37,16 +37,12 @@ def finetune(
 ) -> Path:
     """Train `recipe` on the HR images in `data`; returns the exported model folder (load with --weights).
 
-    `config` without "lr" uses the recipe's paper rate (`DEFAULT_LR`) when it has one. `reward_metrics` (gdpo,
-    Python only) replaces the metrics named by the `reward_metrics` setting. `command` ("finetune" or "distill")
-    refuses the other command's recipes.
+    `config` overrides the recipe's `TRAIN_DEFAULTS`. `reward_metrics` (gdpo, Python only) replaces the metrics
+    named by the `reward_metrics` setting. `command` ("finetune" or "distill") refuses the other command's recipes.
     """
     module = recipe_module(recipe, command)
     values = build_options(module.SETTINGS, settings or {}, owner=f"recipe '{recipe}'")
-    config = dict(config or {})
-    if "lr" not in config and hasattr(module, "DEFAULT_LR"):
-        config["lr"] = module.DEFAULT_LR
-    train_config = TrainConfig(out=Path(out), **config)
+    train_config = TrainConfig(out=Path(out), **{**getattr(module, "TRAIN_DEFAULTS", {}), **(config or {})})
     torch.manual_seed(train_config.seed)  # the same initial weights (LoRA, heads) in every process and every run
     degrade = not getattr(module, "HR_ONLY", False)
     dataset = DegradedHRDataset(data, crop=crop, scale=4, seed=train_config.seed, degrade=degrade)

@@ -3,10 +3,11 @@ paper's hyper-parameters), the trainable parameters, the losses of one batch and
 loads (see srkit/train/trainer.py for the contract).
 
 A recipe module exposes `SETTINGS` (a dataclass with the paper's defaults) and
-`build(settings, inputs: RecipeInputs) -> Recipe`; optionally `SETTINGS_HELP` ({setting: where its default comes
-from}, shown by --help), `DEFAULT_LR` (the paper's learning rate, when the run gives none) and `HR_ONLY` (the recipe
-reads HR crops only, so no degradation is run).  `srkit finetune --recipe NAME` / `srkit distill --recipe NAME` and
-their --help read this table; planned recipes are listed with what they are waiting for.
+`build(settings, inputs: RecipeInputs) -> Recipe`, and may set `TRAIN_DEFAULTS` (trainer settings of its release,
+e.g. a learning rate) that the command's options override, `SETTINGS_HELP` ({setting: where its default comes
+from}, shown by --help) and `HR_ONLY` (the recipe reads HR crops only, so no degradation is run).
+`srkit finetune --recipe NAME` / `srkit distill --recipe NAME` and their --help read this table; planned recipes
+are listed with what they are waiting for.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ RECIPES: dict[str, RecipeSpec] = {
         RecipeSpec("s3diff", "", "S3Diff training (DG-LoRA, GAN loss): planned"),
         RecipeSpec("consissr-clip", "", "ConsisSR stage 1 (CLIP distillation): planned"),
         RecipeSpec("consissr", "", "ConsisSR stage 2 (TALA): planned"),
-        RecipeSpec("rfsr", "", "RFSR reward-feedback fine-tuning of SeeSR/ConsisSR: planned"),
+        RecipeSpec("rfsr", "srkit.train.recipes.rfsr",
+                   "RFSR: timestep-aware reward feedback (structure early, rewards + Gram late) for SeeSR/ConsisSR"),
         RecipeSpec("vae16", "srkit.train.recipes.vae16",
                    "GenDR's teacher: an SD2.1 UNet adapted to the 16-channel VAE vae-kl-f8-d16 with REPA"),
         RecipeSpec("cid", "srkit.train.recipes.cid",

@@ -79,7 +79,7 @@ SCORE_LORA_TARGETS: tuple[str, ...] = (
 BASE_ENTRY, TEXT_ENTRY = "sd21-base", "sd21-text"
 REPA_PROJECTOR_FILE = "repa_projector.safetensors"
 """A base exported by `srkit finetune --recipe vae16` carries its REPA projector; CiDA starts from it."""
-DEFAULT_LR = 1e-5
+TRAIN_DEFAULTS = {"lr": 1e-5}
 """AdamW learning rate of every group [paper §5.1]."""
 SCORE_ADAPTERS = ("real", "fake")
 
@@ -186,6 +186,8 @@ class ScoreNetwork:
 
 class GenDRDistillRecipe(SDRecipe):
     name = "cid"
+    engine = "gendr"
+    licence = "CreativeML-OpenRAIL++-M (distilled from an SD2.1 base, whose terms apply; VAE16: MIT)"
 
     def __init__(
         self,

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from srkit.train.recipes import RecipeInputs
-from srkit.train.recipes.cid import DEFAULT_LR, SETTINGS_HELP, CiDRecipeSettings, GenDRDistillRecipe
+from srkit.train.recipes.cid import SETTINGS_HELP, TRAIN_DEFAULTS, CiDRecipeSettings, GenDRDistillRecipe
 from srkit.train.recipes.cid import build as build_cid
 
 
@@ -26,4 +26,4 @@ def build(settings: CiDARecipeSettings, inputs: RecipeInputs) -> GenDRDistillRec
     return build_cid(settings, inputs, name="cida")
 
 
-__all__ = ["DEFAULT_LR", "SETTINGS", "SETTINGS_HELP", "CiDARecipeSettings", "build"]
+__all__ = ["SETTINGS", "SETTINGS_HELP", "TRAIN_DEFAULTS", "CiDARecipeSettings", "build"]

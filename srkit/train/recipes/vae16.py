@@ -43,7 +43,7 @@ from srkit.train.recipes.cid import BASE_ENTRY, GENDR_PROMPT, REPA_PROJECTOR_FIL
 from srkit.train.recipes.sd_recipe import SDRecipe
 from srkit.train.repa import REPA_ENCODER, RepaEncoder, load_repa_encoder, module_output
 
-DEFAULT_LR = 1e-5
+TRAIN_DEFAULTS = {"lr": 1e-5}
 """Constant AdamW learning rate [paper §5.1]."""
 HR_ONLY = True
 """A text-to-image base learns from HR crops alone: no degradation is run."""
@@ -112,6 +112,9 @@ def widen_latent_convs(unet: nn.Module, channels: int, init: str = "tile") -> No
 
 class VAE16Recipe(SDRecipe):
     name = "vae16"
+    engine = ""
+    """No upscaling model runs a text-to-image base: it is the `--base` of `srkit distill --recipe cid|cida`."""
+    licence = "CreativeML-OpenRAIL++-M (trained from SD2.1, whose terms apply; VAE16: MIT)"
 
     def __init__(
         self,
