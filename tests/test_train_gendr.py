@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from tiny_sd import tiny_vae
 from typer.testing import CliRunner
 
+from srkit import registry
 from srkit.cli import app
 from srkit.engines.base import WeightsSet, get_engine
 from srkit.engines.gendr import GenDRCheckpoint, gendr_files
@@ -79,19 +80,21 @@ def assert_resumes_exactly(recipe: str, files: dict, root: Path, base: Path, **s
     return straight
 
 
-def upscale_with(export: Path, tmp_path: Path) -> None:
-    """`srkit upscale --model gendr --weights EXPORT` in an empty offline cache (the VAE comes with the export)."""
+def upscale_with(export: Path | None, tmp_path: Path) -> None:
+    """`srkit upscale --model gendr --weights EXPORT` in an offline cache without any VAE (it comes with the
+    export); None: the registry's `gendr` entry."""
     image = tmp_path / "in.png"
     Image.fromarray((smooth_image(20, 24) * 255).round().astype(np.uint8)).save(image)
+    weights = ["--weights", str(export)] if export is not None else []
     result = CliRunner().invoke(
-        app, ["upscale", str(image), "-o", str(tmp_path / "out.png"), "--model", "gendr", "--weights", str(export)],
+        app, ["upscale", str(image), "-o", str(tmp_path / "out.png"), "--model", "gendr", *weights],
         catch_exceptions=False,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert Image.open(tmp_path / "out.png").size == (96, 80)
 
 
-def test_cid_on_sd21_layout_trains_resumes_and_exports_a_4_channel_gendr(gendr_inputs, tmp_path):
+def test_cid_on_sd21_layout_trains_resumes_and_exports_a_4_channel_gendr(gendr_inputs, tmp_path, monkeypatch):
     straight = assert_resumes_exactly("cid", gendr_inputs, tmp_path, gendr_inputs["base"], **TINY)
     saved = sorted((straight / "checkpoints" / "step_0000002").iterdir())
     assert {p.name for p in saved} >= {"optim_generator.pt", "optim_real.pt", "optim_fake.pt", "trainable.safetensors"}
@@ -105,6 +108,10 @@ def test_cid_on_sd21_layout_trains_resumes_and_exports_a_4_channel_gendr(gendr_i
     assert checkpoint.unet_config["in_channels"] == 4 and checkpoint.vae == "sd21-base"
     assert checkpoint.settings == {"alpha": 0.5, "beta": 0.5, "timestep": 500}
     upscale_with(export, tmp_path)
+    # The export is the registry's `gendr` layout: imported, `--model gendr` runs it without --weights.
+    monkeypatch.setenv("SRKIT_HOME", str(tmp_path / "home"))
+    registry.import_file("gendr", export)
+    upscale_with(None, tmp_path)
 
 
 def test_vae16_teacher_then_cida_student_on_16_channels(gendr_inputs, tmp_path):

@@ -197,7 +197,7 @@ def prepare_bicubic(batch: torch.Tensor, scale: int = 4) -> torch.Tensor:
 
 GENDR_SPEC = one_step_spec(
     "gendr",
-    ("gendr", "vae-kl-f8-d16"),
+    ("gendr",),  # the VAE travels with an export, or is the registry entry its checkpoint names (fetched then)
     "unreleased (yours if srkit-trained) + SD2.1 CreativeML-OpenRAIL++-M, VAE MIT",
     "GenDR: one-step SD2.1 on a 16-channel VAE (or 4-channel GenDR-style), no text encoder; weights unreleased: "
     "train with `srkit distill --recipe cida`, then --weights OUT/export",
@@ -219,11 +219,6 @@ class GenDREngine(OneStepEngine):
             raise ValueError("alpha must not be 0 (the one-step update divides by it)")
         if not 0 <= self.timestep < 1000:
             raise ValueError(f"timestep must be in 0..999, got {self.timestep}")
-
-    @classmethod
-    def weights_for(cls, options: GenDROptions) -> tuple[str, ...]:
-        """Only the checkpoint up front: its VAE travels with an export, or is the registry entry it names."""
-        return cls.spec.weights[:1]
 
     @classmethod
     def from_weights(cls, weights: WeightsSet, device, dtype, options: GenDROptions) -> GenDREngine:
