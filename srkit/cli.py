@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from srkit import api, registry
-from srkit.common import one_line
+from srkit.common import field_docs, one_line
 from srkit.degrade.cli import degrade
 from srkit.engines.base import get_engine, model_names, user_models
 from srkit.train.recipes import RECIPES, built_recipes, describe_settings
@@ -237,10 +237,11 @@ def models(name: Annotated[str | None, typer.Argument(help="Show one model's opt
         for key in spec.weights:
             if weights_status(key) in ("unreleased", "manual"):
                 out.print(f"{key}: {registry.load_registry().entry(key).obtain}", highlight=False)
-        table = Table("option", "type", "default")
+        table = _table("option", "type", "default", "meaning")
+        docs = field_docs(engine_class.options_class)
         for fld in dataclasses.fields(engine_class.options_class):
             default = fld.default if fld.default is not dataclasses.MISSING else "(required)"
-            table.add_row(fld.name, str(fld.type), repr(default))
+            table.add_row(f"--{fld.name.replace('_', '-')}", str(fld.type), repr(default), docs.get(fld.name, ""))
         out.print(table)
         return
     table = _table("model", "scale", "steps", "weights", "licence", "description")

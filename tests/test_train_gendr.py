@@ -231,7 +231,7 @@ def test_cli_keeps_recipes_to_their_command_and_explains_the_cid_choice(gendr_in
     assert missing.exit_code == 2 and "srkit weights pull dinov2-vitb14" in missing.output
     assert len(missing.output.strip().splitlines()) == 1
     help_text = " ".join(runner.invoke(app, ["distill", "--help"], terminal_width=200).output.split())
-    assert "form=hr-weight" in help_text and "[srkit choice]" in help_text and "WARNING: diverges" in help_text
+    assert "form=hr-weight" in help_text and "[srkit choice:" in help_text and "WARNING: diverges" in help_text
     assert "lambda_adv=0.01" in help_text and "lambda_cid=10.0" in help_text  # cida: the paper's λ
     models = runner.invoke(app, ["models", "gendr"], terminal_width=250)
     assert "srkit distill --recipe cida" in " ".join(models.output.split())

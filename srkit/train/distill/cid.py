@@ -36,6 +36,7 @@ class CiDSettings:
     xi: float = SID_ALPHA_LSG
     """ξ of Eq. 9, weight of L⁽¹⁾ (SiD's α) [proposal: SiD-LSG's 1.0; paper: not stated; SiD EDM uses 1.2]."""
     t_min: int = 20
+    """Lowest score timestep [paper §5.1: 20]."""
     t_max: int = 980
     """Score timesteps t ~ U{t_min, …, t_max − 1} [paper §5.1: t ∈ {20, …, 979}; code: SiD-LSG randint(20, 980)]."""
     weight_floor: float = WEIGHT_FLOOR

@@ -29,7 +29,9 @@ class CiDASettings(CiDSettings):
     """CiDA's coefficients on top of CiD's, with their sources."""
 
     lambda_cid: float = 10.0
+    """λ₁ for the first lambda_cid_steps generator steps [paper §5.1: 10]."""
     lambda_cid_final: float = 1.0
+    """λ₁ afterwards [paper §5.1: 1]."""
     lambda_cid_steps: int = 10_000
     """λ₁ is `lambda_cid` for the first `lambda_cid_steps` generator steps, then `lambda_cid_final` [paper §5.1]."""
     lambda_adv: float = 0.01

@@ -4,8 +4,8 @@ loads (see srkit/train/trainer.py for the contract).
 
 A recipe module exposes `SETTINGS` (a dataclass with the paper's defaults) and
 `build(settings, inputs: RecipeInputs) -> Recipe`, and may set `TRAIN_DEFAULTS` (trainer settings of its release,
-e.g. a learning rate) that the command's options override, `SETTINGS_HELP` ({setting: where its default comes
-from}, shown by --help) and `HR_ONLY` (the recipe reads HR crops only, so no degradation is run).
+e.g. a learning rate) that the command's options override and `HR_ONLY` (the recipe reads HR crops only, so no
+degradation is run).
 `srkit finetune --recipe NAME` / `srkit distill --recipe NAME` and their --help read this table; planned recipes
 are listed with what they are waiting for.
 """
@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+from srkit.common import field_docs
 
 
 @dataclass(frozen=True)
@@ -103,15 +106,17 @@ def recipe_module(name: str, command: str | None = None) -> ModuleType:
 
 
 def describe_settings(name: str) -> str:
-    """One line per hyper-parameter with its default (the paper's) and, where the recipe says, its source, for
-    --help."""
-    module = recipe_module(name)
-    notes = getattr(module, "SETTINGS_HELP", {})
+    """One line per hyper-parameter: its default (the paper's or the release's) and where it comes from, for
+    --help (the field's docstring, first sentence: a period followed by a capital letter ends it, so "Eq. 8"
+    does not)."""
+    settings = recipe_module(name).SETTINGS
+    docs = field_docs(settings)
     lines = []
-    for fld in dataclasses.fields(module.SETTINGS):
-        value = str(fld.default)
-        line = f"{fld.name}={value if len(value) <= 40 else value[:37] + '...'}"
-        lines.append(f"{line}: {notes[fld.name]}" if fld.name in notes else line)
+    for fld in dataclasses.fields(settings):
+        value = str(fld.default if fld.default is not dataclasses.MISSING else fld.default_factory())
+        value = value if len(value) <= 40 else value[:37] + "..."
+        doc = re.split(r"\.\s+(?=[A-Z])", docs.get(fld.name, ""), maxsplit=1)[0].rstrip(".")
+        lines.append(f"{fld.name}={value}" + (f" ({doc})" if doc else ""))
     return "\n".join(lines)
 
 

@@ -19,7 +19,7 @@ of the start of the step (simultaneous updates; SiD alternates, which srkit's to
 Where the HR latent enters L_cid is the `form` setting. The paper's reading (z_h in the inner product of Eq. 8
 and in ω of §5.1, pinned by the golden) diverges on srkit's 2-D toy (benchmarks/toy_distill.py), because the
 constant z_h removes SiD's direct gradient term; srkit's default keeps SiD's inner product with z_g, puts z_h in ω
-as §5.1 says, and adds a small explicit regression ‖z_g − z_h‖² (Eq. 6) [srkit choice, see SETTINGS_HELP].
+as §5.1 says, and adds a small explicit regression ‖z_g − z_h‖² (Eq. 6) [srkit choice, see the `form` and `lambda_mse` settings].
 """
 
 from __future__ import annotations
@@ -86,65 +86,53 @@ SCORE_ADAPTERS = ("real", "fake")
 
 @dataclass
 class CiDRecipeSettings(CiDASettings):
-    """CiD's hyper-parameters (CiDA's extend them); SETTINGS_HELP says where each default comes from."""
+    """CiD's hyper-parameters (CiDA's extend them); each docstring says where its default comes from (--help shows
+    the first sentence)."""
 
     form: str = "hr-weight"
+    """Where z_h enters L_cid: 'hr-weight' [srkit choice: SiD's inner product with z_g, z_h in ω as §5.1 says;
+    learns on the toy], 'paper' [paper Eq. 8 + §5.1, z_h in the inner product and in ω; WARNING: diverges on
+    srkit's toy, benchmarks/toy_distill.py, unless lambda_mse >= 1] or 'sid' (plain SiD-LSG). The paper's form
+    loses SiD's direct gradient term because z_h is a constant; the golden pins it as maths."""
     lambda_mse: float = 0.1
+    """Weight of Eq. 6's latent MSE ‖z_g − z_h‖² added to L_cid [srkit choice: with 'hr-weight' the best realism and
+    fidelity on the toy; the paper states no explicit SR term in Eq. 11, the fact sheet §1.5 says one is added]."""
     lambda_cid: float = 1.0
+    """λ₁ for the first lambda_cid_steps steps [paper Eq. 9: CiD alone, 1; CiDA uses 10]."""
     lambda_cid_final: float = 1.0
+    """λ₁ afterwards [paper: 1]."""
     lambda_adv: float = 0.0
+    """λ₂, adversarial term; 0: off [CiD; CiDA uses the paper's 0.01]."""
     lambda_repa: float = 0.0
+    """λ₃, REPA term on the generator; 0: off [CiD; CiDA uses the paper's 0.1]."""
     rank: int = 64
+    """LoRA rank of the real and fake scores [paper §5.1: 64]."""
     lora_alpha: float = 128.0
+    """LoRA alpha of the real and fake scores [paper §5.1: 128, scale 2]."""
     gendr_alpha: float = DEFAULTS["alpha"]
+    """ᾱ of the one-step update [paper §4.4: 0.5]."""
     gendr_beta: float = DEFAULTS["beta"]
+    """β̄ of the one-step update [paper §4.4: 0.5]."""
     t_s: int = DEFAULTS["timestep"]
+    """Timestep the generator UNet is told [paper §5.1: 500]."""
     latent: str = "sample"
+    """VAE posterior 'sample' or 'mode' for z_l and z_h [srkit: the gendr engine's default, sample]."""
     prompt: str = GENDR_PROMPT
+    """Fixed positive prompt c [paper fn. 3, its opening only: pass the full text if you have it]."""
     negative_prompt: str = ""
+    """The ∅ of guidance [proposal: the empty prompt; paper: not stated]."""
     lr_real: float | None = None
+    """AdamW rate of the real score; none: --lr [paper §5.1: 1e-5 for every group]."""
     lr_fake: float | None = None
+    """AdamW rate of the fake score; none: --lr [paper §5.1: 1e-5 for every group]."""
     lr_discriminator: float | None = None
+    """AdamW rate of the discriminator head; none: --lr [proposal; paper: not stated]."""
     repa_encoder: str = REPA_ENCODER
+    """REPA target encoder, a registry name or a transformers DINOv2 folder [proposal: DINOv2 ViT-B/14; the paper
+    names DINOv2 as an example]."""
 
 
 SETTINGS = CiDRecipeSettings
-
-SETTINGS_HELP = {
-    "form": "where z_h enters L_cid. 'hr-weight' [srkit choice]: SiD's inner product with z_g, z_h in ω (§5.1); it "
-    "learns on the toy. 'paper' [paper Eqs. 8 + §5.1, z_h in the inner product and in ω; WARNING: diverges on "
-    "srkit's toy (benchmarks/toy_distill.py) unless lambda_mse >= 1]. 'sid': plain SiD-LSG",
-    "lambda_mse": "weight of Eq. 6's ‖z_g − z_h‖² added to L_cid [srkit choice: best fidelity and realism on the toy; "
-    "the paper states no explicit SR term for Eq. 11, the fact sheet §1.5 says one is added]",
-    "lambda_cid": "λ₁ for the first lambda_cid_steps steps [CiD: 1, Eq. 9 alone; CiDA: 10, paper §5.1]",
-    "lambda_cid_final": "λ₁ afterwards [paper: 1]",
-    "lambda_cid_steps": "steps at λ₁ = lambda_cid [paper: 10k]",
-    "lambda_adv": "λ₂, adversarial term (0: off) [CiDA: 0.01, paper §5.1]",
-    "lambda_repa": "λ₃, REPA term on the generator (0: off) [CiDA: 0.1, paper §5.1]",
-    "cfg_scale": "κ on both scores in the generator loss [proposal: SiD-LSG's 2; paper: not stated]",
-    "xi": "ξ of Eq. 9 (SiD's α) [proposal: SiD-LSG's 1.0; paper: not stated]",
-    "t_min": "score timesteps from [paper §5.1: 20]",
-    "t_max": "score timesteps below [paper §5.1: 980, i.e. up to 979]",
-    "weight_floor": "lower bound of ω⁻¹ [code: SiD 1e-5]",
-    "score_cfg_scale": "κ when training ϕ and ψ [paper Eq. 7: none, 1]",
-    "prompt_dropout": "share of score-training samples with the empty prompt [proposal: SiD-LSG's 10 %]",
-    "score_target": "x0 (Eq. 7's x0 MSE) [paper] or eps (SiD-LSG's ε MSE)",
-    "normalisation": "per-sample mean of every term (mean) [proposal, notes §C] or SiD's sum/B (sum)",
-    "discriminator_width": "hidden channels of the discriminator head [proposal]",
-    "projector_width": "hidden width of the REPA projector [proposal: REPA's 2048]",
-    "rank": "LoRA rank of ϕ and ψ [paper: 64]",
-    "lora_alpha": "LoRA alpha of ϕ and ψ [paper: 128]",
-    "gendr_alpha": "ᾱ of the one-step update [paper §4.4: 0.5]",
-    "gendr_beta": "β̄ of the one-step update [paper §4.4: 0.5]",
-    "t_s": "timestep the generator UNet is told [paper §5.1: 500]",
-    "latent": "VAE posterior 'sample' (the gendr engine's default) or 'mode' [srkit: as the engine runs]",
-    "prompt": "fixed positive prompt [paper fn. 3, its opening only: pass the full text if you have it]",
-    "negative_prompt": "the ∅ of guidance [proposal: the empty prompt]",
-    "lr_real": "AdamW rate of ϕ (none: --lr) [paper: 1e-5 for every group]",
-    "lr_fake": "AdamW rate of ψ (none: --lr) [paper: 1e-5]",
-    "lr_discriminator": "AdamW rate of the discriminator head (none: --lr) [proposal: --lr]",
-    "repa_encoder": "REPA target encoder: a registry name or a transformers DINOv2 folder [proposal: DINOv2 ViT-B/14]",
-}
 
 
 def build(settings: CiDRecipeSettings, inputs: RecipeInputs, name: str = "cid") -> GenDRDistillRecipe:
@@ -369,4 +357,4 @@ class GenDRDistillRecipe(SDRecipe):
         return folder
 
 
-__all__ = ["GENDR_PROMPT", "SETTINGS", "SETTINGS_HELP", "CiDRecipeSettings", "GenDRDistillRecipe", "build"]
+__all__ = ["GENDR_PROMPT", "SETTINGS", "TRAIN_DEFAULTS", "CiDRecipeSettings", "GenDRDistillRecipe", "build"]

@@ -51,30 +51,30 @@ HR_ONLY = True
 
 @dataclass
 class VAE16Settings:
+    """The teacher's hyper-parameters; each docstring says where its default comes from."""
+
     vae: str = DEFAULT_VAE
+    """The 16-channel VAE, a registry name or a diffusers folder [paper §4.1: ostris/vae-kl-f8-d16]."""
     t_min: int = 0
+    """Training timesteps from [SD: 0]."""
     t_max: int = 1000
+    """Training timesteps below [SD: 1000]."""
     prompt: str = GENDR_PROMPT
+    """Fixed prompt of every image [proposal: GenDR's fixed prompt; the paper's captions are not public]."""
     prompt_dropout: float = 0.1
+    """Share of samples with the empty prompt [proposal: 10 %, keeps guidance usable]."""
     lambda_repa: float = 0.5
+    """REPA weight; 0: off [proposal: REPA's 0.5; paper: not stated]."""
     projector_width: int = 2048
+    """Hidden width of the REPA projector [proposal: REPA's 2048]."""
     repa_encoder: str = REPA_ENCODER
+    """REPA target encoder, a registry name or a transformers DINOv2 folder [proposal: DINOv2 ViT-B/14]."""
     io_init: str = "tile"
+    """Start of the 16-channel conv_in/conv_out: 'tile' the 4-channel weights [proposal] or 'random' [paper: not
+    stated]."""
 
 
 SETTINGS = VAE16Settings
-
-SETTINGS_HELP = {
-    "vae": "the 16-channel VAE: a registry name or a diffusers folder [paper: ostris/vae-kl-f8-d16]",
-    "t_min": "training timesteps from [SD: 0]",
-    "t_max": "training timesteps below [SD: 1000]",
-    "prompt": "fixed prompt of every image [proposal: GenDR's fixed prompt; the paper's captions are not public]",
-    "prompt_dropout": "share of samples with the empty prompt [proposal: 10 %, keeps guidance usable]",
-    "lambda_repa": "REPA weight (0: off) [proposal: REPA's 0.5; paper: not stated]",
-    "projector_width": "hidden width of the REPA projector [proposal: REPA's 2048]",
-    "repa_encoder": "REPA target encoder: a registry name or a transformers DINOv2 folder [proposal: DINOv2 ViT-B/14]",
-    "io_init": "start of the 16-channel conv_in/conv_out: 'tile' the 4-channel weights [proposal] or 'random'",
-}
 
 
 def build(settings: VAE16Settings, inputs: RecipeInputs) -> VAE16Recipe:
@@ -189,4 +189,4 @@ class VAE16Recipe(SDRecipe):
         return folder
 
 
-__all__ = ["SETTINGS", "SETTINGS_HELP", "VAE16Recipe", "VAE16Settings", "build", "widen_latent_convs"]
+__all__ = ["SETTINGS", "TRAIN_DEFAULTS", "VAE16Recipe", "VAE16Settings", "build", "widen_latent_convs"]
