@@ -11,10 +11,12 @@ The procedure is SiD-LSG's, shrunk to points in the plane (task "generate"):
 
 Task "restore" is GenDR's setting in miniature: each ring point z_h is degraded to z_l = s·z_h + σ·n, the generator
 is GenDR's one-step update z_g = (z_l − 0.5·ε(z_l, 500))/0.5, the real score is trained on z_h and the fake score
-on z_g (Eq. 7, x0 targets), and the generator loss is SiD's ("sid") or CiD's ("cid", z_h in the inner product and
-ω). The paired distance ‖z_g − z_h‖ is reported too.
+on z_g (Eq. 7, x0 targets), and the generator loss is SiD's ("sid") or CiD's ("cid", with z_h where `cid_form`
+puts it, plus `regression`·‖z_g − z_h‖²). The paired distance ‖z_g − z_h‖ is reported too. `simultaneous` steps
+the generator against the scores of the start of the iteration, as srkit's trainer does.
 
-`benchmarks/toy_distill.py` prints the numbers; tests/test_sid_losses.py asserts that the distance falls.
+`benchmarks/toy_distill.py` prints the numbers (`--compare`: every CiD candidate); tests/test_sid_losses.py
+asserts that the distances fall for the recipe's default and that the paper's literal form diverges.
 """
 
 from __future__ import annotations

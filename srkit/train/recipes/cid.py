@@ -14,7 +14,7 @@ One batch, in the order the trainer steps the groups (all forwards first, then e
 fake: L_ψ on sg(z_g); real: L_ϕ on z_h; discriminator: logistic loss on noised z_h vs sg(noised z_g); generator:
 λ₁·(L_cid + λ_mse·L_mse) + λ₂·L_adv + λ₃·L_repa (Eq. 11), with ϕ, ψ and the head frozen but their inputs keeping
 the graph (SiD's gradient passes through both networks' Jacobians). The scores the generator sees are the ones
-of the start of the step (simultaneous updates; SiD alternates, which srkit's toy shows learns as well).
+of the start of the step (simultaneous updates; SiD alternates; srkit's toy learns either way).
 
 Where the HR latent enters L_cid is the `form` setting. The paper's reading (z_h in the inner product of Eq. 8
 and in ω of §5.1, pinned by the golden) diverges on srkit's 2-D toy (benchmarks/toy_distill.py), because the
