@@ -30,8 +30,7 @@ from srkit.engines.base import WeightsSet, get_engine
 from srkit.engines.gendr import GenDRCheckpoint, gendr_files
 from srkit.registry import WeightsError
 from srkit.train.data import DegradedHRDataset
-from srkit.train.recipes.cid import CiDRecipeSettings, GenDRDistillRecipe
-from srkit.train.recipes.cida import CiDARecipeSettings
+from srkit.train.recipes.cid import CiDRecipeSettings, GenDRDistillRecipe, GenDRDistillSettings
 from srkit.train.recipes.vae16 import widen_latent_convs
 from srkit.train.repa import RepaEncoder
 from srkit.train.run import finetune
@@ -132,7 +131,7 @@ def test_vae16_teacher_then_cida_student_on_16_channels(gendr_inputs, tmp_path):
 @pytest.fixture(scope="module")
 def cida_recipe(gendr_inputs) -> GenDRDistillRecipe:
     encoder = RepaEncoder.from_folder(gendr_inputs["dino"])
-    settings = CiDARecipeSettings(**TINY, lr_real=3e-5)
+    settings = GenDRDistillSettings(**TINY, lr_real=3e-5)
     return GenDRDistillRecipe(gendr_inputs["base"], settings, text_folder=gendr_inputs["text"], encoder=encoder)
 
 

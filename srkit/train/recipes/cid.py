@@ -85,9 +85,9 @@ SCORE_ADAPTERS = ("real", "fake")
 
 
 @dataclass
-class CiDRecipeSettings(CiDASettings):
-    """CiD's hyper-parameters (CiDA's extend them); each docstring says where its default comes from (--help shows
-    the first sentence)."""
+class GenDRDistillSettings(CiDASettings):
+    """GenDR's distillation hyper-parameters with CiDA's weights (the paper's GenDR; `srkit distill --recipe cida`);
+    each docstring says where its default comes from (--help shows the first sentence)."""
 
     form: str = "hr-weight"
     """Where z_h enters L_cid: 'hr-weight' [srkit choice: SiD's inner product with z_g, z_h in ω as §5.1 says;
@@ -97,14 +97,6 @@ class CiDRecipeSettings(CiDASettings):
     lambda_mse: float = 0.1
     """Weight of Eq. 6's latent MSE ‖z_g − z_h‖² added to L_cid [srkit choice: with 'hr-weight' the best realism and
     fidelity on the toy; the paper states no explicit SR term in Eq. 11, the fact sheet §1.5 says one is added]."""
-    lambda_cid: float = 1.0
-    """λ₁ for the first lambda_cid_steps steps [paper Eq. 9: CiD alone, 1; CiDA uses 10]."""
-    lambda_cid_final: float = 1.0
-    """λ₁ afterwards [paper: 1]."""
-    lambda_adv: float = 0.0
-    """λ₂, adversarial term; 0: off [CiD; CiDA uses the paper's 0.01]."""
-    lambda_repa: float = 0.0
-    """λ₃, REPA term on the generator; 0: off [CiD; CiDA uses the paper's 0.1]."""
     rank: int = 64
     """LoRA rank of the real and fake scores [paper §5.1: 64]."""
     lora_alpha: float = 128.0
@@ -132,10 +124,22 @@ class CiDRecipeSettings(CiDASettings):
     names DINOv2 as an example]."""
 
 
+@dataclass
+class CiDRecipeSettings(GenDRDistillSettings):
+    """CiD alone (`srkit distill --recipe cid`): Eq. 9 without the adversarial and REPA terms."""
+
+    lambda_cid: float = 1.0
+    """λ₁ for the first lambda_cid_steps steps [paper Eq. 9: CiD alone, 1; CiDA uses 10]."""
+    lambda_adv: float = 0.0
+    """λ₂, adversarial term; 0: off [CiD; CiDA uses the paper's 0.01]."""
+    lambda_repa: float = 0.0
+    """λ₃, REPA term on the generator; 0: off [CiD; CiDA uses the paper's 0.1]."""
+
+
 SETTINGS = CiDRecipeSettings
 
 
-def build(settings: CiDRecipeSettings, inputs: RecipeInputs, name: str = "cid") -> GenDRDistillRecipe:
+def build(settings: GenDRDistillSettings, inputs: RecipeInputs, name: str = "cid") -> GenDRDistillRecipe:
     """The base (`--base`: SD2.1-VAE16 from `srkit finetune --recipe vae16`, or the registry's SD2.1-base for a
     4-channel GenDR-style student), its text side (`sd21-text` unless --text/--prompt-embeds), and DINOv2 for REPA."""
     base = local_or_registry(inputs.base, BASE_ENTRY, inputs.offline)
@@ -180,7 +184,7 @@ class GenDRDistillRecipe(SDRecipe):
     def __init__(
         self,
         base: str | Path,
-        settings: CiDRecipeSettings | None = None,
+        settings: GenDRDistillSettings | None = None,
         *,
         text_folder: str | Path | None = None,
         prompt_embeds: str | Path | None = None,
@@ -357,4 +361,12 @@ class GenDRDistillRecipe(SDRecipe):
         return folder
 
 
-__all__ = ["GENDR_PROMPT", "SETTINGS", "TRAIN_DEFAULTS", "CiDRecipeSettings", "GenDRDistillRecipe", "build"]
+__all__ = [
+    "GENDR_PROMPT",
+    "SETTINGS",
+    "TRAIN_DEFAULTS",
+    "CiDRecipeSettings",
+    "GenDRDistillRecipe",
+    "GenDRDistillSettings",
+    "build",
+]

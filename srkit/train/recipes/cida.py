@@ -4,30 +4,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from srkit.train.recipes import RecipeInputs
-from srkit.train.recipes.cid import TRAIN_DEFAULTS, CiDRecipeSettings, GenDRDistillRecipe
+from srkit.train.recipes.cid import TRAIN_DEFAULTS, GenDRDistillRecipe, GenDRDistillSettings
 from srkit.train.recipes.cid import build as build_cid
 
-
-@dataclass
-class CiDARecipeSettings(CiDRecipeSettings):
-    lambda_cid: float = 10.0
-    """λ₁ for the first lambda_cid_steps steps [paper §5.1: 10]."""
-    lambda_cid_final: float = 1.0
-    """λ₁ afterwards [paper §5.1: 1]."""
-    lambda_adv: float = 0.01
-    """λ₂, adversarial term; 0: off [paper §5.1: 0.01]."""
-    lambda_repa: float = 0.1
-    """λ₃, REPA term on the generator; 0: off [paper §5.1: 0.1]."""
+SETTINGS = GenDRDistillSettings
 
 
-SETTINGS = CiDARecipeSettings
-
-
-def build(settings: CiDARecipeSettings, inputs: RecipeInputs) -> GenDRDistillRecipe:
+def build(settings: GenDRDistillSettings, inputs: RecipeInputs) -> GenDRDistillRecipe:
     return build_cid(settings, inputs, name="cida")
 
 
-__all__ = ["SETTINGS", "TRAIN_DEFAULTS", "CiDARecipeSettings", "build"]
+__all__ = ["SETTINGS", "TRAIN_DEFAULTS", "build"]
