@@ -307,6 +307,8 @@ class BatchReport:
     """Earlier srkit outputs found among the inputs and not upscaled again (see srkit.batch)."""
     error: str | None = None
     """Why the batch stopped as a whole (an interruption); per-file errors live in `results`."""
+    processes: int = 1
+    """How many processes (torchrun ranks) shared the files."""
 
     @property
     def ok(self) -> bool:
@@ -322,6 +324,7 @@ class BatchReport:
             "files": [r.__dict__ for r in self.results],
             "left_out": self.left_out,
             "warnings": self.warnings,
+            "processes": self.processes,
         }
         return document | ({"error": self.error} if self.error is not None else {})
 
@@ -385,7 +388,7 @@ def upscale_paths(
     spec = upscaler.spec if upscaler is not None else choice.spec  # type: ignore[union-attr]
     if samples > 1 and not spec.stochastic:
         raise ValueError(f"--samples needs a stochastic model; '{spec.name}' always gives the same output")
-    report = BatchReport(spec.name)
+    report = BatchReport(spec.name, processes=ranks.world)
 
     def note(message: str) -> None:
         report.warnings.append(message)

@@ -6,8 +6,9 @@ the size check come from Pillow, which reads them without decoding.  Inside srki
 (H×W×1 or H×W×3) plus an optional H×W alpha plane.
 
 `SRKIT_MAX_PIXELS` is the only size limit a user meets: Pillow's own decompression-bomb limit is set from it
-(so it can be raised past Pillow's default, and Pillow's raw warning never reaches the user), and OpenCV's
-console logging is silenced because srkit reports every unreadable file itself, in one line.
+(so it can be raised past Pillow's default, and Pillow's raw warning never reaches the user).  OpenCV's console
+logging, and the libpng/libtiff warnings its codecs print straight to the stderr file descriptor ("iCCP: known
+incorrect sRGB profile"), are silenced while it decodes: srkit reports every unreadable file itself, in one line.
 
 Every output carries the EXIF Software tag `srkit <version>` (`is_srkit_output`): batch planning uses it to tell
 srkit's earlier outputs from a user's photos, so a re-run replaces or skips them and never treats them as inputs.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+import sys
 import warnings
 import zlib
 from collections.abc import Iterator
@@ -108,6 +110,10 @@ def max_pixels() -> int:
     return int(value)
 
 
+def _pixels(count: int) -> str:
+    return f"{count / 1e6:.0f} MP" if count >= 1e6 else f"{count} pixels"
+
+
 @contextmanager
 def _open(path: Path) -> Iterator[Image.Image]:
     """Pillow's lazy open under srkit's one size limit; Pillow's own bomb warning is never shown."""
@@ -119,7 +125,7 @@ def _open(path: Path) -> Iterator[Image.Image]:
                 yield image
         except Image.DecompressionBombError:
             raise ImageReadError(
-                f"{path} is above the {max_pixels() / 1e6:.0f} MP safety limit; set SRKIT_MAX_PIXELS to allow it"
+                f"{path} is above the {_pixels(max_pixels())} safety limit; set SRKIT_MAX_PIXELS to allow it"
             ) from None
 
 
@@ -178,8 +184,8 @@ def _read_header(path: Path) -> _Header:
             width, height = image.size
             if width * height > max_pixels():
                 raise ImageReadError(
-                    f"{path} is {width}x{height} ({width * height / 1e6:.0f} MP), above the "
-                    f"{max_pixels() / 1e6:.0f} MP safety limit; set SRKIT_MAX_PIXELS to allow it"
+                    f"{path} is {width}x{height} ({_pixels(width * height)}), above the "
+                    f"{_pixels(max_pixels())} safety limit; set SRKIT_MAX_PIXELS to allow it"
                 )
             return _Header(image.format or "?", image.mode, image.size, _exif(path, image), image.info.get("icc_profile"))
     except UnidentifiedImageError:
@@ -191,10 +197,12 @@ def _read_header(path: Path) -> _Header:
 
 
 def _exif(path: Path, image: Image.Image) -> Image.Exif:
-    """EXIF metadata without a TIFF input's pixel-layout tags."""
+    """EXIF metadata without a TIFF input's pixel-layout tags; sub-directories read while the file is open."""
     exif = _png_exif(path) if image.format == "PNG" else image.getexif()
     for tag in TIFF_LAYOUT_TAGS & set(exif):
         del exif[tag]
+    for tag in EXIF_SUB_IFDS:
+        exif.get_ifd(tag)  # Pillow reads these lazily, from a file closed by then
     return exif
 
 
@@ -229,7 +237,8 @@ def _decode(raw: bytes, header: _Header, path: Path) -> tuple[np.ndarray, np.nda
     """(float pixels H×W×C, alpha H×W×1 or None, bit depth)."""
     array = None
     if header.format != "GIF":
-        array = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_UNCHANGED)
+        with _codec_messages_hidden():
+            array = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_UNCHANGED)
     if array is None:
         array = _decode_with_pillow(path)
     elif array.ndim == 3 and array.shape[2] >= 3:
@@ -249,6 +258,25 @@ def _decode(raw: bytes, header: _Header, path: Path) -> tuple[np.ndarray, np.nda
     if channels in (2, 4):
         return floats[:, :, : channels - 1], floats[:, :, channels - 1 :], depth
     return np.clip(floats, 0, 1), None, depth
+
+
+@contextmanager
+def _codec_messages_hidden() -> Iterator[None]:
+    """Point the stderr file descriptor at /dev/null for one OpenCV call (C libraries write to it directly)."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr at all: nothing to hide
+        yield
+        return
+    sys.stderr.flush()
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
 
 
 def _decode_with_pillow(path: Path) -> np.ndarray:
@@ -391,7 +419,8 @@ def encode_image(image: ImageData, fmt: str, sink: BinaryIO, quality: int = 95) 
 def _encode_16bit(array: np.ndarray, fmt: str, icc_profile: bytes | None, exif: bytes) -> bytes:
     if array.shape[2] >= 3:
         array = array[:, :, [2, 1, 0, 3][: array.shape[2]]]  # OpenCV wants BGR(A)
-    ok, encoded = cv2.imencode(".png" if fmt == "PNG" else ".tiff", array)
+    with _codec_messages_hidden():
+        ok, encoded = cv2.imencode(".png" if fmt == "PNG" else ".tiff", array)
     if not ok:
         raise OSError(f"OpenCV could not encode a 16-bit {fmt}")
     data = encoded.tobytes()
