@@ -233,24 +233,13 @@ def test_version_and_models_fit_a_terminal():
         assert sum(line.split()[0] == name for line in lines if line.strip()) == 1  # one whole line per model
 
 
-def test_ctrl_c_during_a_batch_says_what_was_written_and_what_was_not(photos, tmp_path, tiny_compact_pth, monkeypatch):
-    from srkit import api
-
-    original = api.Upscaler.process
-    calls: list[int] = []
-
-    def interrupt_second(self, image, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return original(self, image, **kwargs)
-
-    monkeypatch.setattr(api.Upscaler, "process", interrupt_second)
+def test_ctrl_c_during_a_batch_says_what_was_written_and_what_was_not(photos, tmp_path, tiny_compact_pth,
+                                                                      ctrl_c_on_second_image):
     common = [str(photos), "-r", "--model", "realesr-animevideov3", "--weights", str(tiny_compact_pth)]
     result = invoke("upscale", *common, "-o", str(tmp_path / "out"))
     assert result.exit_code == 130 and "Traceback" not in result.output
     assert "interrupted: 1 file(s) written (a.png); 2 not written (b.jpg, c.png)" in result.stderr
-    calls.clear()
+    ctrl_c_on_second_image.clear()
     as_json = invoke("upscale", *common, "-o", str(tmp_path / "out2"), "--json")
     document = json.loads(as_json.stdout)
     assert as_json.exit_code == 130 and document["error"] == "interrupted"

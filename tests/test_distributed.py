@@ -70,7 +70,7 @@ def test_ranks_share_a_sorted_list_evenly():
     items = list(range(8))
     shares = [Ranks(rank, 3).share(items) for rank in range(3)]
     assert shares == [[0, 3, 6], [1, 4, 7], [2, 5]]
-    assert sorted(sum(shares, [])) == items
+    assert sorted(item for share in shares for item in share) == items
 
 
 def test_two_processes_write_byte_identical_outputs(tmp_path, tiny_compact_pth):

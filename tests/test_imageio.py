@@ -160,7 +160,7 @@ def test_16bit_tiff_keeps_icc_exif_and_alpha(tmp_path):
     exif[0x010F] = "srkit-test-camera"
     exif.get_ifd(0x8769)[0x829A] = 0.01  # exposure time, in the Exif sub-directory
     values = np.random.default_rng(0).integers(0, 65536, (9, 7, 4), dtype=np.uint16)
-    ok, png = cv2.imencode(".png", values[:, :, [2, 1, 0, 3]])
+    png = cv2.imencode(".png", values[:, :, [2, 1, 0, 3]])[1]
     (tmp_path / "in.png").write_bytes(add_png_metadata(png.tobytes(), icc, exif.tobytes()))
     image = read_image(tmp_path / "in.png")
     assert image.bit_depth == 16 and image.icc_profile == icc
