@@ -98,19 +98,19 @@ def auto_tile(device: torch.device, scale: int) -> int:
 # Loading
 
 
-def resolve_weights(spec: EngineSpec, weights: str | Path | None, offline: bool | None, log: Log) -> WeightsSet:
-    """Local paths for every registry key the model needs; `weights` replaces the main checkpoint.  Every file
-    still missing is named in one error (registry.resolve_many), not one per run."""
+def resolve_weights(keys: tuple[str, ...], weights: str | Path | None, offline: bool | None, log: Log) -> WeightsSet:
+    """Local paths for every registry key the model needs (main checkpoint first); `weights` replaces the main
+    checkpoint.  Every file still missing is named in one error (registry.resolve_many), not one per run."""
     paths: dict[str, Path] = {}
-    keys = list(spec.weights)
+    rest = list(keys)
     if weights is not None:
         path = Path(weights).expanduser()
         if not path.exists():
             raise registry.WeightsError(f"--weights {path} does not exist")
-        paths[keys.pop(0)] = path
-    if keys:
-        paths.update(registry.resolve_many(keys, offline=offline, log=log))
-    return WeightsSet({key: paths[key] for key in spec.weights})
+        paths[rest.pop(0)] = path
+    if rest:
+        paths.update(registry.resolve_many(rest, offline=offline, log=log))
+    return WeightsSet({key: paths[key] for key in keys})
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,7 @@ class EngineChoice:
     def load(self, weights: str | Path | None = None, offline: bool | None = None, log: Log = _stderr) -> Upscaler:
         if self.device.type == "cpu":
             keep_freed_memory()  # srkit/cpu_memory.py: no page-fault storm for large activations
-        weight_set = resolve_weights(self.spec, weights, offline, log)
+        weight_set = resolve_weights(self.engine_class.weights_for(self.options), weights, offline, log)
         engine = self.engine_class.from_weights(weight_set, self.device, self.dtype, self.options)
         tile = auto_tile(self.device, self.spec.scale) if self.tile == "auto" else self.tile
         return Upscaler(engine, self.spec, tile, self.tile_overlap, log)  # type: ignore[arg-type]

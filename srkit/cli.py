@@ -287,8 +287,8 @@ def weights_status(name: str) -> str:
         return "unregistered"
     if registry.is_cached(entry):
         return "cached"
-    if entry.status == "unreleased":
-        return "unreleased"
+    if entry.status in ("unreleased", "manual"):
+        return entry.status
     if all(any(s.kind == "pypi" for s in f.sources) for f in entry.files):
         return "embedded"
     return "not cached"
@@ -296,10 +296,11 @@ def weights_status(name: str) -> str:
 
 def model_status(entries: tuple[str, ...]) -> str:
     """One word for all the weights a model needs: cached, embedded (built offline from a wheel), partial,
-    not cached or unreleased."""
+    not cached, manual (to download by hand) or unreleased."""
     statuses = {weights_status(name) for name in entries}
-    if "unreleased" in statuses:
-        return "unreleased"
+    for blocking in ("unreleased", "manual"):
+        if blocking in statuses:
+            return blocking
     if statuses <= {"cached", "embedded"}:
         return "cached" if statuses == {"cached"} else "embedded"
     return "partial" if "cached" in statuses else "not cached"

@@ -79,6 +79,7 @@ class WeightsEntry:
     files: tuple[WeightsFile, ...]
     base: str | None = None
     status: str = "released"
+    """released | manual (published where srkit cannot download from: `obtain` says how) | unreleased"""
     obtain: str = ""
     """For unreleased weights: how a user gets them instead (train with srkit, ask the authors)."""
     keys: tuple[str, ...] = ()
@@ -301,9 +302,13 @@ def resolve_many(
     entries = [registry.entry(name) for name in names]
     offline = offline_mode() if offline is None else offline
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    unreleased = [e for e in entries if e.status == "unreleased" and not is_cached(e)]
-    if unreleased:
-        raise WeightsError("; ".join(f"weights '{e.name}' are not published by the authors; {e.obtain}" for e in unreleased))
+    unobtainable = [
+        f"weights '{e.name}' are not published by the authors; {e.obtain}" if e.status == "unreleased"
+        else f"weights '{e.name}' cannot be downloaded by srkit: {e.obtain}"
+        for e in entries if e.status in ("unreleased", "manual") and not is_cached(e)
+    ]  # fmt: skip
+    if unobtainable:
+        raise WeightsError("; ".join(unobtainable))
     missing: list[str] = []
     for entry in entries:
         for file in entry.files:
@@ -333,10 +338,10 @@ def verify(name: str) -> list[tuple[str, str]]:
         local = cached_file(entry, file)
         if local is None:
             report.append((file.path, "missing"))
-        elif local.name != Path(file.path).name or not file.sha256:
+        elif local.name != Path(file.path).name or (expected := expected_hash(file, local)) is None:
             report.append((str(local.name), "unverified"))
         else:
-            report.append((file.path, "ok" if sha256_of(local) == file.sha256 else "mismatch"))
+            report.append((file.path, "ok" if sha256_of(local) == expected else "mismatch"))
     return report
 
 
@@ -381,7 +386,25 @@ def _check_format(entry: WeightsEntry, file: WeightsFile, source: Path) -> None:
 
 
 def _copy_verified(src: Path, dest: Path, sha256: str | None) -> None:
-    if sha256 and (got := sha256_of(src)) != sha256:
+    """Copy into the cache; a file the registry has no hash for gets its hash recorded beside it (`.sha256`), so
+    `srkit weights verify` can tell later whether the copy changed."""
+    got = sha256_of(src)
+    if sha256 and got != sha256:
         raise WeightsError(f"{src} does not match the registry's sha256 ({got} != {sha256})")
     with atomic_path(dest) as tmp:
         shutil.copyfile(src, tmp)
+    if not sha256:
+        with atomic_path(recorded_hash_path(dest)) as tmp:
+            tmp.write_text(got + "\n")
+
+
+def recorded_hash_path(local: Path) -> Path:
+    return local.with_name(local.name + ".sha256")
+
+
+def expected_hash(file: WeightsFile, local: Path) -> str | None:
+    """The registry's sha256 of a file, else the one recorded when it was imported."""
+    if file.sha256:
+        return file.sha256
+    recorded = recorded_hash_path(local)
+    return recorded.read_text().strip() if recorded.is_file() else None

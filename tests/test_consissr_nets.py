@@ -32,6 +32,7 @@ from srkit.convert.consissr import (
     read_state_dict,
 )
 from srkit.convert.ldm import fit_shape
+from srkit.diffusion.samplers.ancestral import respaced_timesteps
 from srkit.nn.consissr import ConsisSRArchitecture, ConsisSRNets, ConsisSRSchedule
 from srkit.registry import WeightsError
 
@@ -66,16 +67,6 @@ def training_batch(names: list[str]) -> torch.Tensor:
         np.asarray(Image.open(GOLDEN / name).convert("RGB"), dtype=np.float64) / 127.5 - 1 for name in names
     ]
     return torch.from_numpy(np.stack(pixels)).float().permute(0, 3, 1, 2)
-
-
-def respaced_timesteps(steps: int, starts: float = 1.0) -> list[int]:
-    """spaced_sampler(_lre).py: one section of 1000 steps, stride 999/(N−1)·starts, Python round."""
-    stride = 999 / (steps - 1) * starts
-    position, taken = 0.0, []
-    for _ in range(steps):
-        taken.append(round(position))
-        position += stride
-    return taken
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +104,7 @@ def text(nets, cases) -> dict[str, torch.Tensor]:
 def step_timesteps(case: dict, steps: int) -> list[int]:
     """Original timesteps in loop order (t_{N−1} first), computed from the settings and checked against the
     recorded ones when cases.json has them."""
-    timesteps = respaced_timesteps(steps, case.get("starts", 1.0))[::-1]
+    timesteps = respaced_timesteps(steps, 1000, case.get("starts", 1.0))
     if "timesteps_and_index" in case:
         assert [t for t, _ in case["timesteps_and_index"]] == timesteps
         assert [index for _, index in case["timesteps_and_index"]] == list(range(steps))[::-1]

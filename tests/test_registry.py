@@ -21,7 +21,9 @@ def test_every_entry_is_complete():
         assert entry.files, name
         assert entry.licence and entry.licence != "unknown", name
         for file in entry.files:
-            assert file.sources or entry.status == "unreleased", f"{name}/{file.path} has no source"
+            assert file.sources or entry.status in ("unreleased", "manual"), f"{name}/{file.path} has no source"
+            assert entry.status in ("released", "unreleased", "manual")
+            assert entry.obtain or entry.status == "released", f"{name} must say how to obtain it"
             assert file.sha256 is None or len(file.sha256) == 64
 
 

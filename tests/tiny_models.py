@@ -115,6 +115,43 @@ def _s3diff(folder: Path) -> Built:
     return weights, {"prompt_embeds": str(_prompts(folder, "pos", NEGATIVE_KEY))}
 
 
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 224, "layers": 1, "width": 32, "head_width": 16, "patch_size": 14},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+"""An OpenCLIP config small enough for tests (the tokenizer's vocabulary size is fixed)."""
+
+
+def tiny_consissr(folder: Path, latent_size: int = 64, seed: int = 0) -> Built:
+    """An official-layout ConsisSR Lightning checkpoint of tiny random networks (every weight non-zero, unlike a
+    fresh init whose zero convs would hide the ControlNet), with its model yaml and OpenCLIP json."""
+    import json
+
+    import yaml
+
+    from srkit.convert.consissr import ldm_model_config, save_consissr
+    from srkit.nn.consissr import ConsisSRArchitecture, ConsisSRNets
+
+    architecture = ConsisSRArchitecture(
+        model_channels=32, num_head_channels=16, context_dim=32, vae_channels=32, vae_channel_mult=(1, 1, 2, 2),
+        latent_size=latent_size, clip=TINY_CLIP,
+    )  # fmt: skip
+    nets = ConsisSRNets(architecture)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in nets.named_parameters():
+            centre = 1.0 if "norm" in name and name.endswith("weight") else 0.0  # normalisation gains near 1
+            param.copy_(centre + 0.05 * torch.randn(param.shape, generator=gen))
+    folder.mkdir(parents=True, exist_ok=True)
+    config = folder / "consissr.yaml"
+    config.write_text(yaml.safe_dump(ldm_model_config(architecture, nets.schedule)))
+    clip = folder / "openclip.json"
+    clip.write_text(json.dumps(TINY_CLIP))
+    checkpoint = save_consissr(nets, folder / "ConsisSR.ckpt")
+    return {"consissr": checkpoint}, {"model_config": str(config), "clip_config": str(clip), "steps": 2}
+
+
 TINY_MODELS: dict[str, Callable[[Path], Built]] = {
     "realesrgan-x4plus": _gan("realesrgan-x4plus"),
     "realesrnet-x4plus": _gan("realesrnet-x4plus"),
@@ -127,6 +164,7 @@ TINY_MODELS: dict[str, Callable[[Path], Built]] = {
     "gdpo": _noise_injection("gdpo"),
     "gendr": _gendr,
     "s3diff": _s3diff,
+    "consissr": tiny_consissr,
 }
 
 NEEDS_WEIGHTS: dict[str, str] = {}

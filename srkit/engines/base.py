@@ -75,6 +75,12 @@ class Engine:
         self.options = options
 
     @classmethod
+    def weights_for(cls, options: EngineOptions) -> tuple[str, ...]:
+        """Registry keys to resolve for these options: the spec's, plus any an option brings in (ConsisSR's
+        `--start gan` needs its GAN model's weights)."""
+        return cls.spec.weights
+
+    @classmethod
     def from_weights(
         cls, weights: WeightsSet, device: torch.device, dtype: torch.dtype, options: EngineOptions
     ) -> Engine:

@@ -12,13 +12,19 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
-from srkit.colorfix import COLOR_FIXES, color_fix
+from srkit.colorfix import color_fix
 from srkit.diffusion.denoiser import Conditioning, Denoiser, UNetDenoiser, guided, tiled
-from srkit.diffusion.latents import LATENT_MODES, VAETiling, crop_to, pad_to_multiple, vae_decode, vae_encode
+from srkit.diffusion.latents import (
+    LATENT_MODES,
+    VAETiling,
+    crop_to,
+    pad_to_multiple,
+    resize_to,
+    vae_decode,
+    vae_encode,
+)
 from srkit.diffusion.runtime import (
-    check_attention,
     inference,
     maybe_compile,
     prepare_module,
@@ -26,7 +32,8 @@ from srkit.diffusion.runtime import (
     vae_dtype,
 )
 from srkit.diffusion.schedule import NoiseSchedule
-from srkit.engines.base import Engine, EngineOptions, EngineSpec, Progress
+from srkit.engines.base import Engine, EngineSpec, Progress
+from srkit.engines.diffusion import DiffusionOptions
 
 Generator = torch.Generator | None
 Noise = torch.Tensor | None
@@ -34,42 +41,16 @@ Noise = torch.Tensor | None
 
 
 @dataclass
-class OneStepOptions(EngineOptions):
+class OneStepOptions(DiffusionOptions):
     """What every one-step SD engine accepts (CLI: `--color-fix`, `--name value`, `-O key=value`)."""
 
-    color_fix: str = "adain"
-    """adain (upstream default), wavelet or none; against the upsampled input."""
-    official_8bit: bool = True
-    """Truncate to 8 bits before and after the colour fix, as upstream does through PIL; false keeps float."""
     latent: str = "sample"
     """sample: the seeded VAE posterior sample (upstream); mode: its mean (deterministic, not upstream)."""
-    latent_tile: int = 96
-    """Latent tile side; tiling starts when the latent area exceeds latent_tile² (0 = never tile)."""
-    latent_overlap: int = 32
-    tile_batch: int = 1
-    """Latent tiles per UNet call (more fills a GPU better; same result)."""
-    vae_encoder_tile: int = 1024
-    """Tiled VAE encoder above this many image pixels (+ padding); 0 = never."""
-    vae_decoder_tile: int = 224
-    """Tiled VAE decoder above this many latent pixels (+ padding); 0 = never."""
-    attention: str = "sdpa"
-    """sdpa or xformers (CUDA)."""
-    compile: bool = False
-    """torch.compile the UNet (pays off on many same-sized tiles)."""
 
     def validate(self) -> None:
         super().validate()
-        if self.color_fix not in COLOR_FIXES:
-            raise ValueError(
-                f"color_fix must be one of {', '.join(COLOR_FIXES)} (--color-fix), got '{self.color_fix}'"
-            )
         if self.latent not in LATENT_MODES:
             raise ValueError(f"latent must be 'sample' or 'mode', got '{self.latent}'")
-        if self.latent_tile and not 0 <= self.latent_overlap < self.latent_tile:
-            raise ValueError("latent_overlap must be at least 0 and smaller than latent_tile")
-        if self.tile_batch < 1:
-            raise ValueError("tile_batch must be at least 1")
-        check_attention(self.attention)
 
 
 @dataclass
@@ -100,7 +81,7 @@ def one_step_spec(name: str, weights: tuple[str, ...], licence: str, description
 class OneStepEngine(Engine):
     """The shared procedure; subclasses provide `from_weights`, `prepare` and `denoise` (and maybe `condition`)."""
 
-    options_class: ClassVar[type[EngineOptions]] = OneStepOptions
+    options_class: ClassVar[type[OneStepOptions]] = OneStepOptions
     pad_multiple: ClassVar[int] = 8
     """The encoder input is reflect-padded to this multiple (and the output cropped back)."""
 
@@ -212,25 +193,10 @@ class OneStepEngine(Engine):
         )
 
 
-def draw_noise(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Standard normal noise shaped like `like`, drawn on the generator's device (the api seeds it per image)."""
-    device = generator.device if generator is not None else like.device
-    return torch.randn(like.shape, generator=generator, device=device, dtype=torch.float32).to(like.device)
-
-
-def resize_to(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bicubic (antialiased, like PIL's) resize, only when the size differs: the resize upstream meant to do."""
-    if tuple(image.shape[-2:]) == size:
-        return image
-    return F.interpolate(image, size=size, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
-
-
 __all__ = [
     "TAGGERS",
     "OneStepEngine",
     "OneStepOptions",
     "PromptedOptions",
-    "draw_noise",
     "one_step_spec",
-    "resize_to",
 ]

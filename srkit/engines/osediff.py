@@ -30,10 +30,10 @@ import torch
 from PIL import Image
 
 from srkit.diffusion.loading import load_noise_schedule, load_unet, load_vae
-from srkit.diffusion.samplers.one_step import noise_injected_x0, x0_at
+from srkit.diffusion.samplers.one_step import draw_noise, noise_injected_x0, x0_at
 from srkit.diffusion.text import PROMPT_KEY, QUALITY_PROMPT, compose_prompt, prompt_embeddings
 from srkit.engines.base import WeightsSet, register
-from srkit.engines.one_step import OneStepEngine, PromptedOptions, draw_noise, one_step_spec
+from srkit.engines.one_step import OneStepEngine, PromptedOptions, one_step_spec
 from srkit.nn.lora_merge import merge_peft_state
 from srkit.nn.lora_sites import PEFT_DEFAULT_ALPHA
 from srkit.registry import WeightsError
