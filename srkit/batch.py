@@ -338,9 +338,9 @@ def _decide(source: Path, targets: list[tuple[Path, int | None]], inputs: set[Pa
     if skip_existing and len(existing) == len(targets):
         return PlannedFile(source, targets, "skip")
     foreign = [t for t in existing if not is_srkit_output(t)]
-    if foreign and not skip_existing:
-        return PlannedFile(source, targets, "fail",
-                           f"{foreign[0]} exists and was not written by srkit; move it, or use --suffix or --skip-existing")  # fmt: skip
+    if foreign:  # never replaced, with or without --skip-existing (which skips only when every output exists)
+        hint = "move it, or use --suffix" + ("" if skip_existing else " or --skip-existing")
+        return PlannedFile(source, targets, "fail", f"{foreign[0]} exists and was not written by srkit; {hint}")
     return PlannedFile(source, targets, "run")
 
 

@@ -272,3 +272,21 @@ def test_the_progress_shows_the_file_the_total_and_an_eta():
     bar.start("photos/b.png", 1, 3)
     assert task.description == "b.png" and task.completed == 1
     assert any(isinstance(column, TimeRemainingColumn) for column in bar.progress.columns)
+
+
+def test_library_warnings_become_one_srkit_line(tmp_path, monkeypatch):
+    import warnings
+
+    from srkit import api
+
+    def warn_like_a_library(*args, **kwargs):
+        warnings.warn("TypedStorage is deprecated.\nIt will be removed in the future.", UserWarning, stacklevel=1)
+        return api.BatchReport("m", [api.FileResult("a.png", "ok")])
+
+    monkeypatch.setattr(api, "upscale_paths", warn_like_a_library)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        result = invoke("upscale", "a.png")
+    assert result.exit_code == 0
+    assert "warning: TypedStorage is deprecated.\n" in result.stderr
+    assert "UserWarning" not in result.stderr and ".py:" not in result.stderr and "removed" not in result.stderr

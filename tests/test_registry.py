@@ -197,5 +197,28 @@ def test_the_embedded_default_is_built_without_any_network_attempt(tmp_path, mon
     monkeypatch.setattr(urllib.request, "urlopen", no_network)
     path = registry.resolve("realesr-animevideov3", offline=False, log=lambda m: None)
     assert path.name == "realesr-animevideov3.converted.safetensors" and attempts == []
+    entry = registry.load_registry().entry("realesr-animevideov3")
     pulled = registry.resolve("realesr-animevideov3", offline=False, pull=True, log=lambda m: None)
-    assert pulled == path and attempts == [registry.load_registry().entry("realesr-animevideov3").files[0].sources[0].url()]
+    assert pulled == path and attempts == [entry.files[0].sources[0].url()]  # tried first, then the wheel's copy
+    official = registry.entry_dir(entry) / entry.files[0].path  # as a successful pull leaves it
+    torch.save({"params": {"body.0.weight": torch.zeros(1)}}, official)
+    assert registry.resolve("realesr-animevideov3", offline=False, log=lambda m: None) == official
+    assert len(attempts) == 1
+
+
+def test_formats_are_told_from_content(tmp_path):
+    from safetensors.torch import save_file
+
+    from srkit.checkpoints import CheckpointError, check_file, expected_format, sniff
+
+    (tmp_path / "x.param").write_text("7767517\n3 3\nInput data 0 1 data\n")
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "renamed.pth"))
+    torch.save({"w": torch.zeros(2)}, tmp_path / "real.bin")
+    (tmp_path / "config.json").write_text('{"a": 1}')
+    assert [sniff(tmp_path / n) for n in ("x.param", "renamed.pth", "real.bin", "config.json")] == [
+        "ncnn-param", "safetensors", "pickle", "json"]
+    assert expected_format("model.param", "ncnn") == "ncnn-param" and expected_format("model.bin", "ncnn") is None
+    assert expected_format("unet/diffusion_pytorch_model.bin", "diffusers-folder") == "pickle"
+    with pytest.raises(CheckpointError, match="renamed.pth is a safetensors file, not a PyTorch checkpoint"):
+        check_file(tmp_path / "renamed.pth", "pickle")
+    check_file(tmp_path / "renamed.pth", "safetensors", ("w",))
