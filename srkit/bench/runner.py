@@ -206,9 +206,10 @@ class ModelSource:
     def _load(self, warmup: Path) -> None:
         _seed_everything(self.config.seed)
         options = {**self.config.options, "seed": self.config.seed}
+        pixel_tiled = get_engine(self.name)[1].tiling == "pixel"  # --tile is for GAN models; the others tile latents
         self.upscaler = api.load_engine(
             self.name, device=distributed.rank_device(self.config.device, distributed.current()),
-            dtype=self.config.dtype, tile=self.config.tile, log=self.config.log, **options,
+            dtype=self.config.dtype, tile=self.config.tile if pixel_tiled else "auto", log=self.config.log, **options,
         )
         self.upscaler.upscale(read_image(warmup).rgb())  # untimed: first-call setup is not per-image cost
 
