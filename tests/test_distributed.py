@@ -66,6 +66,20 @@ def one_process(*args: str):
     return result
 
 
+def test_each_process_gets_its_rank_and_one_gpu(monkeypatch):
+    from srkit.distributed import launched_ranks, rank_device
+
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")  # what torchrun and `accelerate launch --multi_gpu` set
+    ranks = launched_ranks()
+    assert ranks == Ranks(3, 4, 1) and not ranks.is_main
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert rank_device("auto", ranks) == "cuda:1" and rank_device("cpu", ranks) == "cpu"
+    assert rank_device("auto", Ranks()) == "auto"  # one process: srkit's usual choice
+
+
 def test_ranks_share_a_sorted_list_evenly():
     items = list(range(8))
     shares = [Ranks(rank, 3).share(items) for rank in range(3)]
