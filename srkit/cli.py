@@ -158,10 +158,11 @@ def upscale(
     log = (lambda message: None) if quiet or not ranks.is_main else (
         lambda message: err.print(message, highlight=False, markup=False))  # fmt: skip
     stop = (lambda message, code: _json_stop(api.BatchReport(model, error=message), code)) if as_json else _fail
+    show_progress = not (quiet or as_json) and ranks.is_main and err.is_terminal
     try:
         paths, flags = split_engine_flags(inputs)
         engine_options = _engine_options(option, flags)
-        with distributed.process_group(), _offline_env(offline), _file_progress(not (quiet or as_json) and ranks.is_main and err.is_terminal) as bar:
+        with distributed.process_group(), _offline_env(offline), _file_progress(show_progress) as bar:
             report = api.upscale_paths(
                 paths, output, model=model, scale=scale, suffix=suffix, ext=ext, recursive=recursive,
                 skip_existing=skip_existing, alpha=alpha, resize_filter=resize_filter, samples=samples, seed=seed,
@@ -179,7 +180,7 @@ def upscale(
         raise typer.Exit(0 if report.ok and report.results else 1)
     if not report.results:
         report.error = "no input images found"
-        stop(report.error, 1)
+        _json_stop(report, 1) if as_json else _fail(report.error, code=1)
     if as_json:
         print(json.dumps(report.to_json(), indent=2))
     elif not quiet:
