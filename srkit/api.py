@@ -38,7 +38,15 @@ from srkit.batch import (
 )
 from srkit.common import build_options, one_line, resolve_device
 from srkit.cpu_memory import keep_freed_memory
-from srkit.engines.base import Engine, EngineOptions, EngineSpec, Progress, WeightsSet, get_engine
+from srkit.engines.base import (
+    Engine,
+    EngineOptions,
+    EngineSpec,
+    Progress,
+    WeightsSet,
+    get_engine,
+    model_names,
+)
 from srkit.imageio import (
     ImageData,
     ImageReadError,
@@ -98,18 +106,27 @@ def auto_tile(device: torch.device, scale: int) -> int:
 # Loading
 
 
-def resolve_weights(keys: tuple[str, ...], weights: str | Path | None, offline: bool | None, log: Log) -> WeightsSet:
-    """Local paths for every registry key the model needs (main checkpoint first); `weights` replaces the main
-    checkpoint.  Every file still missing is named in one error (registry.resolve_many), not one per run."""
+def resolve_weights(
+    keys: tuple[str, ...],
+    weights: str | Path | None,
+    offline: bool | None,
+    log: Log,
+    main_entry: str | None = None,
+) -> WeightsSet:
+    """Local paths for every registry key the engine reads (main checkpoint first); `weights` replaces the main
+    checkpoint, and `main_entry` names the registry entry that supplies it (a user model's own entry).  Every
+    file still missing is named in one error (registry.resolve_many), not one per run."""
     paths: dict[str, Path] = {}
-    rest = list(keys)
+    entries = {key: main_entry if index == 0 and main_entry else key for index, key in enumerate(keys)}
     if weights is not None:
         path = Path(weights).expanduser()
         if not path.exists():
             raise registry.WeightsError(f"--weights {path} does not exist")
-        paths[rest.pop(0)] = path
-    if rest:
-        paths.update(registry.resolve_many(rest, offline=offline, log=log))
+        paths[keys[0]] = path
+        del entries[keys[0]]
+    if entries:
+        found = registry.resolve_many(list(dict.fromkeys(entries.values())), offline=offline, log=log)
+        paths.update({key: found[entry] for key, entry in entries.items()})
     return WeightsSet({key: paths[key] for key in keys})
 
 
@@ -129,8 +146,11 @@ class EngineChoice:
     def load(self, weights: str | Path | None = None, offline: bool | None = None, log: Log = _stderr) -> Upscaler:
         if self.device.type == "cpu":
             keep_freed_memory()  # srkit/cpu_memory.py: no page-fault storm for large activations
-        weight_set = resolve_weights(self.engine_class.weights_for(self.options), weights, offline, log)
+        keys = self.engine_class.weights_for(self.options)
+        weight_set = resolve_weights(keys, weights, offline, log, self.spec.weights[0])
         engine = self.engine_class.from_weights(weight_set, self.device, self.dtype, self.options)
+        for notice in engine.notices:
+            log(f"{self.spec.name}: {notice}")
         tile = auto_tile(self.device, self.spec.scale) if self.tile == "auto" else self.tile
         return Upscaler(engine, self.spec, tile, self.tile_overlap, log)  # type: ignore[arg-type]
 
@@ -153,6 +173,48 @@ def choose_engine(
     torch_dtype = resolve_dtype(dtype, torch_device, spec)
     engine_options = build_options(engine_class.options_class, options, owner=f"this model ({model})")
     return EngineChoice(engine_class, spec, torch_device, torch_dtype, engine_options, tile_value, tile_overlap)
+
+
+def add_model(
+    name: str,
+    path: str | Path,
+    *,
+    engine: str | None = None,
+    sha256: str | None = None,
+    licence: str | None = None,
+    registry_file: str | Path | None = None,
+    replace: bool = False,
+) -> registry.WeightsEntry | None:
+    """Name weights on this machine (a training export or a checkpoint) in a user registry so that `--model
+    NAME` runs them on their engine (from the export's config unless given).  With `replace`, a built-in entry
+    such as `sd21-text` can be pointed at local files too (its engine stays the default).
+
+    Checked first: the engine is a model, a built-in model's own name keeps its own engine, and the path has
+    the shape (folder or file) of what it stands for.  Returns the entry as srkit now reads it, or None when
+    `registry_file` is not a file srkit reads (name it in SRKIT_REGISTRY).
+    """
+    reg = registry.load_registry()
+    entries = reg.entries
+    existing = entries.get(name)
+    replaces_builtin = replace and name in reg.builtin_names
+    default_engine = existing.engine if replaces_builtin else None
+    fields = registry.local_entry(Path(path), engine=engine or default_engine, sha256=sha256, licence=licence)
+    engine = fields["engine"]
+    if name in model_names() and name != engine:
+        raise ValueError(f"'{name}' is a built-in model with its own engine; choose another name")
+    if replaces_builtin:
+        reference, what = existing, f"'{name}'"
+    elif engine not in model_names():
+        raise ValueError(f"engine '{engine}' is not a model; use one of: {', '.join(model_names())}")
+    else:
+        reference = entries.get(get_engine(engine)[1].weights[0])
+        what = f"the {engine} engine's main checkpoint"
+    if reference is not None and reference.is_folder != (fields["format"] == "diffusers-folder"):
+        shape = "a model folder" if reference.is_folder else "a single checkpoint file"
+        raise ValueError(f"{what} is {shape}, and {path} is not one")
+    target = registry.add_entry(name, fields, Path(registry_file) if registry_file else None, replace)
+    entry = registry.load_registry().entries.get(name)
+    return entry if entry is not None and entry.origin == target else None
 
 
 def load_engine(

@@ -38,7 +38,7 @@ def finetune(
     """
     module = recipe_module(recipe)
     values = build_options(module.SETTINGS, settings or {}, owner=f"recipe '{recipe}'")
-    train_config = TrainConfig(out=Path(out), **(config or {}))
+    train_config = TrainConfig(out=Path(out), **{**getattr(module, "TRAIN_DEFAULTS", {}), **(config or {})})
     dataset = DegradedHRDataset(data, crop=crop, scale=4, seed=train_config.seed)
     inputs = RecipeInputs(
         base=Path(base) if base else None,

@@ -3,7 +3,8 @@ paper's hyper-parameters), the trainable parameters, the losses of one batch and
 loads (see srkit/train/trainer.py for the contract).
 
 A recipe module exposes `SETTINGS` (a dataclass with the paper's defaults) and
-`build(settings, inputs: RecipeInputs) -> Recipe`.  `srkit finetune --recipe NAME` and `srkit finetune --help` read
+`build(settings, inputs: RecipeInputs) -> Recipe`, and may set `TRAIN_DEFAULTS` (trainer settings of its release,
+e.g. a learning rate) that `srkit finetune` options override.  `srkit finetune --recipe NAME` and `srkit finetune --help` read
 this table; planned recipes are listed with what they are waiting for.
 """
 
@@ -51,7 +52,8 @@ RECIPES: dict[str, RecipeSpec] = {
         RecipeSpec("s3diff", "", "S3Diff training (DG-LoRA, GAN loss): planned"),
         RecipeSpec("consissr-clip", "", "ConsisSR stage 1 (CLIP distillation): planned"),
         RecipeSpec("consissr", "", "ConsisSR stage 2 (TALA): planned"),
-        RecipeSpec("rfsr", "", "RFSR reward-feedback fine-tuning of SeeSR/ConsisSR: planned"),
+        RecipeSpec("rfsr", "srkit.train.recipes.rfsr",
+                   "RFSR: timestep-aware reward feedback (structure early, rewards + Gram late) for SeeSR/ConsisSR"),
         RecipeSpec("vae16", "", "SD2.1 UNet adapted to the 16-channel VAE (GenDR's teacher): planned"),
     )
 }  # fmt: skip
