@@ -18,6 +18,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from srkit.common import field_docs
+
 
 @dataclass(frozen=True)
 class RecipeSpec:
@@ -85,11 +87,16 @@ def recipe_module(name: str) -> ModuleType:
 
 
 def describe_settings(name: str) -> str:
-    """One line per hyper-parameter with its default (the paper's), for --help."""
+    """One line per hyper-parameter: its default (the paper's or the release's) and where it comes from, for
+    --help (the field's docstring, first sentence)."""
+    settings = recipe_module(name).SETTINGS
+    docs = field_docs(settings)
     lines = []
-    for fld in dataclasses.fields(recipe_module(name).SETTINGS):
-        value = str(fld.default)
-        lines.append(f"{fld.name}={value if len(value) <= 40 else value[:37] + '...'}")
+    for fld in dataclasses.fields(settings):
+        value = str(fld.default if fld.default is not dataclasses.MISSING else fld.default_factory())
+        value = value if len(value) <= 40 else value[:37] + "..."
+        doc = docs.get(fld.name, "").split(". ")[0].rstrip(".")
+        lines.append(f"{fld.name}={value}" + (f" ({doc})" if doc else ""))
     return "\n".join(lines)
 
 
