@@ -93,7 +93,7 @@ def test_models_and_weights_listings():
     models = invoke("models")
     assert models.exit_code == 0 and "realesrgan-x4plus" in models.stdout
     detail = invoke("models", "realesr-general-x4v3")
-    assert detail.exit_code == 0 and "denoise_strength" in detail.stdout and "BSD-3-Clause" in detail.stdout
+    assert detail.exit_code == 0 and "--denoise-strength" in detail.stdout and "BSD-3-Clause" in detail.stdout
     weights = invoke("weights", "list")
     assert weights.exit_code == 0 and "realesrgan-x4plus" in weights.stdout
 

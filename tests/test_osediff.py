@@ -272,5 +272,5 @@ def test_models_lists_the_one_step_engines():
     assert rows["gendr"][3] == "unreleased" and rows["naosd"][3] == "unreleased"
     assert rows["gdpo"][3:5] == ["not", "cached"]
     detail = CliRunner().invoke(app, ["models", "gdpo"], catch_exceptions=False)
-    assert all(option in detail.stdout for option in ("t_add", "t_diff", "tagger", "prompt_embeds"))
+    assert all(option in detail.stdout for option in ("--t-add", "--t-diff", "--tagger", "--prompt-embeds"))
     assert "Apache-2.0" in CliRunner().invoke(app, ["models", "osediff"], catch_exceptions=False).stdout
