@@ -89,3 +89,22 @@ def training_files(tmp_path_factory) -> dict[str, Path]:
             pixels = (smooth_image(96, 96, seed=index) * 255).round().astype(np.uint8)
         Image.fromarray(pixels).save(hr / f"crop_{index}.png")
     return {"base": root / "base", "text": root / "text", "hr": hr}
+
+
+@pytest.fixture()
+def ctrl_c_on_second_image(monkeypatch) -> list[int]:
+    """Ctrl-C arrives while the second image of a batch is being upscaled (every batch of the test); returns
+    the list of calls, to clear between batches."""
+    from srkit import api
+
+    original = api.Upscaler.process
+    calls: list[int] = []
+
+    def interrupt_second(self, image, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(self, image, **kwargs)
+
+    monkeypatch.setattr(api.Upscaler, "process", interrupt_second)
+    return calls
