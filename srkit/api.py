@@ -115,7 +115,8 @@ def resolve_weights(
 ) -> WeightsSet:
     """Local paths for every registry key the engine reads (main checkpoint first); `weights` replaces the main
     checkpoint, and `main_entry` names the registry entry that supplies it (a user model's own entry).  Every
-    file still missing is named in one error (registry.resolve_many), not one per run."""
+    file still missing is named in one error (registry.resolve_many), not one per run.  Keys an engine asks for
+    later (named by its checkpoint: GenDR's VAE) are resolved one by one on demand."""
     paths: dict[str, Path] = {}
     entries = {key: main_entry if index == 0 and main_entry else key for index, key in enumerate(keys)}
     if weights is not None:
@@ -127,7 +128,9 @@ def resolve_weights(
     if entries:
         found = registry.resolve_many(list(dict.fromkeys(entries.values())), offline=offline, log=log)
         paths.update({key: found[entry] for key, entry in entries.items()})
-    return WeightsSet({key: paths[key] for key in keys})
+    return WeightsSet(
+        {key: paths[key] for key in keys}, resolve=lambda key: registry.resolve(key, offline=offline, log=log)
+    )
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ if __name__ == "__main__":  # `python -m srkit.cli` (torchrun): Ctrl-C during th
 
     exit_quietly_on_interrupt()
 
+import inspect
 import json
 import signal
 import sys
@@ -341,6 +342,9 @@ def models(name: Annotated[str | None, typer.Argument(help="Show one model's opt
             _fail(one_line(exc))
         out.print(f"[bold]{spec.name}[/]: {spec.description}\nx{spec.scale}, {spec.steps} step(s), licence {spec.licence}")
         out.print("weights: " + ", ".join(f"{w} ({weights_status(w)})" for w in spec.weights))
+        for key in spec.weights:
+            if weights_status(key) in ("unreleased", "manual"):
+                out.print(f"{key}: {registry.load_registry().entry(key).obtain}", highlight=False)
         table = _table("option", "type", "default", "meaning")
         docs = field_docs(engine_class.options_class)
         for fld in dataclasses.fields(engine_class.options_class):
@@ -588,8 +592,8 @@ app.command()(degrade)  # LR/HR pairs through the Real-ESRGAN degradation (srkit
 
 # Training commands
 
-NOT_BUILT = "{what} is not built yet in this version of srkit (recipes: {recipes}); follow the project's issues."
-RECIPE_HELP = "; ".join(f"{name}: {spec.description}" for name, spec in RECIPES.items())
+RECIPE_HELP = "; ".join(f"{name}: {spec.description}" for name, spec in RECIPES.items() if spec.command == "finetune")
+DISTILL_HELP = "; ".join(f"{name}: {spec.description}" for name, spec in RECIPES.items() if spec.command == "distill")
 
 
 @app.command()
@@ -598,13 +602,13 @@ def finetune(
     data: Annotated[Path, typer.Option("--data", help="Folder of HR images (degraded on the fly).")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Run folder: checkpoints/, export/, tensorboard/.")],
     steps: Annotated[int, typer.Option("--steps", min=1, help="Optimiser steps.")] = 10_000,
-    base: Annotated[Path | None, typer.Option("--base", help="Base diffusers folder (naosd: SD2.1-base, default the registry's; gdpo: the NAOSD export, required).")] = None,
+    base: Annotated[Path | None, typer.Option("--base", help="Base diffusers folder (naosd, vae16, cid, cida: SD2.1-base, default the registry's; cid/cida: an SD2.1-VAE16 folder from `finetune --recipe vae16` for the paper's GenDR; gdpo: the NAOSD export, required).")] = None,
     text: Annotated[Path | None, typer.Option("--text", help="Folder with tokenizer/text_encoder/scheduler (default: registry sd21-text).")] = None,
     prompt_embeds: Annotated[Path | None, typer.Option("--prompt-embeds", help="Precomputed `prompt`/`neg` embeddings instead of a text encoder.")] = None,
     crop: Annotated[int, typer.Option("--crop", help="HR crop side (multiple of 4).")] = 512,
     batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Images per process and step (default: the recipe's release, else 1).")] = None,
     grad_accum: Annotated[int | None, typer.Option("--grad-accum", min=1, help="Micro-batches per optimiser step (default: the recipe's release, else 1).")] = None,
-    lr: Annotated[float | None, typer.Option("--lr", help="AdamW learning rate (default: the recipe's release: naosd/gdpo 5e-5, rfsr 5e-6).")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="AdamW learning rate (default: the recipe's release: naosd/gdpo 5e-5, rfsr 5e-6, vae16/cid/cida 1e-5).")] = None,
     max_grad_norm: Annotated[float, typer.Option("--max-grad-norm", help="Gradient clipping (0: off).")] = 1.0,
     mixed_precision: Annotated[str, typer.Option("--mixed-precision", help="no, fp16, bf16 (CUDA only).")] = "no",
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=1, help="Steps between checkpoints.")] = 500,
@@ -619,20 +623,27 @@ def finetune(
 ) -> None:
     """Fine-tune or pre-train a model with a paper's recipe; the export loads with `srkit upscale --weights`, or by
     name after `srkit weights add NAME --path OUT/export`."""
-    config = {"steps": steps, "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr,
-              "max_grad_norm": max_grad_norm, "mixed_precision": mixed_precision,
-              "checkpoint_every": checkpoint_every, "ema_decay": ema, "seed": seed, "resume": resume,
-              "tensorboard": tensorboard}  # fmt: skip
-    config = {key: value for key, value in config.items() if value is not None}
+    _train("finetune", locals())
+
+
+def _train(command: str, arguments: dict[str, Any]) -> None:
+    """The body of `finetune` and `distill`: one set of options, recipes of the named command only."""
+    config = {key: arguments[name] for key, name in (
+        ("steps", "steps"), ("batch_size", "batch_size"), ("grad_accum", "grad_accum"), ("lr", "lr"),
+        ("max_grad_norm", "max_grad_norm"), ("mixed_precision", "mixed_precision"),
+        ("checkpoint_every", "checkpoint_every"), ("ema_decay", "ema"), ("seed", "seed"), ("resume", "resume"),
+        ("tensorboard", "tensorboard"),
+    ) if arguments[name] is not None}  # fmt: skip
     from srkit.train.run import finetune as run_recipe
 
     try:
-        settings = _engine_options(option)
-        if reward_metrics is not None:
-            settings["reward_metrics"] = reward_metrics
+        settings = _engine_options(arguments["option"])
+        if arguments["reward_metrics"] is not None:
+            settings["reward_metrics"] = arguments["reward_metrics"]
         exported = run_recipe(
-            recipe, data=data, out=out, base=base, text=text, prompt_embeds=prompt_embeds, crop=crop, config=config,
-            settings=settings, device=device, offline=offline,
+            arguments["recipe"], data=arguments["data"], out=arguments["out"], base=arguments["base"],
+            text=arguments["text"], prompt_embeds=arguments["prompt_embeds"], crop=arguments["crop"], config=config,
+            settings=settings, device=arguments["device"], offline=arguments["offline"], command=command,
         )  # fmt: skip
     except (CliError, ValueError, KeyError, registry.WeightsError) as exc:
         _fail(one_line(exc), code=2)
@@ -641,16 +652,37 @@ def finetune(
     )
 
 
-finetune.__doc__ = (finetune.__doc__ or "") + "".join(
-    f"\n\n{name} hyper-parameters (-O key=value, paper defaults): " + ", ".join(describe_settings(name).splitlines())
-    for name in built_recipes()
-)
+def _settings_help(command: str) -> str:
+    """Every built recipe's hyper-parameters with their paper defaults, for the command's --help."""
+    paragraphs = []
+    for name in built_recipes(command):
+        lines = describe_settings(name).splitlines()
+        paragraphs.append(f"{name} hyper-parameters (-O key=value, paper defaults): " + "; ".join(lines))
+    return "".join(f"\n\n{escape(text)}" for text in paragraphs)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def distill(recipe: Annotated[str, typer.Option("--recipe", help="cida")] = "") -> None:
-    """Distil a one-step model (GenDR's CiD/CiDA; not built yet)."""
-    _fail(NOT_BUILT.format(what="`srkit distill`", recipes="cida"), code=2)
+finetune.__doc__ = (finetune.__doc__ or "") + _settings_help("finetune")
+
+
+def distill(**arguments: Any) -> None:
+    _train("distill", arguments)
+
+
+def _distill_signature() -> inspect.Signature:
+    """`finetune`'s options, with the distillation recipes in --recipe's help."""
+    signature = inspect.signature(finetune, eval_str=True)
+    recipe = Annotated[str, typer.Option("--recipe", help=DISTILL_HELP)]
+    parameters = [p.replace(annotation=recipe) if p.name == "recipe" else p for p in signature.parameters.values()]
+    return signature.replace(parameters=parameters)
+
+
+distill.__signature__ = _distill_signature()
+distill.__doc__ = (
+    "Distil a one-step GenDR model (CiD / CiDA) from a diffusion base; the result loads with "
+    "`srkit upscale --model gendr --weights OUT/export`. --recipe: " + DISTILL_HELP + ". "
+    "Same options as `finetune`; --lr defaults to the paper's 1e-5."
+) + _settings_help("distill")
+app.command()(distill)
 
 
 def main() -> None:

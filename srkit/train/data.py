@@ -17,7 +17,8 @@ from srkit.degrade.pipeline import DegradationPipeline
 
 
 class DegradedHRDataset(torch.utils.data.Dataset):
-    """Item i: {"hr": 3×crop×crop, "lr": 3×(crop/scale)×(crop/scale)}, both in [0, 1] float32."""
+    """Item i: {"hr": 3×crop×crop, "lr": 3×(crop/scale)×(crop/scale)}, both in [0, 1] float32; only "hr" with
+    `degrade` False (recipes that train on HR images alone, e.g. a text-to-image base)."""
 
     def __init__(
         self,
@@ -26,6 +27,7 @@ class DegradedHRDataset(torch.utils.data.Dataset):
         scale: int = 4,
         seed: int = 0,
         config: DegradationConfig | None = None,
+        degrade: bool = True,
     ) -> None:
         folder = Path(folder)
         if not folder.is_dir():
@@ -36,7 +38,7 @@ class DegradedHRDataset(torch.utils.data.Dataset):
         if crop % scale:
             raise ValueError(f"crop {crop} must be a multiple of the scale {scale}")
         self.crop, self.scale, self.seed, self.epoch = crop, scale, seed, 0
-        self.pipeline = DegradationPipeline(config, scale)
+        self.pipeline = DegradationPipeline(config, scale) if degrade else None
 
     def __len__(self) -> int:
         return len(self.files)
@@ -55,5 +57,6 @@ class DegradedHRDataset(torch.utils.data.Dataset):
         top = int(torch.randint(0, height - self.crop + 1, (1,), generator=gen))
         left = int(torch.randint(0, width - self.crop + 1, (1,), generator=gen))
         hr = image[:, top : top + self.crop, left : left + self.crop].contiguous()
-        lr = self.pipeline(hr[None], seed=seed, indices=[index])[0]
-        return {"hr": hr, "lr": lr}
+        if self.pipeline is None:
+            return {"hr": hr}
+        return {"hr": hr, "lr": self.pipeline(hr[None], seed=seed, indices=[index])[0]}

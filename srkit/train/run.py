@@ -1,4 +1,5 @@
-"""`srkit finetune`'s body: build a recipe from the table by name, the degraded-HR dataset and the trainer; train.
+"""`srkit finetune`'s and `srkit distill`'s body: build a recipe from the table by name, the degraded-HR dataset and
+the trainer; train.
 
 Kept out of the CLI (which only parses) so that Python users and tests call the same thing.
 """
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from srkit.common import build_options
 from srkit.train.data import DegradedHRDataset
@@ -31,15 +33,19 @@ def finetune(
     device: str = "auto",
     offline: bool = False,
     reward_metrics: Mapping[str, Callable[[np.ndarray, np.ndarray], float]] | None = None,
+    command: str | None = None,
 ) -> Path:
     """Train `recipe` on the HR images in `data`; returns the exported model folder (load with --weights).
 
-    `reward_metrics` (gdpo, Python only) replaces the metrics named by the `reward_metrics` setting.
+    `config` overrides the recipe's `TRAIN_DEFAULTS`. `reward_metrics` (gdpo, Python only) replaces the metrics
+    named by the `reward_metrics` setting. `command` ("finetune" or "distill") refuses the other command's recipes.
     """
-    module = recipe_module(recipe)
+    module = recipe_module(recipe, command)
     values = build_options(module.SETTINGS, settings or {}, owner=f"recipe '{recipe}'")
     train_config = TrainConfig(out=Path(out), **{**getattr(module, "TRAIN_DEFAULTS", {}), **(config or {})})
-    dataset = DegradedHRDataset(data, crop=crop, scale=4, seed=train_config.seed)
+    torch.manual_seed(train_config.seed)  # the same initial weights (LoRA, heads) in every process and every run
+    degrade = not getattr(module, "HR_ONLY", False)
+    dataset = DegradedHRDataset(data, crop=crop, scale=4, seed=train_config.seed, degrade=degrade)
     inputs = RecipeInputs(
         base=Path(base) if base else None,
         text=Path(text) if text else None,

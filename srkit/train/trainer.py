@@ -4,7 +4,8 @@ checkpoints with resume, rich console logging and optional tensorboard.
 A recipe (see `Recipe`) owns the networks and the maths; the trainer owns everything around it.  A recipe names its
 optimiser groups (NAOSD: the generator and the VSD regulariser) and, for every batch, yields (group, loss, logs)
 pairs in the order they must be stepped — the official scripts update the regulariser after the generator in the
-same iteration, on the generator's detached output.
+same iteration, on the generator's detached output.  A recipe may also say `learning_rates()` ({group: lr}) for
+groups whose rate differs from the run's `lr`.
 
 Gradients are averaged across processes explicitly (`accelerator.reduce`) rather than by wrapping the networks in
 DDP: recipes keep frozen copies and several trainable modules, LoRA gradients are small, and the checkpoint layout
@@ -96,8 +97,9 @@ class Trainer:
         self.console = Console(stderr=True, quiet=not self.accelerator.is_main_process)
         recipe.to(self.accelerator.device)
         self.groups = recipe.parameter_groups()
+        rates = recipe.learning_rates() if hasattr(recipe, "learning_rates") else {}
         self.optimizers = {
-            group: torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=config.weight_decay)
+            group: torch.optim.AdamW(params.values(), lr=rates.get(group, config.lr), weight_decay=config.weight_decay)
             for group, params in self.groups.items()
         }
         self.ema = (

@@ -4,14 +4,17 @@ loads (see srkit/train/trainer.py for the contract).
 
 A recipe module exposes `SETTINGS` (a dataclass with the paper's defaults) and
 `build(settings, inputs: RecipeInputs) -> Recipe`, and may set `TRAIN_DEFAULTS` (trainer settings of its release,
-e.g. a learning rate) that `srkit finetune` options override.  `srkit finetune --recipe NAME` and `srkit finetune --help` read
-this table; planned recipes are listed with what they are waiting for.
+e.g. a learning rate) that the command's options override and `HR_ONLY` (the recipe reads HR crops only, so no
+degradation is run).
+`srkit finetune --recipe NAME` / `srkit distill --recipe NAME` and their --help read this table; planned recipes
+are listed with what they are waiting for.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +30,8 @@ class RecipeSpec:
     module: str
     """Module defining `SETTINGS` and `build`; empty for a planned recipe."""
     description: str
+    command: str = "finetune"
+    """The CLI command that runs it: "finetune" or "distill"."""
 
 
 @dataclass(frozen=True)
@@ -56,7 +61,12 @@ RECIPES: dict[str, RecipeSpec] = {
         RecipeSpec("consissr", "", "ConsisSR stage 2 (TALA): planned"),
         RecipeSpec("rfsr", "srkit.train.recipes.rfsr",
                    "RFSR: timestep-aware reward feedback (structure early, rewards + Gram late) for SeeSR/ConsisSR"),
-        RecipeSpec("vae16", "", "SD2.1 UNet adapted to the 16-channel VAE (GenDR's teacher): planned"),
+        RecipeSpec("vae16", "srkit.train.recipes.vae16",
+                   "GenDR's teacher: an SD2.1 UNet adapted to the 16-channel VAE vae-kl-f8-d16 with REPA"),
+        RecipeSpec("cid", "srkit.train.recipes.cid",
+                   "GenDR's CiD: one-step student by consistent score identity distillation", "distill"),
+        RecipeSpec("cida", "srkit.train.recipes.cida",
+                   "GenDR's CiDA: CiD + adversarial head + REPA alignment (the paper's GenDR)", "distill"),
     )
 }  # fmt: skip
 
@@ -70,15 +80,24 @@ def local_or_registry(path: Path | None, entry: str, offline: bool) -> Path:
     return registry.resolve(entry, offline=offline)
 
 
-def built_recipes() -> list[str]:
-    return [name for name, spec in RECIPES.items() if spec.module]
+def built_recipes(command: str | None = None) -> list[str]:
+    """Built recipes, those of one CLI command when given."""
+    return [name for name, spec in RECIPES.items() if spec.module and command in (None, spec.command)]
 
 
-def recipe_module(name: str) -> ModuleType:
-    """The module of a built recipe; a clear error for planned and unknown names."""
+def recipe_names(command: str) -> list[str]:
+    """Every recipe of a CLI command, built or planned."""
+    return [name for name, spec in RECIPES.items() if spec.command == command]
+
+
+def recipe_module(name: str, command: str | None = None) -> ModuleType:
+    """The module of a built recipe; a clear error for planned and unknown names, and for a recipe of the other
+    command (`command`: the one it is run from)."""
     spec = RECIPES.get(name)
     if spec is None:
         raise ValueError(f"unknown recipe '{name}'; choose one of: {', '.join(RECIPES)}")
+    if command is not None and spec.command != command:
+        raise ValueError(f"recipe '{name}' is run by `srkit {spec.command}`, not `srkit {command}`")
     if not spec.module:
         raise ValueError(
             f"recipe '{name}' is not built yet in this version of srkit (built: {', '.join(built_recipes())})"
@@ -88,14 +107,15 @@ def recipe_module(name: str) -> ModuleType:
 
 def describe_settings(name: str) -> str:
     """One line per hyper-parameter: its default (the paper's or the release's) and where it comes from, for
-    --help (the field's docstring, first sentence)."""
+    --help (the field's docstring, first sentence: a period followed by a capital letter ends it, so "Eq. 8"
+    does not)."""
     settings = recipe_module(name).SETTINGS
     docs = field_docs(settings)
     lines = []
     for fld in dataclasses.fields(settings):
         value = str(fld.default if fld.default is not dataclasses.MISSING else fld.default_factory())
         value = value if len(value) <= 40 else value[:37] + "..."
-        doc = docs.get(fld.name, "").split(". ")[0].rstrip(".")
+        doc = re.split(r"\.\s+(?=[A-Z])", docs.get(fld.name, ""), maxsplit=1)[0].rstrip(".")
         lines.append(f"{fld.name}={value}" + (f" ({doc})" if doc else ""))
     return "\n".join(lines)
 
@@ -108,4 +128,5 @@ __all__ = [
     "describe_settings",
     "local_or_registry",
     "recipe_module",
+    "recipe_names",
 ]
