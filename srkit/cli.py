@@ -17,7 +17,7 @@ from srkit import api, registry
 from srkit.common import one_line
 from srkit.degrade.cli import degrade
 from srkit.engines.base import get_engine, model_names
-from srkit.train.recipes import RECIPES, built_recipes, describe_settings
+from srkit.train.recipes import RECIPES, built_recipes, describe_settings, describe_training
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Super-resolution: GAN and one-step diffusion models.")
 weights_app = typer.Typer(no_args_is_help=True, help="List, fetch, verify and import model weights.")
@@ -372,17 +372,17 @@ def finetune(
     recipe: Annotated[str, typer.Option("--recipe", help=RECIPE_HELP)],
     data: Annotated[Path, typer.Option("--data", help="Folder of HR images (degraded on the fly).")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Run folder: checkpoints/, export/, tensorboard/.")],
-    steps: Annotated[int, typer.Option("--steps", min=1, help="Optimiser steps.")] = 10_000,
-    base: Annotated[Path | None, typer.Option("--base", help="Base diffusers folder (naosd: SD2.1-base, default the registry's; gdpo: the NAOSD export, required).")] = None,
-    text: Annotated[Path | None, typer.Option("--text", help="Folder with tokenizer/text_encoder/scheduler (default: registry sd21-text).")] = None,
-    prompt_embeds: Annotated[Path | None, typer.Option("--prompt-embeds", help="Precomputed `prompt`/`neg` embeddings instead of a text encoder.")] = None,
-    crop: Annotated[int, typer.Option("--crop", help="HR crop side (multiple of 4).")] = 512,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per process and step.")] = 1,
-    grad_accum: Annotated[int, typer.Option("--grad-accum", min=1, help="Micro-batches per optimiser step.")] = 1,
-    lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate (paper: 5e-5).")] = 5e-5,
-    max_grad_norm: Annotated[float, typer.Option("--max-grad-norm", help="Gradient clipping (0: off).")] = 1.0,
+    steps: Annotated[int | None, typer.Option("--steps", min=1, help="Optimiser steps (default: the recipe's released value, listed below).")] = None,
+    base: Annotated[Path | None, typer.Option("--base", help="Model to start from (naosd: SD2.1-base folder, default the registry's; gdpo: the NAOSD export, required; s3diff: SD-Turbo folder, default the registry's; consissr, consissr-clip: an official-layout ConsisSR checkpoint, default the registry's).")] = None,
+    text: Annotated[Path | None, typer.Option("--text", help="Folder with tokenizer/text_encoder/scheduler (default: registry sd21-text; s3diff: the --base folder).")] = None,
+    prompt_embeds: Annotated[Path | None, typer.Option("--prompt-embeds", help="Precomputed prompt embeddings instead of a text encoder (`prompt`/`neg`; s3diff: `pos`/`neg`).")] = None,
+    crop: Annotated[int | None, typer.Option("--crop", help="HR crop side (multiple of 4; default: the recipe's).")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Images per process and step (default: the recipe's).")] = None,
+    grad_accum: Annotated[int | None, typer.Option("--grad-accum", min=1, help="Micro-batches per optimiser step (default: the recipe's).")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="AdamW learning rate (default: the recipe's; naosd, gdpo: 5e-5).")] = None,
+    max_grad_norm: Annotated[float | None, typer.Option("--max-grad-norm", help="Gradient clipping, 0: off (default: the recipe's).")] = None,
     mixed_precision: Annotated[str, typer.Option("--mixed-precision", help="no, fp16, bf16 (CUDA only).")] = "no",
-    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=1, help="Steps between checkpoints.")] = 500,
+    checkpoint_every: Annotated[int | None, typer.Option("--checkpoint-every", min=1, help="Steps between checkpoints (default: the recipe's).")] = None,
     ema: Annotated[float, typer.Option("--ema", help="EMA decay of the trained weights (0: off).")] = 0.0,
     seed: Annotated[int, typer.Option("--seed", help="Seed of data order, crops, degradations and noise.")] = 123,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in --out.")] = False,
@@ -393,10 +393,11 @@ def finetune(
     option: Annotated[list[str], typer.Option("-O", "--option", help="Recipe hyper-parameter key=value (see the list below).")] = [],  # noqa: B006
 ) -> None:
     """Fine-tune or pre-train a model with a paper's recipe; the result loads with `srkit upscale --weights`."""
-    config = {"steps": steps, "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr,
-              "max_grad_norm": max_grad_norm, "mixed_precision": mixed_precision,
-              "checkpoint_every": checkpoint_every, "ema_decay": ema, "seed": seed, "resume": resume,
-              "tensorboard": tensorboard}  # fmt: skip
+    released = {"steps": steps, "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr,
+                "max_grad_norm": max_grad_norm, "checkpoint_every": checkpoint_every}  # fmt: skip
+    config = {key: value for key, value in released.items() if value is not None}
+    config |= {"mixed_precision": mixed_precision, "ema_decay": ema, "seed": seed, "resume": resume,
+               "tensorboard": tensorboard}  # fmt: skip
     from srkit.train.run import finetune as run_recipe
 
     try:
@@ -414,6 +415,7 @@ def finetune(
 
 finetune.__doc__ = (finetune.__doc__ or "") + "".join(
     f"\n\n{name} hyper-parameters (-O key=value, paper defaults): " + ", ".join(describe_settings(name).splitlines())
+    + (f"\n\n{name} training (released): {training}" if (training := describe_training(name)) else "")
     for name in built_recipes()
 )
 

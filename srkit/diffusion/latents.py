@@ -59,15 +59,23 @@ def vae_encode(
     latent: LatentMode = "sample",
     generator: torch.Generator | None = None,
     tiling: VAETiling | None = None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Image in [-1, 1] -> scaled latent: a seeded posterior sample (the official behaviour) or its mode."""
+    """Image in [-1, 1] -> scaled latent: a seeded posterior sample (the official behaviour) or its mode.
+
+    `noise`: the sample's standard-normal draw, given instead of drawn (to replay a recorded run)."""
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
     if latent not in LATENT_MODES:
         raise ValueError(f"latent must be 'sample' or 'mode', got '{latent}'")
     image = image.to(next(vae.parameters()).dtype)
     posterior = DiagonalGaussianDistribution(encode_moments(vae.encoder, vae.quant_conv, image, tiling))
-    z = posterior.sample(generator=generator) if latent == "sample" else posterior.mode()
+    if latent == "mode":
+        z = posterior.mode()
+    elif noise is not None:
+        z = posterior.mean + posterior.std * noise.to(posterior.mean)
+    else:
+        z = posterior.sample(generator=generator)
     scale, shift = latent_scale(vae)
     return (z - shift) * scale
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from srkit.common import build_options
 from srkit.train.data import DegradedHRDataset
-from srkit.train.recipes import RecipeInputs, recipe_module
+from srkit.train.recipes import RecipeInputs, recipe_module, training_setup
 from srkit.train.trainer import TrainConfig, Trainer
 
 
@@ -25,7 +25,7 @@ def finetune(
     base: str | Path | None = None,
     text: str | Path | None = None,
     prompt_embeds: str | Path | None = None,
-    crop: int = 512,
+    crop: int | None = None,
     config: dict[str, Any] | None = None,
     settings: dict[str, Any] | None = None,
     device: str = "auto",
@@ -34,12 +34,15 @@ def finetune(
 ) -> Path:
     """Train `recipe` on the HR images in `data`; returns the exported model folder (load with --weights).
 
-    `reward_metrics` (gdpo, Python only) replaces the metrics named by the `reward_metrics` setting.
+    `crop` and the `config` entries (TrainConfig fields) left out take the recipe's released values
+    (`TrainingSetup`), then the trainer's defaults.  `reward_metrics` (gdpo, Python only) replaces the metrics
+    named by the `reward_metrics` setting.
     """
     module = recipe_module(recipe)
     values = build_options(module.SETTINGS, settings or {}, owner=f"recipe '{recipe}'")
-    train_config = TrainConfig(out=Path(out), **(config or {}))
-    dataset = DegradedHRDataset(data, crop=crop, scale=4, seed=train_config.seed)
+    setup = training_setup(recipe)
+    train_config = TrainConfig(out=Path(out), **{**setup.train, **(config or {})})
+    dataset = DegradedHRDataset(data, crop=crop or setup.crop, scale=4, seed=train_config.seed, **setup.data)
     inputs = RecipeInputs(
         base=Path(base) if base else None,
         text=Path(text) if text else None,

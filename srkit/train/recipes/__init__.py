@@ -2,9 +2,11 @@
 paper's hyper-parameters), the trainable parameters, the losses of one batch and the export in the format its engine
 loads (see srkit/train/trainer.py for the contract).
 
-A recipe module exposes `SETTINGS` (a dataclass with the paper's defaults) and
-`build(settings, inputs: RecipeInputs) -> Recipe`.  `srkit finetune --recipe NAME` and `srkit finetune --help` read
-this table; planned recipes are listed with what they are waiting for.
+A recipe module exposes `SETTINGS` (a dataclass with the paper's defaults; a field's `metadata["source"]` says
+where a value comes from) and `build(settings, inputs: RecipeInputs) -> Recipe`, and may expose `TRAINING` (a
+`TrainingSetup`: the released optimisation and data settings, used where the user gives none).
+`srkit finetune --recipe NAME` and `srkit finetune --help` read this table; planned recipes are listed with what
+they are waiting for.
 """
 
 from __future__ import annotations
@@ -24,6 +26,26 @@ class RecipeSpec:
     module: str
     """Module defining `SETTINGS` and `build`; empty for a planned recipe."""
     description: str
+
+
+@dataclass(frozen=True)
+class TrainingSetup:
+    """A recipe's released training setup: what `srkit finetune` uses for every option the user leaves out."""
+
+    train: Mapping[str, Any] = field(default_factory=dict)
+    """TrainConfig fields (lr, batch_size, grad_accum, steps, max_grad_norm, weight_decay, checkpoint_every)."""
+    crop: int = 512
+    """HR crop side."""
+    data: Mapping[str, Any] = field(default_factory=dict)
+    """DegradedHRDataset keyword arguments (the degradation config, hflip)."""
+    source: str = ""
+    """Where the values come from (shown in --help)."""
+
+
+def released(default: Any, source: str) -> Any:
+    """A settings field with its released value and where that value comes from (file, flag, paper section),
+    shown in --help."""
+    return field(default=default, metadata={"source": source})
 
 
 @dataclass(frozen=True)
@@ -48,9 +70,13 @@ RECIPES: dict[str, RecipeSpec] = {
                    "NAOSD pre-training (GDPO-SR stage 1): one-step SD2.1 with noise injection, MSE + LPIPS + VSD"),
         RecipeSpec("gdpo", "srkit.train.recipes.gdpo",
                    "GDPO-SR: group preference optimisation of a NAOSD model with the ARF reward"),
-        RecipeSpec("s3diff", "", "S3Diff training (DG-LoRA, GAN loss): planned"),
-        RecipeSpec("consissr-clip", "", "ConsisSR stage 1 (CLIP distillation): planned"),
-        RecipeSpec("consissr", "", "ConsisSR stage 2 (TALA): planned"),
+        RecipeSpec("s3diff", "srkit.train.recipes.s3diff",
+                   "S3Diff: degradation-guided LoRA on SD-Turbo, MSE + LPIPS + vision-aided GAN, online negative "
+                   "prompting"),
+        RecipeSpec("consissr-clip", "srkit.train.recipes.consissr_clip",
+                   "ConsisSR stage 1: the CLIP visual tower tuned so LQ features match a frozen copy's HQ features"),
+        RecipeSpec("consissr", "srkit.train.recipes.consissr",
+                   "ConsisSR stage 2: ControlNet + HPA with the timestep-aware latent augmentation (TALA)"),
         RecipeSpec("rfsr", "", "RFSR reward-feedback fine-tuning of SeeSR/ConsisSR: planned"),
         RecipeSpec("vae16", "", "SD2.1 UNet adapted to the 16-channel VAE (GenDR's teacher): planned"),
     )
@@ -58,12 +84,13 @@ RECIPES: dict[str, RecipeSpec] = {
 
 
 def local_or_registry(path: Path | None, entry: str, offline: bool) -> Path:
-    """`path` when given, else the registry entry's local copy (pulled unless offline)."""
+    """`path` when given, else the registry entry's local copy (pulled unless offline: `offline` or
+    SRKIT_OFFLINE=1)."""
     if path is not None:
         return path
     from srkit import registry
 
-    return registry.resolve(entry, offline=offline)
+    return registry.resolve(entry, offline=offline or None)
 
 
 def built_recipes() -> list[str]:
@@ -83,20 +110,39 @@ def recipe_module(name: str) -> ModuleType:
 
 
 def describe_settings(name: str) -> str:
-    """One line per hyper-parameter with its default (the paper's), for --help."""
+    """One line per hyper-parameter with its default (the paper's) and, when known, its source, for --help."""
     lines = []
     for fld in dataclasses.fields(recipe_module(name).SETTINGS):
         value = str(fld.default)
-        lines.append(f"{fld.name}={value if len(value) <= 40 else value[:37] + '...'}")
+        line = f"{fld.name}={value if len(value) <= 40 else value[:37] + '...'}"
+        lines.append(line + (f" [{fld.metadata['source']}]" if "source" in fld.metadata else ""))
     return "\n".join(lines)
+
+
+def training_setup(name: str) -> TrainingSetup:
+    """The recipe's released training setup (the trainer's defaults when it states none)."""
+    return getattr(recipe_module(name), "TRAINING", TrainingSetup())
+
+
+def describe_training(name: str) -> str:
+    """The released optimisation and data settings of a recipe in one line, for --help."""
+    setup = training_setup(name)
+    if not setup.train and not setup.source:
+        return ""
+    values = ", ".join(f"{key}={value}" for key, value in {**setup.train, "crop": setup.crop}.items())
+    return values + (f" [{setup.source}]" if setup.source else "")
 
 
 __all__ = [
     "RECIPES",
     "RecipeInputs",
     "RecipeSpec",
+    "TrainingSetup",
     "built_recipes",
     "describe_settings",
+    "describe_training",
     "local_or_registry",
     "recipe_module",
+    "released",
+    "training_setup",
 ]
