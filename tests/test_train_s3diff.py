@@ -168,11 +168,11 @@ def test_s3diff_degradations_are_drawn_per_sample():
 
 def test_s3diff_help_lists_released_values_and_sources():
     settings = describe_settings("s3diff")
-    assert "neg_prob=0.05 [--neg_prob" in settings and "lambda_gan=0.5 [--lambda_gan]" in settings
-    assert "rank_unet=32 [--lora_rank_unet]" in settings and "real_label=0.8 [vision_aided_loss" in settings
+    assert "neg_prob=0.05 (--neg_prob" in settings and "lambda_gan=0.5 (--lambda_gan)" in settings
+    assert "rank_unet=32 (--lora_rank_unet)" in settings and "real_label=0.8 (vision_aided_loss" in settings
     training = describe_training("s3diff")
     assert "lr=2e-05" in training and "batch_size=4" in training and "training_utils.py" in training
-    assert TRAINING.data["hflip"] and S3DiffSettings().upsample == "bicubic"
+    assert TRAINING.hflip and TRAINING.degradation == S3DIFF_DEGRADATION and S3DiffSettings().upsample == "bicubic"
     with pytest.raises(ValueError, match="neg_prob"):
         S3DiffSettings(neg_prob=2)
 

@@ -42,7 +42,8 @@ def finetune(
     values = build_options(module.SETTINGS, settings or {}, owner=f"recipe '{recipe}'")
     setup = training_setup(recipe)
     train_config = TrainConfig(out=Path(out), **{**setup.train, **(config or {})})
-    dataset = DegradedHRDataset(data, crop=crop or setup.crop, scale=4, seed=train_config.seed, **setup.data)
+    dataset = DegradedHRDataset(data, crop=crop or setup.crop, scale=4, seed=train_config.seed,
+                                config=setup.degradation, hflip=setup.hflip)
     inputs = RecipeInputs(
         base=Path(base) if base else None,
         text=Path(text) if text else None,

@@ -19,6 +19,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from srkit.degrade.config import DegradationConfig
+
 
 @dataclass(frozen=True)
 class RecipeSpec:
@@ -36,8 +38,10 @@ class TrainingSetup:
     """TrainConfig fields (lr, batch_size, grad_accum, steps, max_grad_norm, weight_decay, checkpoint_every)."""
     crop: int = 512
     """HR crop side."""
-    data: Mapping[str, Any] = field(default_factory=dict)
-    """DegradedHRDataset keyword arguments (the degradation config, hflip)."""
+    degradation: DegradationConfig | None = None
+    """The LR synthesis; None: Real-ESRGAN's published values (DegradationConfig's defaults)."""
+    hflip: bool = False
+    """Mirror half of the crops."""
     source: str = ""
     """Where the values come from (shown in --help)."""
 
@@ -72,7 +76,9 @@ RECIPES: dict[str, RecipeSpec] = {
                    "GDPO-SR: group preference optimisation of a NAOSD model with the ARF reward"),
         RecipeSpec("s3diff", "srkit.train.recipes.s3diff",
                    "S3Diff: degradation-guided LoRA on SD-Turbo, MSE + LPIPS + vision-aided GAN, online negative "
-                   "prompting"),
+                   "prompting; upstream bugs fixed: #25 (the generator step leaves no gradient in the "
+                   "discriminator), #27 (degradations drawn per sample), #31 (the degradation score always "
+                   "describes the input)"),
         RecipeSpec("consissr-clip", "srkit.train.recipes.consissr_clip",
                    "ConsisSR stage 1: the CLIP visual tower tuned so LQ features match a frozen copy's HQ features"),
         RecipeSpec("consissr", "srkit.train.recipes.consissr",
@@ -115,7 +121,7 @@ def describe_settings(name: str) -> str:
     for fld in dataclasses.fields(recipe_module(name).SETTINGS):
         value = str(fld.default)
         line = f"{fld.name}={value if len(value) <= 40 else value[:37] + '...'}"
-        lines.append(line + (f" [{fld.metadata['source']}]" if "source" in fld.metadata else ""))
+        lines.append(line + (f" ({fld.metadata['source']})" if "source" in fld.metadata else ""))
     return "\n".join(lines)
 
 
@@ -129,8 +135,23 @@ def describe_training(name: str) -> str:
     setup = training_setup(name)
     if not setup.train and not setup.source:
         return ""
-    values = ", ".join(f"{key}={value}" for key, value in {**setup.train, "crop": setup.crop}.items())
-    return values + (f" [{setup.source}]" if setup.source else "")
+    values = {**setup.train, "crop": setup.crop, "hflip": setup.hflip}
+    if setup.degradation is not None:
+        values["degradation"] = "Real-ESRGAN's values but " + " ".join(_changes(setup.degradation, DegradationConfig()))
+    text = ", ".join(f"{key}={value}" for key, value in values.items())
+    return text + (f" ({setup.source})" if setup.source else "")
+
+
+def _changes(config: Any, default: Any) -> list[str]:
+    """`key=value` for every field of a settings dataclass that differs from `default`, nested ones as a.b."""
+    changed = []
+    for fld in dataclasses.fields(config):
+        value, base = getattr(config, fld.name), getattr(default, fld.name)
+        if dataclasses.is_dataclass(value):
+            changed += [f"{fld.name}.{part}" for part in _changes(value, base)]
+        elif value != base:
+            changed.append(f"{fld.name}={value}")
+    return changed
 
 
 __all__ = [

@@ -52,7 +52,7 @@ TRAINING = TrainingSetup(
     train={"lr": 1e-4, "batch_size": 1, "grad_accum": 1, "steps": 200_001, "max_grad_norm": 0.0,
            "weight_decay": 1e-2, "checkpoint_every": 20_000},
     crop=512,
-    data={"config": CONSISSR_DEGRADATION},
+    degradation=CONSISSR_DEGRADATION,
     source="configs/train_cldm.yaml (1 GPU, 200001 steps, checkpoints every 20000), configs/model/cldm.yaml "
     "(AdamW lr 1e-4), general_deg_realesrgan_train_ImageNetF.yaml (512 crops, batch 1)",
 )  # fmt: skip

@@ -29,7 +29,7 @@ TRAINING = TrainingSetup(
     train={"lr": 1e-4, "batch_size": 8, "grad_accum": 1, "steps": 100_001, "max_grad_norm": 0.0,
            "weight_decay": 1e-2, "checkpoint_every": 10_000},
     crop=224,
-    data={"config": CONSISSR_DEGRADATION},
+    degradation=CONSISSR_DEGRADATION,
     source="configs/train_clip.yaml (1 GPU, 100001 steps, checkpoints every 10000), configs/model/"
     "clip_distill.yaml (AdamW lr 1e-4), general_deg_realesrgan_train_ImageNetC.yaml (224 crops, batch 8)",
 )  # fmt: skip

@@ -81,7 +81,8 @@ TRAINING = TrainingSetup(
     train={"lr": 2e-5, "batch_size": 4, "grad_accum": 4, "steps": 50_000, "max_grad_norm": 1.0,
            "weight_decay": 1e-2, "checkpoint_every": 500},
     crop=512,
-    data={"config": S3DIFF_DEGRADATION, "hflip": True},
+    degradation=S3DIFF_DEGRADATION,
+    hflip=True,
     source="src/my_utils/training_utils.py defaults (AdamW, constant rate; run_training.sh: 4 GPUs x batch 4), "
     "configs/sr.yaml (512 crops, hflip, degradation)",
 )  # fmt: skip
