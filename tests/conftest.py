@@ -106,19 +106,31 @@ def training_files(tmp_path_factory) -> dict[str, Path]:
     return {"base": root / "base", "text": root / "text", "hr": hr}
 
 
-def torchrun_finetune(arguments: list[str]) -> subprocess.CompletedProcess:
-    """`srkit finetune ARGUMENTS` in two CPU processes (torchrun; gloo, which accelerate picks up from torchrun's
-    environment); skips when torch's launcher is not installed."""
+def check_one_and_two_processes(recipe: str, arguments: list[str], root: Path) -> None:
+    """`srkit finetune --recipe RECIPE ARGUMENTS` (2 steps, a checkpoint per step) in this process (root/one) and in
+    two CPU processes (torchrun, gloo, which accelerate picks up from torchrun's environment; root/two): both
+    complete and write the same checkpoint layout with the same trainable tensors."""
+    from typer.testing import CliRunner
+
+    from srkit.cli import app
+
+    one = CliRunner().invoke(app, ["finetune", "--recipe", recipe, "--out", str(root / "one"), *arguments])
+    assert one.exit_code == 0, one.output
     launcher = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     if launcher is None:
         pytest.skip("torch's launcher (torchrun) is not installed")
-    return subprocess.run(
-        [launcher, "--standalone", "--nproc_per_node", "2", "-m", "srkit.cli", "finetune", *arguments],
+    two = subprocess.run(
+        [launcher, "--standalone", "--nproc_per_node", "2", "-m", "srkit.cli", "finetune", "--recipe", recipe,
+         "--out", str(root / "two"), *arguments],
         check=False, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600,
     )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert (root / "two" / "checkpoints" / "step_0000002" / "rank1.pt").is_file()  # really two processes
+    assert _layout(root / "one") == _layout(root / "two")
+    assert _trainable_keys(root / "one") == _trainable_keys(root / "two")
 
 
-def run_layout(run: Path) -> set[str]:
+def _layout(run: Path) -> set[str]:
     """The files and folders of a training run, without what differs with the process count by design (the
     RNG staging folder, the RNG states of ranks above 0) and the tensorboard logs."""
     return {
@@ -128,9 +140,8 @@ def run_layout(run: Path) -> set[str]:
     }
 
 
-def trainable_keys(run: Path, step: int) -> set[str]:
-    """Names of the trainable tensors in a run's checkpoint of `step`."""
+def _trainable_keys(run: Path) -> set[str]:
     from safetensors import safe_open
 
-    with safe_open(str(run / "checkpoints" / f"step_{step:07d}" / "trainable.safetensors"), "pt") as handle:
+    with safe_open(str(run / "checkpoints" / "step_0000002" / "trainable.safetensors"), "pt") as handle:
         return set(handle.keys())

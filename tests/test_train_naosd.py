@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from conftest import TRAIN_CROP as CROP
-from conftest import RandomFeatureDistance, run_layout, smooth_image, torchrun_finetune, trainable_keys
+from conftest import RandomFeatureDistance, check_one_and_two_processes, smooth_image
 from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -81,10 +81,4 @@ def test_naosd_cli_and_two_processes_write_the_same_layout(training_files, tmp_p
     common = ["--data", str(training_files["hr"]), "--base", str(training_files["base"]), "--text", str(training_files["text"]),
               "--crop", str(CROP), "--steps", "2", "--checkpoint-every", "1", "-O", "lambda_lpips=0",
               "--device", "cpu", "--seed", "3"]  # fmt: skip
-    one = CliRunner().invoke(app, ["finetune", "--recipe", "naosd", "--out", str(tmp_path / "one"), *common])
-    assert one.exit_code == 0, one.output
-    two = torchrun_finetune(["--recipe", "naosd", "--out", str(tmp_path / "two"), *common])
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert (tmp_path / "two" / "checkpoints" / "step_0000002" / "rank1.pt").is_file()  # really two processes
-    assert run_layout(tmp_path / "one") == run_layout(tmp_path / "two")
-    assert trainable_keys(tmp_path / "one", 2) == trainable_keys(tmp_path / "two", 2)
+    check_one_and_two_processes("naosd", common, tmp_path)

@@ -15,24 +15,25 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from srkit.nn.hpa_prompt import clip_pixels
-from srkit.train.recipes import RecipeInputs, TrainingSetup, local_or_registry, released
-from srkit.train.recipes.consissr import CONSISSR_DEGRADATION, ConsisSRTraining, restoration_lq
+from srkit.train.recipes import RecipeInputs, local_or_registry, released
+from srkit.train.recipes.consissr import TRAINING as STAGE2_TRAINING
+from srkit.train.recipes.consissr import ConsisSRTraining, restoration_lq
 
-TRAINING = TrainingSetup(
-    train={"lr": 1e-4, "batch_size": 8, "grad_accum": 1, "steps": 100_001, "max_grad_norm": 0.0,
-           "weight_decay": 1e-2, "checkpoint_every": 10_000},
+TRAINING = replace(
+    STAGE2_TRAINING,
+    train={**STAGE2_TRAINING.train, "batch_size": 8, "steps": 100_001, "checkpoint_every": 10_000},
     crop=224,
-    degradation=CONSISSR_DEGRADATION,
     source="configs/train_clip.yaml (1 GPU, 100001 steps, checkpoints every 10000), configs/model/"
     "clip_distill.yaml (AdamW lr 1e-4), general_deg_realesrgan_train_ImageNetC.yaml (224 crops, batch 8)",
-)  # fmt: skip
+)
+"""Stage 2's setup (same optimiser, degradation) with stage 1's batch, length and crop."""
 SCHEDULER = "clip_distill.yaml LambdaWarmUpCosineScheduler"
 
 

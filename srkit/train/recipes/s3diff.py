@@ -18,6 +18,9 @@ One iteration, stepped in the official order (`step_each_loss`: each loss is ste
 Degradations are drawn per sample — **fix of upstream issue #27**, where a batch shared its resize, noise and
 JPEG choices — with S3Diff's parameters (`configs/sr.yaml`: `S3DIFF_DEGRADATION`, no USM, no 8-bit rounding,
 horizontal flips).
+Accumulation (the released `--gradient_accumulation_steps 4`): upstream's `accelerator.accumulate` skips the
+optimiser steps of three micro-batches out of four, so its four steps per iteration mix the micro-batches' losses
+unevenly; srkit accumulates each of the four losses over the micro-batches and then takes its step.
 
 Trainable, as upstream's optimiser list: the UNet's and the VAE encoder's DG-LoRA factors, the UNet's conv_in,
 the degradation MLPs, block MLPs, fuse layers and block embeddings of both modulation heads (the generator group),
