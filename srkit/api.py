@@ -24,7 +24,7 @@ from srkit import registry
 from srkit.alpha import bleed_colour
 from srkit.common import build_options, one_line, resolve_device
 from srkit.cpu_memory import keep_freed_memory
-from srkit.engines.base import Engine, EngineSpec, Progress, WeightsSet, get_engine
+from srkit.engines.base import Engine, EngineSpec, Progress, WeightsSet, get_engine, model_names
 from srkit.imageio import (
     WRITE_FORMATS,
     ImageData,
@@ -91,9 +91,15 @@ def auto_tile(device: torch.device, scale: int) -> int:
 # Loading
 
 
-def resolve_weights(keys: tuple[str, ...], weights: str | Path | None, offline: bool | None, log: Log) -> WeightsSet:
-    """Local paths for every registry key the model needs (main checkpoint first); `weights` replaces the main
-    checkpoint."""
+def resolve_weights(
+    keys: tuple[str, ...],
+    weights: str | Path | None,
+    offline: bool | None,
+    log: Log,
+    main_entry: str | None = None,
+) -> WeightsSet:
+    """Local paths for every registry key the engine reads (main checkpoint first); `weights` replaces the main
+    checkpoint, and `main_entry` names the registry entry that supplies it (a user model's own entry)."""
     paths: dict[str, Path] = {}
     for index, key in enumerate(keys):
         if index == 0 and weights is not None:
@@ -102,8 +108,51 @@ def resolve_weights(keys: tuple[str, ...], weights: str | Path | None, offline: 
                 raise registry.WeightsError(f"--weights {path} does not exist")
             paths[key] = path
         else:
-            paths[key] = registry.resolve(key, offline=offline, log=log)
+            entry = main_entry if index == 0 and main_entry else key
+            paths[key] = registry.resolve(entry, offline=offline, log=log)
     return WeightsSet(paths)
+
+
+def add_model(
+    name: str,
+    path: str | Path,
+    *,
+    engine: str | None = None,
+    sha256: str | None = None,
+    licence: str | None = None,
+    registry_file: str | Path | None = None,
+    replace: bool = False,
+) -> registry.WeightsEntry | None:
+    """Name weights on this machine (a training export or a checkpoint) in a user registry so that `--model
+    NAME` runs them on their engine (from the export's config unless given).  With `replace`, a built-in entry
+    such as `sd21-text` can be pointed at local files too (its engine stays the default).
+
+    Checked first: the engine is a model, a built-in model's own name keeps its own engine, and the path has
+    the shape (folder or file) of what it stands for.  Returns the entry as srkit now reads it, or None when
+    `registry_file` is not a file srkit reads (name it in SRKIT_REGISTRY).
+    """
+    reg = registry.load_registry()
+    entries = reg.entries
+    existing = entries.get(name)
+    replaces_builtin = replace and name in reg.builtin_names
+    default_engine = existing.engine if replaces_builtin else None
+    fields = registry.local_entry(Path(path), engine=engine or default_engine, sha256=sha256, licence=licence)
+    engine = fields["engine"]
+    if name in model_names() and name != engine:
+        raise ValueError(f"'{name}' is a built-in model with its own engine; choose another name")
+    if replaces_builtin:
+        reference, what = existing, f"'{name}'"
+    elif engine not in model_names():
+        raise ValueError(f"engine '{engine}' is not a model; use one of: {', '.join(model_names())}")
+    else:
+        reference = entries.get(get_engine(engine)[1].weights[0])
+        what = f"the {engine} engine's main checkpoint"
+    if reference is not None and reference.is_folder != (fields["format"] == "diffusers-folder"):
+        shape = "a model folder" if reference.is_folder else "a single checkpoint file"
+        raise ValueError(f"{what} is {shape}, and {path} is not one")
+    target = registry.add_entry(name, fields, Path(registry_file) if registry_file else None, replace)
+    entry = registry.load_registry().entries.get(name)
+    return entry if entry is not None and entry.origin == target else None
 
 
 def load_engine(
@@ -125,8 +174,11 @@ def load_engine(
     engine_options = build_options(engine_class.options_class, options)
     if torch_device.type == "cpu":
         keep_freed_memory()  # srkit/cpu_memory.py: no page-fault storm for large activations
-    weight_set = resolve_weights(engine_class.weights_for(engine_options), weights, offline, log)
+    keys = engine_class.weights_for(engine_options)
+    weight_set = resolve_weights(keys, weights, offline, log, spec.weights[0])
     engine = engine_class.from_weights(weight_set, torch_device, torch_dtype, engine_options)
+    for notice in engine.notices:
+        log(f"{spec.name}: {notice}")
     if tile == "auto":
         tile_size = auto_tile(torch_device, spec.scale)
     elif tile in (None, 0, "0", "none"):

@@ -16,11 +16,11 @@ from rich.table import Table
 from srkit import api, registry
 from srkit.common import one_line
 from srkit.degrade.cli import degrade
-from srkit.engines.base import get_engine, model_names
+from srkit.engines.base import get_engine, model_names, user_models
 from srkit.train.recipes import RECIPES, built_recipes, describe_settings, describe_training
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Super-resolution: GAN and one-step diffusion models.")
-weights_app = typer.Typer(no_args_is_help=True, help="List, fetch, verify and import model weights.")
+weights_app = typer.Typer(no_args_is_help=True, help="List, fetch, verify, import and add model weights.")
 app.add_typer(weights_app, name="weights")
 err = Console(stderr=True, soft_wrap=True)  # one message = one line, whatever the width
 out = Console(width=None if sys.stdout.isatty() else 200)  # pipes and files get whole lines
@@ -187,11 +187,22 @@ class _offline_env:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@weights_app.callback()
+def _check_registry() -> None:
+    """Every weights command reads the layered registry: a malformed file stops it here, in one line."""
+    try:
+        registry.load_registry()
+    except registry.WeightsError as exc:
+        _fail(one_line(exc))
+
+
 def weights_status(name: str) -> str:
     try:
         entry = registry.load_registry().entry(name)
     except registry.WeightsError:
         return "unregistered"
+    if entry.location is not None:
+        return "local" if registry.is_cached(entry) else "missing"
     if registry.is_cached(entry):
         return "cached"
     if entry.status in ("unreleased", "manual"):
@@ -218,7 +229,7 @@ def models(name: Annotated[str | None, typer.Argument(help="Show one model's opt
     if name is not None:
         try:
             engine_class, spec = get_engine(name)
-        except (KeyError, ImportError) as exc:
+        except (KeyError, ImportError, registry.WeightsError) as exc:
             _fail(one_line(exc))
         out.print(f"[bold]{spec.name}[/]: {spec.description}\nx{spec.scale}, {spec.steps} step(s), licence {spec.licence}")
         out.print("weights: " + ", ".join(f"{w} ({weights_status(w)})" for w in spec.weights))
@@ -229,7 +240,11 @@ def models(name: Annotated[str | None, typer.Argument(help="Show one model's opt
         out.print(table)
         return
     table = _table("model", "scale", "steps", "weights", "licence", "description")
-    for model_name in model_names():
+    try:
+        names = model_names() + user_models()  # yours (`srkit weights add`) after the built-in ones
+    except registry.WeightsError as exc:
+        _fail(one_line(exc))
+    for model_name in names:
         try:
             _, spec = get_engine(model_name)
         except ImportError as exc:
@@ -242,10 +257,11 @@ def models(name: Annotated[str | None, typer.Argument(help="Show one model's opt
 
 @weights_app.command("list")
 def weights_list() -> None:
-    """Every registered checkpoint, its status and licence."""
-    table = _table("name", "engine", "format", "status", "licence")
+    """Every registered checkpoint, its status, licence and the registry file that defines it."""
+    table = _table("name", "engine", "format", "status", "licence", "defined in")
     for name, entry in registry.load_registry().entries.items():
-        table.add_row(name, entry.engine, entry.format, weights_status(name), entry.licence)
+        origin = "built-in" if entry.builtin else entry.where
+        table.add_row(name, entry.engine, entry.format, weights_status(name), entry.licence, origin)
     out.print(table)
 
 
@@ -276,7 +292,7 @@ def weights_verify(names: Annotated[list[str] | None, typer.Argument(help="Defau
 
 @weights_app.command("path")
 def weights_path(name: str) -> None:
-    """Where an entry lives in the cache ($SRKIT_HOME)."""
+    """Where an entry's files are: its cache folder ($SRKIT_HOME), or the folder a user entry points at."""
     try:
         entry = registry.load_registry().entry(name)
     except registry.WeightsError as exc:
@@ -296,6 +312,51 @@ def weights_import(
     except registry.WeightsError as exc:
         _fail(str(exc), code=1)
     out.print(f"{name}: {dest}", highlight=False)
+
+
+REGISTRY_OPTION_HELP = (
+    "User registry file (default $SRKIT_HOME/weights.toml; a team's file is read when SRKIT_REGISTRY names it)."
+)
+
+
+@weights_app.command("add")
+def weights_add(
+    name: Annotated[str, typer.Argument(help="The name to use with --model.")],
+    path: Annotated[Path, typer.Option("--path", help="A model folder (e.g. a training export) or a checkpoint file.")],
+    engine: Annotated[str | None, typer.Option("--engine", help="The model that runs it (default: from the export's srkit_export.json).")] = None,
+    sha256: Annotated[str | None, typer.Option("--sha256", help="auto: record every file's sha256 for `weights verify`; or the one file's known digest.")] = None,
+    licence: Annotated[str | None, typer.Option("--licence", "--license", help="Licence note (default: from the export's config).")] = None,
+    registry_file: Annotated[Path | None, typer.Option("--registry", help=REGISTRY_OPTION_HELP)] = None,
+    replace: Annotated[bool, typer.Option("--replace", help="Replace an entry of that name (yours, a team's, or a built-in one).")] = False,
+) -> None:
+    """Name your own weights (e.g. `srkit finetune`'s export) so that upscale, benchmark, models and verify use them."""
+    try:
+        entry = api.add_model(name, path, engine=engine, sha256=sha256, licence=licence,
+                              registry_file=registry_file, replace=replace)  # fmt: skip
+    except (ValueError, registry.WeightsError) as exc:
+        _fail(one_line(exc))
+    target = registry_file or registry.user_registry_file()
+    if entry is None:
+        err.print(
+            f"note: srkit does not read {target} yet; set {registry.REGISTRY_ENV}={target}", highlight=False
+        )
+        return
+    hashed = "with sha256" if all(f.sha256 for f in entry.files) else "sizes only (--sha256 auto to hash)"
+    out.print(f"{name}: {entry.engine} model, {len(entry.files)} file(s) in {entry.location}, {hashed}; "
+              f"written to {entry.where}. Try `srkit upscale IMAGE --model {name}`", highlight=False)  # fmt: skip
+
+
+@weights_app.command("remove")
+def weights_remove(
+    name: str,
+    registry_file: Annotated[Path | None, typer.Option("--registry", help=REGISTRY_OPTION_HELP)] = None,
+) -> None:
+    """Remove your entry NAME from a user registry (the weights files themselves are kept)."""
+    try:
+        target = registry.remove_entry(name, registry_file)
+    except registry.WeightsError as exc:
+        _fail(one_line(exc))
+    out.print(f"{name}: removed from {target}", highlight=False)
 
 
 def _expand_names(names: list[str]) -> list[str]:
@@ -357,6 +418,45 @@ def benchmark(
         log(f"{label}: {path}")
 
 
+@app.command()
+def tag(
+    inputs: Annotated[list[str], typer.Argument(help="Image files, folders or glob patterns.")],
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Folder for the .txt files (default: beside each image).")] = None,
+    tagger: Annotated[str, typer.Option("--tagger", help="dape (RAM + DAPE LoRA, as SeeSR/OSEDiff) or ram.")] = "dape",
+    write_txt: Annotated[bool, typer.Option("--write-txt", help="Write {stem}.txt with the tags (SeeSR/RFSR training tag files).")] = False,
+    recursive: Annotated[bool, typer.Option("-r", "--recursive", help="Descend into sub-folders.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print {file: tags} and the batch summary as JSON.")] = False,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")] = "auto",
+    offline: Annotated[bool, typer.Option("--offline", help="Never touch the network.")] = False,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet")] = False,
+) -> None:
+    """Tag images with RAM / DAPE (the prompts' tags); one line per image, or .txt files with --write-txt."""
+    from srkit.tagging import load_tagger, tag_paths
+
+    log = (lambda message: None) if quiet or as_json else (lambda message: err.print(message, highlight=False, markup=False))
+
+    def on_file(result: api.FileResult, done: int, total: int) -> None:
+        if result.status == "failed":
+            err.print(f"[red]failed[/] {escape(result.input)}: {escape(result.error or '')}", highlight=False)
+
+    try:
+        with _offline_env(offline):
+            model = load_tagger(tagger, device=device, log=log)
+        report, tags = tag_paths(inputs, model, output=output, write_txt=write_txt, recursive=recursive, warn=log,
+                                 on_file=on_file)  # fmt: skip
+    except (CliError, ValueError, KeyError, registry.WeightsError) as exc:
+        _fail(one_line(exc))
+    if as_json:
+        print(json.dumps({"tags": tags, **report.to_json()}, indent=2))
+    else:
+        for path, text in tags.items():
+            print(f"{path}\t{text}")
+    if not report.results:
+        _fail("no input images found", code=1)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 app.command()(degrade)  # LR/HR pairs through the Real-ESRGAN degradation (srkit/degrade/)
 
@@ -373,17 +473,17 @@ def finetune(
     data: Annotated[Path, typer.Option("--data", help="Folder of HR images (degraded on the fly).")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Run folder: checkpoints/, export/, tensorboard/.")],
     steps: Annotated[int | None, typer.Option("--steps", min=1, help="Optimiser steps (default: the recipe's released value, listed below).")] = None,
-    base: Annotated[Path | None, typer.Option("--base", help="Model to start from (naosd: SD2.1-base folder, default the registry's; gdpo: the NAOSD export, required; s3diff: SD-Turbo folder, default the registry's; consissr, consissr-clip: an official-layout ConsisSR checkpoint, default the registry's).")] = None,
+    base: Annotated[Path | None, typer.Option("--base", help="Model to start from (naosd: SD2.1-base folder, default the registry's; gdpo: the NAOSD export, required; rfsr: the SeeSR/ConsisSR weights, a registry name or a path; s3diff: SD-Turbo folder, default the registry's; consissr, consissr-clip: an official-layout ConsisSR checkpoint, default the registry's).")] = None,
     text: Annotated[Path | None, typer.Option("--text", help="Folder with tokenizer/text_encoder/scheduler (default: registry sd21-text; s3diff: the --base folder).")] = None,
     prompt_embeds: Annotated[Path | None, typer.Option("--prompt-embeds", help="Precomputed prompt embeddings instead of a text encoder (`prompt`/`neg`; s3diff: `pos`/`neg`).")] = None,
     crop: Annotated[int | None, typer.Option("--crop", help="HR crop side (multiple of 4; default: the recipe's).")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Images per process and step (default: the recipe's).")] = None,
     grad_accum: Annotated[int | None, typer.Option("--grad-accum", min=1, help="Micro-batches per optimiser step (default: the recipe's).")] = None,
-    lr: Annotated[float | None, typer.Option("--lr", help="AdamW learning rate (default: the recipe's; naosd, gdpo: 5e-5).")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="AdamW learning rate (default: the recipe's release: naosd/gdpo 5e-5, rfsr 5e-6, s3diff 2e-5, consissr 1e-4).")] = None,
     max_grad_norm: Annotated[float | None, typer.Option("--max-grad-norm", help="Gradient clipping, 0: off (default: the recipe's).")] = None,
     mixed_precision: Annotated[str, typer.Option("--mixed-precision", help="no, fp16, bf16 (CUDA only).")] = "no",
     checkpoint_every: Annotated[int | None, typer.Option("--checkpoint-every", min=1, help="Steps between checkpoints (default: the recipe's).")] = None,
-    ema: Annotated[float, typer.Option("--ema", help="EMA decay of the trained weights (0: off).")] = 0.0,
+    ema: Annotated[float | None, typer.Option("--ema", help="EMA decay of the trained weights (0: off; default: the recipe's release, else off).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of data order, crops, degradations and noise.")] = 123,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in --out.")] = False,
     tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Also log to OUT/tensorboard.")] = False,
@@ -392,12 +492,13 @@ def finetune(
     reward_metrics: Annotated[str | None, typer.Option("--reward-metrics", help="gdpo: reward metrics, e.g. psnr,musiq,maniqa (the paper's).")] = None,
     option: Annotated[list[str], typer.Option("-O", "--option", help="Recipe hyper-parameter key=value (see the list below).")] = [],  # noqa: B006
 ) -> None:
-    """Fine-tune or pre-train a model with a paper's recipe; the result loads with `srkit upscale --weights`."""
-    released = {"steps": steps, "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr,
-                "max_grad_norm": max_grad_norm, "checkpoint_every": checkpoint_every}  # fmt: skip
-    config = {key: value for key, value in released.items() if value is not None}
-    config |= {"mixed_precision": mixed_precision, "ema_decay": ema, "seed": seed, "resume": resume,
-               "tensorboard": tensorboard}  # fmt: skip
+    """Fine-tune or pre-train a model with a paper's recipe; the export loads with `srkit upscale --weights`, or by
+    name after `srkit weights add NAME --path OUT/export`.  Options left out take the recipe's released values."""
+    config = {"steps": steps, "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr,
+              "max_grad_norm": max_grad_norm, "mixed_precision": mixed_precision,
+              "checkpoint_every": checkpoint_every, "ema_decay": ema, "seed": seed, "resume": resume,
+              "tensorboard": tensorboard}  # fmt: skip
+    config = {key: value for key, value in config.items() if value is not None}
     from srkit.train.run import finetune as run_recipe
 
     try:
@@ -410,7 +511,9 @@ def finetune(
         )  # fmt: skip
     except (CliError, ValueError, KeyError, registry.WeightsError) as exc:
         _fail(one_line(exc), code=2)
-    err.print(f"done: {exported}", highlight=False)
+    err.print(
+        f"done: {exported} (to use it by name: srkit weights add NAME --path {exported})", highlight=False
+    )
 
 
 finetune.__doc__ = (finetune.__doc__ or "") + "".join(

@@ -39,10 +39,12 @@ def compact_state_dict(num_feat: int = 8, num_conv: int = 2, scale: int = 4, see
 
 @pytest.fixture(autouse=True)
 def srkit_home(tmp_path_factory, monkeypatch) -> Path:
-    """Every test gets the same session cache, never the user's ~/.cache/srkit, and never the network."""
+    """Every test gets the same session cache, never the user's ~/.cache/srkit or team registry, and never the
+    network."""
     home = tmp_path_factory.getbasetemp() / "srkit-home"
     monkeypatch.setenv("SRKIT_HOME", str(home))
     monkeypatch.setenv("SRKIT_OFFLINE", "1")
+    monkeypatch.delenv("SRKIT_REGISTRY", raising=False)
     return home
 
 

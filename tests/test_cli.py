@@ -104,11 +104,12 @@ def test_weights_path_pull_verify_offline(srkit_home):
     assert failed.exit_code == 1 and "srkit weights import realesrnet-x4plus" in failed.stderr
 
 
-def test_planned_recipes_and_distill_say_they_are_not_built(tmp_path):
-    result = invoke("finetune", "--recipe", "rfsr", "--data", str(tmp_path), "--out", str(tmp_path / "run"))
-    assert result.exit_code == 2 and "recipe 'rfsr' is not built yet" in result.stderr
-    result = invoke("distill", "--recipe", "cida")
-    assert result.exit_code == 2 and "not built yet" in result.stderr
+def test_planned_recipes_say_they_are_not_built_and_unknown_ones_are_refused(tmp_path):
+    from srkit.train.recipes import RECIPES
+
+    for name in [name for name, spec in RECIPES.items() if not spec.module]:
+        result = invoke("finetune", "--recipe", name, "--data", str(tmp_path), "--out", str(tmp_path / "run"))
+        assert result.exit_code == 2 and f"recipe '{name}' is not built yet" in result.stderr
     unknown = invoke("finetune", "--recipe", "magic", "--data", str(tmp_path), "--out", str(tmp_path / "run"))
     assert unknown.exit_code == 2 and "unknown recipe 'magic'" in unknown.stderr
 

@@ -74,7 +74,7 @@ def test_consissr_trained_size_runs_as_one_tile_equal_to_the_plain_sampler(tiny)
             {"text": engine.text_positive, "image": nets.image_token(control)},
             {"hint": nets.embed_hint(nets.hint(control))},
         )
-        plain = guided(engine._denoiser, lambda c: c.with_tokens(text=engine.text_negative), 5.0)
+        plain = guided(engine.network, lambda c: c.with_tokens(text=engine.text_negative), 5.0)
         reference = sample(plain, engine.sampler, start, whole, lambda i, like: noises[i])
     torch.testing.assert_close(tiled_latent, reference, rtol=0, atol=1e-5)
 

@@ -73,10 +73,9 @@ def build(case: dict, start: str):
     options = build_options(engine_class.options_class, values)
     weights = WeightsSet({"consissr": GOLDEN / "consissr_tiny.ckpt"})
     if start == "gan":  # from_weights would build the GAN model too; the fixture gives its output instead
-        from srkit.convert.consissr import load_consissr
-        from srkit.engines.consissr import _architecture
+        from srkit.engines.consissr import load_export
 
-        nets = load_consissr(weights["consissr"], *_architecture(options))
+        nets = load_export(weights["consissr"], options.model_config, options.clip_config)
         return engine_class(nets, torch.device("cpu"), torch.float32, options)
     return engine_class.from_weights(weights, torch.device("cpu"), torch.float32, options)
 

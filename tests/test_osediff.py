@@ -191,8 +191,8 @@ def test_prompt_text_and_options_are_checked(tiny):
     assert compose_prompt("", "clean, high-resolution, 8k") == ", clean, high-resolution, 8k,"
     assert compose_prompt("sky, tree", "") == "sky, tree, ,"
     weights = {"gdpo": tiny["merged"], "sd21-text": tiny["text"]}
-    with pytest.raises(ValueError, match="tagger 'dape' is not available"):
-        build("gdpo", weights, tagger="dape")
+    with pytest.raises(ValueError, match="tagger must be one of auto, dape, ram, none"):
+        build("gdpo", weights, tagger="blip")
     with pytest.raises(ValueError, match="color_fix must be one of"):
         build("gdpo", weights, color_fix="histogram")
     with pytest.raises(ValueError, match="timestep 1000 is outside"):

@@ -164,10 +164,10 @@ def train(recipe_class, settings_class, tiny_model, files, out: Path, steps: int
     return trainer
 
 
-def upscale(export: Path, options: dict[str, str], out: Path) -> Image.Image:
+def upscale(export: Path, out: Path) -> Image.Image:
     image = out.parent / "in.png"
     Image.fromarray((smooth_image(16, 16) * 255).round().astype(np.uint8)).save(image)
-    flags = [arg for key, value in {**options, "steps": 1, "latent_tile": 8, "latent_overlap": 4}.items()
+    flags = [arg for key, value in {"steps": 1, "latent_tile": 8, "latent_overlap": 4}.items()
              for arg in ("-O", f"{key}={value}")]  # fmt: skip
     result = CliRunner().invoke(app, ["upscale", str(image), "-o", str(out), "--model", "consissr", "--weights",
                                       str(export), *flags], catch_exceptions=False)  # fmt: skip
@@ -192,12 +192,12 @@ def test_consissr_stages_train_checkpoint_resume_exactly_and_export(recipe_class
     for name, value in straight.trainable_state().items():
         torch.testing.assert_close(resumed.trainable_state()[name], value, rtol=0, atol=1e-6)
 
-    export = tmp_path / "straight" / "export"
-    exported = recipe_class(export / "ConsisSR.ckpt", settings_class(model_config=str(export / "consissr.yaml"),
-                                                                      clip_config=str(export / "openclip.json")))  # fmt: skip
-    for name, value in straight.trainable_state().items():  # the official-layout export holds the trained tensors
+    export = tmp_path / "straight" / "export"  # the official checkpoint layout, with the model's configs
+    assert {p.name for p in export.iterdir()} == {"ConsisSR.ckpt", "model.yaml", "openclip.json"}
+    exported = recipe_class(export, settings_class())  # a later stage starts from it
+    for name, value in straight.trainable_state().items():
         torch.testing.assert_close(exported.groups["consissr"][name].detach(), value, rtol=0, atol=0)
-    assert upscale(export / "ConsisSR.ckpt", tiny_model[1], tmp_path / "out.png").size == (64, 64)
+    assert upscale(export, tmp_path / "out.png").size == (64, 64)
 
 
 def test_consissr_clip_cli_uses_the_released_setup_where_not_overridden(tiny_model, training_files, tmp_path):

@@ -218,6 +218,8 @@ def test_s3diff_trains_checkpoints_resumes_exactly_and_exports(s3diff_files, tmp
     # The export is an official-layout s3diff.pkl: training can start from it (the generator's tensors as trained;
     # the discriminator is not part of the release format), and `srkit upscale --model s3diff --weights` loads it.
     exported = tmp_path / "straight" / "export" / "s3diff.pkl"
+    config = registry.read_export_config(exported.parent)  # what `srkit weights add NAME --path EXPORT` reads
+    assert config["engine"] == "s3diff" and config["recipe"] == "s3diff" and config["format"] == "official-pickle"
     again = S3DiffRecipe(s3diff_files["base"], S3DiffSettings(disc_channels=8), text_folder=s3diff_files["text"],
                          de_net=s3diff_files["de_net"], backbone=tiny_vit(), perceptual=RandomFeatureDistance(),
                          pretrained=exported)  # fmt: skip

@@ -63,7 +63,7 @@ def vae_encode(
 ) -> torch.Tensor:
     """Image in [-1, 1] -> scaled latent: a seeded posterior sample (the official behaviour) or its mode.
 
-    `noise`: the sample's standard-normal draw, given instead of drawn (to replay a recorded run)."""
+    `noise` replaces the sample's standard normal draw (tests replay upstream's recorded draws)."""
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
     if latent not in LATENT_MODES:

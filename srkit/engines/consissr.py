@@ -24,16 +24,14 @@ guidance passes are one batched network call.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from srkit.colorfix import color_fix, truncate_8bit
-from srkit.diffusion.denoiser import Conditioning, guided, tiled
+from srkit.diffusion.denoiser import Conditioning
 from srkit.diffusion.latents import VAETiling, crop_to, pad_to_multiple, resize_to
 from srkit.diffusion.runtime import inference, maybe_compile, prepare_module, set_attention
 from srkit.diffusion.samplers.ancestral import (
@@ -41,11 +39,11 @@ from srkit.diffusion.samplers.ancestral import (
     NoiseDraw,
     generator_draw,
     respaced_timesteps,
-    sample,
 )
 from srkit.diffusion.text import QUALITY_PROMPT
-from srkit.engines.base import Engine, EngineSpec, Progress, WeightsSet, get_engine, register
-from srkit.engines.diffusion import DiffusionOptions
+from srkit.engines.base import EngineSpec, Progress, WeightsSet, get_engine, register
+from srkit.engines.multi_step import MultiStepEngine, MultiStepOptions
+from srkit.engines.preprocess import through_8bit, upscale_then_auto_resize
 from srkit.registry import WeightsError
 from srkit.tiling import Box, run_tiled
 
@@ -63,11 +61,10 @@ GAN_INPUT_TILE = 256
 
 
 @dataclass
-class ConsisSROptions(DiffusionOptions):
-    steps: int | None = None
-    """Sampler steps; None: 50 (the README), 10 with --start gan (the paper's GAN-Embedding)."""
-    guidance: float | None = None
-    """Classifier-free guidance; None: 5.0 (the README), 4.0 with --start gan (the authors' scripts)."""
+class ConsisSROptions(MultiStepOptions):
+    """steps: 50 (the README), 10 with --start gan (the paper's GAN-Embedding); guidance: 5.0 (the README), 4.0
+    with --start gan (the authors' scripts)."""
+
     prompt: str = QUALITY_PROMPT
     negative_prompt: str = NEGATIVE_PROMPT
     start: str = "noise"
@@ -88,8 +85,6 @@ class ConsisSROptions(DiffusionOptions):
         super().validate()
         if self.start not in STARTS:
             raise ValueError(f"start must be one of {', '.join(STARTS)}, got '{self.start}'")
-        if self.steps is not None and self.steps < 1:
-            raise ValueError(f"steps must be at least 1, got {self.steps}")
         if not 0 < self.start_t <= 1:
             raise ValueError(f"start_t is a fraction of the schedule in (0, 1], got {self.start_t}")
         if self.latent_tile <= 0:
@@ -109,25 +104,13 @@ class ConsisSROptions(DiffusionOptions):
 
 
 def prepare_official(image: np.ndarray, scale: int = SCALE, process_size: int = PROCESS_SIZE) -> np.ndarray:
-    """uint8 H×W×3 LR -> the unpadded uint8 control image: bicubic ×scale (ceil of the scaled sides), then, when
-    the short side is below `process_size`, bicubic up by process_size/short (ceil again), as `auto_resize`."""
-    pil = Image.fromarray(image)
-    pil = pil.resize((math.ceil(pil.width * scale), math.ceil(pil.height * scale)), Image.Resampling.BICUBIC)
-    short = min(pil.size)
-    if short < process_size:
-        ratio = process_size / short
-        pil = pil.resize((math.ceil(pil.width * ratio), math.ceil(pil.height * ratio)), Image.Resampling.BICUBIC)
-    return np.array(pil)
+    """uint8 H×W×3 LR -> the unpadded uint8 control image (`upscale_then_auto_resize`)."""
+    return upscale_then_auto_resize(image, scale, process_size)
 
 
 def prepare_batch(batch: torch.Tensor, process_size: int = PROCESS_SIZE) -> torch.Tensor:
     """Tensor[B,3,h,w] in [0,1] -> the unpadded control images in [0,1] (via 8-bit, as upstream)."""
-    prepared = []
-    for image in batch:
-        pixels = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-        control = prepare_official(pixels, SCALE, process_size).astype(np.float64) / 255.0  # as upstream
-        prepared.append(torch.from_numpy(control).float().permute(2, 0, 1))
-    return torch.stack(prepared).to(batch.device)
+    return through_8bit(batch, lambda pixels: prepare_official(pixels, SCALE, process_size))
 
 
 def pad_zeros(image: torch.Tensor) -> torch.Tensor:
@@ -163,7 +146,7 @@ class ConsisSRDenoiser:
 
 
 @register(SPEC)
-class ConsisSREngine(Engine):
+class ConsisSREngine(MultiStepEngine):
     spec = SPEC
     options_class = ConsisSROptions
 
@@ -185,7 +168,8 @@ class ConsisSREngine(Engine):
         set_attention(nets.controlnet, options.attention, device)
         set_attention(nets.vae, "sdpa", device)
         self.to_dtype(dtype)
-        self._denoiser = maybe_compile(ConsisSRDenoiser(nets), options.compile)
+        self.network = maybe_compile(ConsisSRDenoiser(nets), options.compile)
+        self.guidance_scale = options.guidance_scale
         steps = respaced_timesteps(options.sampler_steps, nets.schedule.num_train_timesteps,
                                    options.start_t if options.start == "gan" else 1.0)  # fmt: skip
         self.sampler = AncestralSampler.build(steps, nets.schedule.alphas_cumprod())
@@ -198,8 +182,6 @@ class ConsisSREngine(Engine):
 
     @classmethod
     def from_weights(cls, weights: WeightsSet, device, dtype, options: ConsisSROptions) -> ConsisSREngine:
-        from srkit.convert.consissr import load_consissr
-
         start_engine = None
         if options.start == "gan":
             start_class, start_spec = get_engine(options.start_model)
@@ -207,7 +189,7 @@ class ConsisSREngine(Engine):
                 raise ValueError(f"--start-model must be a x{SCALE} GAN model, not '{options.start_model}'")
             start_options = start_class.options_class()
             start_engine = start_class.from_weights(weights, device, torch.float32, start_options)
-        nets = load_consissr(weights["consissr"], *_architecture(options))
+        nets = load_export(weights["consissr"], options.model_config, options.clip_config)
         return cls(nets, torch.device(device), dtype, options, start_engine)
 
     def to_dtype(self, dtype: torch.dtype) -> None:
@@ -269,16 +251,7 @@ class ConsisSREngine(Engine):
                 x = self.sampler.add_noise(self.nets.hint(source, self.vae_tiling), noise, self.sampler.timesteps[0])
             else:
                 x = noise.to(self.device).float()
-            on_tile = (lambda done, total: progress("tiles", done, total)) if progress else None
-            denoiser = tiled(
-                guided(self._denoiser, lambda c: c.with_tokens(text=self.text_negative), options.guidance_scale),
-                self.latent_size,
-                options.latent_overlap,
-                tile_batch=options.tile_batch,
-                on_tile=on_tile,
-                tile_condition=self.tile_condition,
-            )
-            return sample(denoiser, self.sampler, x, cond, draw, progress)
+            return self.run_sampler(x, cond, self.latent_size, draw, progress)
 
     def tile_condition(self, cond: Conditioning, box: Box) -> Conditioning:
         """A latent tile's hint embedding and image token, from its crop of the conditioning image."""
@@ -300,10 +273,44 @@ class ConsisSREngine(Engine):
         return resize_to(crop_to(fixed.clamp(0, 1), size), out_size)
 
 
-def _architecture(options: ConsisSROptions):
-    """(architecture, schedule) from the options' configs, or (None, None) for the released model's defaults."""
-    if options.model_config is None:
-        if options.clip_config is not None:
+EXPORT_CHECKPOINT, EXPORT_MODEL_CONFIG, EXPORT_CLIP_CONFIG = "ConsisSR.ckpt", "model.yaml", "openclip.json"
+"""An srkit-trained ConsisSR: the official checkpoint layout plus the configs of its sizes, in one folder."""
+
+
+def save_export(nets, folder: Path) -> Path:
+    """Write trained networks as a folder `--model consissr --weights FOLDER` loads (official checkpoint layout)."""
+    import yaml
+
+    from srkit.common import atomic_folder
+    from srkit.convert.consissr import ldm_model_config, save_consissr
+
+    with atomic_folder(folder) as partial:
+        save_consissr(nets, partial / EXPORT_CHECKPOINT)
+        (partial / EXPORT_MODEL_CONFIG).write_text(yaml.safe_dump(ldm_model_config(nets.architecture, nets.schedule)))
+        (partial / EXPORT_CLIP_CONFIG).write_text(json.dumps(dict(nets.architecture.clip)))
+    return folder
+
+
+def load_export(path: str | Path, model_config: str | None = None, clip_config: str | None = None):
+    """ConsisSR networks from the official checkpoint file, or from an export folder (its configs unless given)."""
+    from srkit.convert.consissr import load_consissr
+
+    path = Path(path)
+    if path.is_dir():
+        model_config = model_config or _existing(path / EXPORT_MODEL_CONFIG)
+        clip_config = clip_config or _existing(path / EXPORT_CLIP_CONFIG)
+        path = path / EXPORT_CHECKPOINT
+    return load_consissr(path, *_architecture(model_config, clip_config))
+
+
+def _existing(path: Path) -> str | None:
+    return str(path) if path.is_file() else None
+
+
+def _architecture(model_config: str | None, clip_config: str | None):
+    """(architecture, schedule) from official-layout configs, or (None, None) for the released model's defaults."""
+    if model_config is None:
+        if clip_config is not None:
             raise ValueError("clip_config goes with model_config (the released model uses ViT-H-14)")
         return None, None
     import yaml
@@ -311,8 +318,8 @@ def _architecture(options: ConsisSROptions):
     from srkit.convert.consissr import architecture_from_ldm_config
 
     try:
-        model = yaml.safe_load(Path(options.model_config).read_text())
-        clip = json.loads(Path(options.clip_config).read_text()) if options.clip_config else None
+        model = yaml.safe_load(Path(model_config).read_text())
+        clip = json.loads(Path(clip_config).read_text()) if clip_config else None
     except (OSError, ValueError) as exc:
         raise WeightsError(f"cannot read the ConsisSR model config: {exc}") from exc
     if clip is None:
@@ -322,4 +329,12 @@ def _architecture(options: ConsisSROptions):
     return architecture_from_ldm_config(model, clip)
 
 
-__all__ = ["NEGATIVE_PROMPT", "ConsisSREngine", "ConsisSROptions", "prepare_batch", "prepare_official"]
+__all__ = [
+    "NEGATIVE_PROMPT",
+    "ConsisSREngine",
+    "ConsisSROptions",
+    "load_export",
+    "prepare_batch",
+    "prepare_official",
+    "save_export",
+]

@@ -34,6 +34,7 @@ from srkit.diffusion.runtime import (
 from srkit.diffusion.schedule import NoiseSchedule
 from srkit.engines.base import Engine, EngineSpec, Progress
 from srkit.engines.diffusion import DiffusionOptions
+from srkit.engines.prompting import check_tagger_choice
 
 Generator = torch.Generator | None
 Noise = torch.Tensor | None
@@ -59,18 +60,15 @@ class PromptedOptions(OneStepOptions):
 
     prompt: str = ""
     """User text; the model sees "{tags}, {prompt}," as upstream composes it."""
-    tagger: str = "none"
-    """Image tagger for the tags part of the prompt; only `none` exists so far."""
+    tagger: str = "auto"
+    """dape | ram | none: the image tagger whose tags start the prompt (upstream: DAPE on the ×4 input);
+    auto = dape when its weights are cached, else none (with a notice)."""
     prompt_embeds: str | None = None
     """A .safetensors file with a precomputed `prompt` embedding (1, 77, D): used instead of the text encoder."""
 
     def validate(self) -> None:
         super().validate()
-        if self.tagger not in TAGGERS:
-            raise ValueError(f"tagger '{self.tagger}' is not available; choose one of: {', '.join(TAGGERS)}")
-
-
-TAGGERS = ("none",)
+        check_tagger_choice(self.tagger)
 
 
 def one_step_spec(name: str, weights: tuple[str, ...], licence: str, description: str) -> EngineSpec:
@@ -124,17 +122,18 @@ class OneStepEngine(Engine):
         self, batch: torch.Tensor, *, generator: torch.Generator | None = None, progress: Progress | None = None
     ) -> torch.Tensor:
         height, width = batch.shape[-2:]
-        # 1. Per-image conditioning from the raw LR (S3Diff's degradation-guided LoRA; nothing for the others).
-        self.condition(batch)
-        # 2. The engine's input preparation: the model input in [0, 1], about scale× the LR.
+        # 1. The engine's input preparation: the model input in [0, 1], about scale× the LR.
         prepared = self.prepare(batch)
+        # 2. Per-image conditioning (S3Diff: degradation-guided LoRA from the raw LR; the tag-prompted engines:
+        #    the prompt of each image's tags).
+        self.condition(batch, prepared)
         # 3-6. Encode, one update, decode, colour fix against the prepared input.
         enhanced = self.enhance(prepared, generator=generator, progress=progress)
         # 7. Exactly scale× the input (a no-op where the preparation already made it so).
         return resize_to(enhanced, (height * self.spec.scale, width * self.spec.scale))
 
-    def condition(self, batch: torch.Tensor) -> None:
-        """Per-image conditioning computed from the raw LR before anything else (default: none)."""
+    def condition(self, batch: torch.Tensor, prepared: torch.Tensor) -> None:
+        """Per-image conditioning from the raw LR or the prepared input, before encoding (default: none)."""
 
     def prepare(self, batch: torch.Tensor) -> torch.Tensor:
         """Tensor[B,3,h,w] in [0,1] -> the model input Tensor[B,3,H,W] in [0,1] (the colour-fix reference)."""
@@ -194,7 +193,6 @@ class OneStepEngine(Engine):
 
 
 __all__ = [
-    "TAGGERS",
     "OneStepEngine",
     "OneStepOptions",
     "PromptedOptions",

@@ -83,7 +83,8 @@ RECIPES: dict[str, RecipeSpec] = {
                    "ConsisSR stage 1: the CLIP visual tower tuned so LQ features match a frozen copy's HQ features"),
         RecipeSpec("consissr", "srkit.train.recipes.consissr",
                    "ConsisSR stage 2: ControlNet + HPA with the timestep-aware latent augmentation (TALA)"),
-        RecipeSpec("rfsr", "", "RFSR reward-feedback fine-tuning of SeeSR/ConsisSR: planned"),
+        RecipeSpec("rfsr", "srkit.train.recipes.rfsr",
+                   "RFSR: timestep-aware reward feedback (structure early, rewards + Gram late) for SeeSR/ConsisSR"),
         RecipeSpec("vae16", "", "SD2.1 UNet adapted to the 16-channel VAE (GenDR's teacher): planned"),
     )
 }  # fmt: skip

@@ -10,19 +10,18 @@ per batch, and the TALA loss (`srkit/train/tala.py`).  As upstream's `Controlled
 and middle block run without autograd, so gradients reach the trained parameters through the UNet decoder and
 the ControlNet's residuals only.
 
-Trainable set, upstream's `ControlLDM.configure_optimizers`, selected by the official parameter names:
+Trainable set, upstream's `ControlLDM.configure_optimizers`, selected by the official parameter names
+(`srkit/train/consissr_trainable.py`):
 - ControlNet: everything except names containing `attn2` or `norm2`, but with `attn2.to_out_ip`;
 - UNet: names containing `attn1.position_emb`, `attnT`, `normT` or `to_out_ip` (the copies in the encoder and
   middle block are listed, as upstream, but receive no gradient, so AdamW never moves them);
 - the image-token MLP (`ft_layers_4`).
-AdamW at 1e-4, no clipping, no schedule.  Export: the official Lightning checkpoint layout (`save_consissr`):
-`srkit upscale --model consissr --weights OUT/export/ConsisSR.ckpt` (plus `-O model_config=... -O
-clip_config=...` for a model of other sizes: the export holds both files then).
+AdamW at 1e-4, no clipping, no schedule.  Export: a folder with the official Lightning checkpoint (`save_export`:
+`ConsisSR.ckpt` and the model's configs): `srkit upscale --model consissr --weights OUT/export`.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from srkit.common import atomic_folder
 from srkit.degrade.config import DegradationConfig
 from srkit.diffusion.latents import vae_encode
+from srkit.train.consissr_trainable import select_trainable, stage2_trainable
 from srkit.train.recipes import RecipeInputs, TrainingSetup, local_or_registry, released
 from srkit.train.tala import GAMMA, tala_loss, tala_mask, tala_noisy_and_target
 
@@ -45,8 +44,6 @@ if TYPE_CHECKING:  # the networks' modules load lazily: `srkit --help` lists thi
 CONSISSR_DEGRADATION = DegradationConfig(usm_sharpen=False, round_8bit=False)
 """`general_deg_realesrgan_train_ImageNet{C,F}.yaml`: Real-ESRGAN's published values, no USM, 8-bit rounding after
 the LQ is resized back to the HQ size (`restoration_lq`)."""
-CHECKPOINT_NAME = "ConsisSR.ckpt"
-MODEL_CONFIG_NAME, CLIP_CONFIG_NAME = "consissr.yaml", "openclip.json"
 
 TRAINING = TrainingSetup(
     train={"lr": 1e-4, "batch_size": 1, "grad_accum": 1, "steps": 200_001, "max_grad_norm": 0.0,
@@ -58,22 +55,13 @@ TRAINING = TrainingSetup(
 )  # fmt: skip
 
 
-def stage2_trainable(key: str) -> bool:
-    """Upstream's stage-2 optimiser list, as a rule on official checkpoint names."""
-    if key.startswith("control_model."):
-        return not (("attn2" in key or "norm2" in key) and "to_out_ip" not in key)
-    if key.startswith("model.diffusion_model."):
-        return any(part in key for part in ("attn1.position_emb", "attnT", "normT", "to_out_ip"))
-    return key.startswith("cond_stage_model.") and "ft_layers" in key
-
-
 @dataclass
 class ConsisSRSettings:
     """Hyper-parameters with the released values."""
 
     gamma: float = released(GAMMA, "ddpm_cldm.py p_losses: (t/T)**10")
     prompt: str = released("", "training text '' (dataset txt)")
-    model_config: str | None = released(None, "official model yaml for a checkpoint of other sizes; default: released")
+    model_config: str | None = released(None, "official model yaml for a checkpoint of other sizes; exports carry theirs")
     clip_config: str | None = released(None, "OpenCLIP json going with model_config; default ViT-H-14")
 
 
@@ -106,25 +94,16 @@ def encoder_without_grad(unet: nn.Module) -> Iterator[None]:
 
 
 class ConsisSRTraining:
-    """What both stages share: the networks from an official-layout checkpoint, the trainable parameters picked
-    by an upstream rule on the official names, device moves and the export in the official layout."""
+    """What both stages share: the networks from an official-layout checkpoint (or an export folder), the
+    trainable parameters picked by an upstream rule on the official names, device moves and the export."""
 
     name = ""
 
     def __init__(self, checkpoint: str | Path, settings, trainable: Callable[[str], bool]) -> None:
-        from srkit.convert.consissr import checkpoint_key, key_map, load_consissr
-        from srkit.engines.consissr import _architecture
+        from srkit.engines.consissr import load_export
 
-        architecture, schedule = _architecture(settings)
-        self.nets: ConsisSRNets = load_consissr(checkpoint, architecture, schedule).train()
-        keys = key_map(self.nets.architecture)
-        self.groups = {
-            "consissr": {
-                name: p.requires_grad_(True)
-                for name, p in self.nets.named_parameters()
-                if trainable(checkpoint_key(keys, name))
-            }
-        }
+        self.nets: ConsisSRNets = load_export(checkpoint, settings.model_config, settings.clip_config).train()
+        self.groups = {"consissr": select_trainable(self.nets, trainable)}
 
     def parameter_groups(self) -> dict[str, dict[str, nn.Parameter]]:
         return self.groups
@@ -136,21 +115,10 @@ class ConsisSRTraining:
         return self
 
     def export(self, folder: Path) -> Path:
-        """`folder/ConsisSR.ckpt` in the official layout (and the model's yaml/json when its sizes are not the
-        released ones); returns the checkpoint's path (what `--weights` takes)."""
-        import yaml
+        """The official checkpoint layout with the model's configs, in `folder` (what `--weights` takes)."""
+        from srkit.engines.consissr import save_export
 
-        from srkit.convert.consissr import ldm_model_config, save_consissr
-        from srkit.nn.consissr import ConsisSRArchitecture
-
-        nets = self.nets
-        with atomic_folder(folder) as partial:
-            save_consissr(nets, partial / CHECKPOINT_NAME)
-            if nets.architecture != ConsisSRArchitecture():
-                config = ldm_model_config(nets.architecture, nets.schedule)
-                (partial / MODEL_CONFIG_NAME).write_text(yaml.safe_dump(config))
-                (partial / CLIP_CONFIG_NAME).write_text(json.dumps(dict(nets.architecture.clip)))
-        return Path(folder) / CHECKPOINT_NAME
+        return save_export(self.nets, folder)
 
 
 class TALAStep(NamedTuple):
@@ -228,5 +196,4 @@ __all__ = [
     "build",
     "encoder_without_grad",
     "restoration_lq",
-    "stage2_trainable",
 ]

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from srkit.nn.hpa_prompt import clip_pixels
+from srkit.train.consissr_trainable import stage1_trainable
 from srkit.train.recipes import RecipeInputs, local_or_registry, released
 from srkit.train.recipes.consissr import TRAINING as STAGE2_TRAINING
 from srkit.train.recipes.consissr import ConsisSRTraining, restoration_lq
@@ -37,11 +38,6 @@ TRAINING = replace(
 SCHEDULER = "clip_distill.yaml LambdaWarmUpCosineScheduler"
 
 
-def stage1_trainable(key: str) -> bool:
-    """Upstream's stage-1 optimiser list, as a rule on official checkpoint names."""
-    return key.startswith("cond_stage_model.") and "visual" in key
-
-
 @dataclass
 class ConsisSRClipSettings:
     """Hyper-parameters with the released values (the learning-rate schedule is a multiplier of --lr)."""
@@ -51,7 +47,7 @@ class ConsisSRClipSettings:
     lr_max: float = released(1.0, SCHEDULER)
     lr_min: float = released(0.01, SCHEDULER)
     max_decay_steps: int = released(100_001, SCHEDULER)
-    model_config: str | None = released(None, "official model yaml for a checkpoint of other sizes; default: released")
+    model_config: str | None = released(None, "official model yaml for a checkpoint of other sizes; exports carry theirs")
     clip_config: str | None = released(None, "OpenCLIP json going with model_config; default ViT-H-14")
 
     def __post_init__(self) -> None:
@@ -100,5 +96,4 @@ class ConsisSRClipRecipe(ConsisSRTraining):
         yield "consissr", loss, {"clip": loss.item()}
 
 
-__all__ = ["SETTINGS", "TRAINING", "ConsisSRClipRecipe", "ConsisSRClipSettings", "build", "stage1_trainable",
-           "warmup_cosine"]  # fmt: skip
+__all__ = ["SETTINGS", "TRAINING", "ConsisSRClipRecipe", "ConsisSRClipSettings", "build", "warmup_cosine"]

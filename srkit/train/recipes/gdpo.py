@@ -72,6 +72,8 @@ def build(settings: GDPOSettings, inputs: RecipeInputs) -> GDPORecipe:
 
 class GDPORecipe(SDRecipe):
     name = "gdpo"
+    engine = "gdpo"
+    licence = "CreativeML-OpenRAIL++-M (tuned from a NAOSD model on SD2.1-base, whose terms apply)"
 
     def __init__(
         self,

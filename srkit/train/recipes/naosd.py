@@ -76,6 +76,8 @@ def build(settings: NAOSDSettings, inputs: RecipeInputs) -> NAOSDRecipe:
 
 class NAOSDRecipe(SDRecipe):
     name = "naosd"
+    engine = "naosd"
+    licence = "CreativeML-OpenRAIL++-M (trained from SD2.1-base, whose terms apply)"
 
     def __init__(
         self,

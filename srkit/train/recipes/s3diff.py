@@ -212,6 +212,8 @@ def generator_parameters(networks: S3DiffNetworks) -> dict[str, nn.Parameter]:
 
 class S3DiffRecipe(SDRecipe):
     name = "s3diff"
+    engine = "s3diff"
+    licence = "Apache-2.0 (S3Diff) on SD-Turbo: Stability AI non-commercial research community licence"
     step_each_loss = True
 
     def __init__(
@@ -256,6 +258,7 @@ class S3DiffRecipe(SDRecipe):
             p.requires_grad_(True)
         discriminator = {f"disc.{n}": p for n, p in self.discriminator.heads.named_parameters()}
         self.groups = {"generator": generator, "discriminator": discriminator}
+        self.export_config["format"] = "official-pickle"  # `weights add` registers the s3diff.pkl itself
 
     def generate(self, source: torch.Tensor, scores: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """One-step SR in [-1, 1] of inputs in [-1, 1], with gradients: modulation → encode → ε at 999 → x0 → decode."""
@@ -297,9 +300,11 @@ class S3DiffRecipe(SDRecipe):
         return {f"disc.{name}": buffer for name, buffer in self.discriminator.power_vectors().items()}
 
     def export(self, folder: Path) -> Path:
-        """`folder/s3diff.pkl` in the official layout; returns its path (what `--weights` takes)."""
+        """`folder/s3diff.pkl` in the official layout and the export config (`srkit weights add NAME --path
+        folder`); returns the checkpoint's path (what `--weights` takes)."""
         with atomic_folder(folder) as partial:
             save_checkpoint(self.networks, partial / "s3diff.pkl")
+            registry.write_export_config(partial, self.export_config)
         return Path(folder) / "s3diff.pkl"
 
 

@@ -1,8 +1,10 @@
 """What the Stable-Diffusion recipes share: the model folder they start from, the noise schedule and the fixed
 prompts of its text side, optimiser groups, device moves and a self-contained export folder.
 
-A recipe subclasses `SDRecipe`, builds its networks in `__init__` after calling the base, fills `self.groups`, and
-writes its own networks in `export` inside `self.export_folder(folder)`.
+A recipe subclasses `SDRecipe` (setting `name`, the `engine` that runs its export and a `licence` note),
+builds its networks in `__init__` after calling the base, fills `self.groups`, and writes its own networks in
+`export` inside `self.export_folder(folder)`.  That folder also gets the export config
+(srkit.registry.EXPORT_CONFIG), so `srkit weights add NAME --path EXPORT` needs nothing more.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import ClassVar
 
 import torch
 
+from srkit import registry
 from srkit.common import atomic_folder
 from srkit.diffusion.denoiser import Conditioning
 from srkit.diffusion.loading import load_noise_schedule
@@ -23,6 +26,10 @@ from srkit.diffusion.text import prompt_embeddings
 
 class SDRecipe:
     name: ClassVar[str]
+    engine: ClassVar[str]
+    """The model (`--model`) that runs this recipe's export."""
+    licence: ClassVar[str]
+    """Licence note of the export when its base names none (weights trained from a base carry the base's terms)."""
 
     def __init__(
         self,
@@ -43,6 +50,9 @@ class SDRecipe:
             self.schedule.alpha_bar(t)
         self.embeddings = prompt_embeddings(prompts, folder=text_side, precomputed=prompt_embeds)
         self.groups: dict[str, dict[str, torch.nn.Parameter]] = {}
+        base_licence = registry.read_export_config(self.base).get("licence")  # a base that is an export
+        self.export_config = {"engine": self.engine, "recipe": self.name, "base": str(self.base.absolute()),
+                              "licence": base_licence or self.licence, "format": "diffusers-folder"}  # fmt: skip
 
     def parameter_groups(self) -> dict[str, dict[str, torch.nn.Parameter]]:
         return self.groups
@@ -62,10 +72,11 @@ class SDRecipe:
     @contextmanager
     def export_folder(self, folder: Path) -> Iterator[Path]:
         """An atomic export folder that already holds the scheduler config (self-contained: it loads, and a later
-        recipe can start from it)."""
+        recipe can start from it) and the export config."""
         with atomic_folder(folder) as partial:
             if self.scheduler_folder.is_dir():
                 shutil.copytree(self.scheduler_folder, partial / "scheduler")
+            registry.write_export_config(partial, self.export_config)
             yield partial
 
 
