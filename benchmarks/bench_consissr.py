@@ -23,16 +23,15 @@ Run:  .venv/bin/python benchmarks/bench_consissr.py [--size 128] [--steps 5] [--
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
+import bench_common
 import torch
 
 from srkit import registry
 from srkit.bench.runner import measure
 from srkit.colorfix import color_fix
-from srkit.cpu_memory import keep_freed_memory
 from srkit.diffusion.samplers.ancestral import AncestralSampler, respaced_timesteps
 from srkit.engines.base import WeightsSet, get_engine
 from srkit.engines.consissr import ConsisSREngine, ConsisSROptions, pad_zeros, prepare_batch
@@ -86,15 +85,14 @@ def timed(label: str, call, results: dict) -> torch.Tensor:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = bench_common.start(__doc__)
     parser.add_argument("--size", type=int, default=128, help="LR side (128 -> the trained 512² size)")
     parser.add_argument("--steps", type=int, default=5, help="sampler steps of the srkit-vs-official comparison")
     parser.add_argument("--full-steps", type=int, default=50, help="steps of the normal start vs --start gan (0: skip)")
     parser.add_argument("--gan-steps", type=int, default=10)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    keep_freed_memory()
-    results: dict = {"threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    results: dict = bench_common.machine()
 
     nets = timed("build random weights", random_nets, results)
     options = ConsisSROptions(steps=args.steps, official_8bit=False)

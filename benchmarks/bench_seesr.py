@@ -15,17 +15,16 @@ Run:  .venv/bin/python benchmarks/bench_seesr.py [--size 128] [--steps 5] [--jso
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
+import bench_common
 import torch
 from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from srkit.bench.runner import measure
 from srkit.colorfix import color_fix
-from srkit.cpu_memory import keep_freed_memory
 from srkit.diffusion.latents import vae_decode, vae_encode
 from srkit.diffusion.schedule import NoiseSchedule
 from srkit.engines.prompting import TagPrompter
@@ -65,13 +64,12 @@ def random_seesr(folder: Path):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = bench_common.start(__doc__)
     parser.add_argument("--size", type=int, default=128, help="LR side (128 -> a 512² control image)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    keep_freed_memory()
-    results: dict = {"threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    results: dict = bench_common.machine()
     folder = Path("/tmp/srkit-bench-seesr")
     nets, vae, text_model, tagger = random_seesr(folder)
     tokens = torch.arange(77)[None] % 1000

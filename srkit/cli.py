@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from srkit import api, registry
-from srkit.common import one_line
+from srkit.common import field_docs, one_line
 from srkit.degrade.cli import degrade
 from srkit.engines.base import get_engine, model_names, user_models
 from srkit.train.recipes import RECIPES, built_recipes, describe_settings, describe_training
@@ -233,10 +233,11 @@ def models(name: Annotated[str | None, typer.Argument(help="Show one model's opt
             _fail(one_line(exc))
         out.print(f"[bold]{spec.name}[/]: {spec.description}\nx{spec.scale}, {spec.steps} step(s), licence {spec.licence}")
         out.print("weights: " + ", ".join(f"{w} ({weights_status(w)})" for w in spec.weights))
-        table = Table("option", "type", "default")
+        table = _table("option", "type", "default", "meaning")
+        docs = field_docs(engine_class.options_class)
         for fld in dataclasses.fields(engine_class.options_class):
             default = fld.default if fld.default is not dataclasses.MISSING else "(required)"
-            table.add_row(fld.name, str(fld.type), repr(default))
+            table.add_row(f"--{fld.name.replace('_', '-')}", str(fld.type), repr(default), docs.get(fld.name, ""))
         out.print(table)
         return
     table = _table("model", "scale", "steps", "weights", "licence", "description")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_models import tiny_consissr
+from tiny_models import build_engine, check_seeded_upscale, tiny_consissr
 from typer.testing import CliRunner
 
 from srkit import registry
@@ -35,10 +35,7 @@ def small(tmp_path_factory):
 
 
 def build(tiny, **options):
-    paths, defaults = tiny
-    engine_class, _ = get_engine("consissr")
-    values = build_options(engine_class.options_class, {**defaults, **options})
-    return engine_class.from_weights(WeightsSet(paths), torch.device("cpu"), torch.float32, values)
+    return build_engine("consissr", tiny, **options)
 
 
 def picture(height: int, width: int, seed: int = 0) -> torch.Tensor:
@@ -52,13 +49,7 @@ def test_consissr_output_is_exactly_4x_seeded_and_in_range(small) -> None:
     """A small non-square input is enlarged to the trained size upstream; srkit returns exactly 4× the input."""
     engine = build(small, steps=1)
     image = picture(20, 28)
-
-    def run(seed: int) -> torch.Tensor:
-        return engine.upscale(image, generator=torch.Generator().manual_seed(seed))
-
-    out = run(0)
-    assert out.shape == (1, 3, 80, 112) and 0 <= out.min() and out.max() <= 1
-    assert torch.equal(out, run(0)) and not torch.equal(out, run(1))
+    check_seeded_upscale(engine, image, (1, 3, 80, 112))
 
 
 def test_consissr_trained_size_runs_as_one_tile_equal_to_the_plain_sampler(tiny) -> None:

@@ -11,7 +11,6 @@ for latent tensors.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from golden import fixture_dir, json_fixture, needs, tensors_fixture
 from PIL import Image
 
 from srkit.convert.consissr import (
@@ -36,14 +36,13 @@ from srkit.diffusion.samplers.ancestral import respaced_timesteps
 from srkit.nn.consissr import ConsisSRArchitecture, ConsisSRNets, ConsisSRSchedule
 from srkit.registry import WeightsError
 
-REPO = Path(__file__).resolve().parents[1]
-GOLDEN = Path(os.environ.get("SRKIT_GOLDEN_DIR", REPO.parent / "shared" / "golden")) / "consissr_tiny"
+GOLDEN = fixture_dir("consissr_tiny")
 CHECKPOINT = GOLDEN / "consissr_tiny.ckpt"
 FLOAT_TOLERANCE = 1e-4
 TRAINING_PROMPT = ""
 CONTROL_IMAGES = {"sample": "sample_preprocessed.png", "lre": "input_gan.png"}
 
-needs_fixture = pytest.mark.skipif(not GOLDEN.is_dir(), reason=f"golden fixture {GOLDEN} is absent")
+needs_fixture = needs(GOLDEN)
 
 
 def latent_tolerance(expected: torch.Tensor) -> float:
@@ -69,16 +68,10 @@ def training_batch(names: list[str]) -> torch.Tensor:
     return torch.from_numpy(np.stack(pixels)).float().permute(0, 3, 1, 2)
 
 
-@pytest.fixture(scope="module")
-def cases() -> dict:
-    return json.loads((GOLDEN / "cases.json").read_text())
+cases = json_fixture(GOLDEN / "cases.json")
 
 
-@pytest.fixture(scope="module")
-def expected() -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(GOLDEN / "expected.safetensors"))
+expected = tensors_fixture(GOLDEN / "expected.safetensors")
 
 
 @pytest.fixture(scope="module")

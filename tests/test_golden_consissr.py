@@ -9,13 +9,10 @@ fixture of the same layout is checked the same way (SRKIT_GOLDEN_DIR).
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from golden import fixture_dir, json_fixture, needs, tensors_fixture
 from PIL import Image
 
 from srkit.colorfix import color_fix, truncate_8bit
@@ -24,11 +21,10 @@ from srkit.diffusion.samplers.ancestral import respaced_timesteps
 from srkit.engines.base import WeightsSet, get_engine
 from srkit.engines.consissr import pad_zeros, prepare_official
 
-GOLDEN = Path(os.environ.get("SRKIT_GOLDEN_DIR", Path(__file__).resolve().parents[2] / "shared" / "golden"))
-GOLDEN = GOLDEN / "consissr_tiny"
+GOLDEN = fixture_dir("consissr_tiny")
 TOLERANCE = 1e-4
 
-pytestmark = pytest.mark.skipif(not GOLDEN.is_dir(), reason=f"golden fixture {GOLDEN} is absent")
+pytestmark = needs(GOLDEN)
 
 
 def latent_tolerance(expected: torch.Tensor) -> float:
@@ -44,16 +40,10 @@ def to_tensor(pixels: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(pixels.astype(np.float64) / 255.0).float().permute(2, 0, 1)[None]
 
 
-@pytest.fixture(scope="module")
-def cases() -> dict:
-    return json.loads((GOLDEN / "cases.json").read_text())
+cases = json_fixture(GOLDEN / "cases.json")
 
 
-@pytest.fixture(scope="module")
-def expected() -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(GOLDEN / "expected.safetensors"))
+expected = tensors_fixture(GOLDEN / "expected.safetensors")
 
 
 def build(case: dict, start: str):

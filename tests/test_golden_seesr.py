@@ -9,12 +9,11 @@ fixes and the 8-bit files test_seesr.py writes.  Settings come from cases.json (
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from golden import fixture_dir, json_fixture, needs, tensors_fixture
 
 from srkit.colorfix import color_fix
 from srkit.common import build_options
@@ -24,25 +23,18 @@ from srkit.diffusion.loading import load_vae
 from srkit.engines.prompting import TagPrompter
 from srkit.engines.seesr import SeeSREngine, SeeSROptions, prepare_batch
 
-GOLDEN = Path(os.environ.get("SRKIT_GOLDEN_DIR", Path(__file__).resolve().parents[2] / "shared" / "golden"))
-GOLDEN = GOLDEN / "seesr_tiny"
+GOLDEN = fixture_dir("seesr_tiny")
 TOLERANCE = 1e-4
 LEVELS = {"nofix": ("none", 1), "wavelet": ("wavelet", 1), "adain": ("adain", 2)}
 """README: 8-bit files within one level, AdaIN's within two."""
 
-pytestmark = pytest.mark.skipif(not GOLDEN.is_dir(), reason=f"golden fixture {GOLDEN} is absent")
+pytestmark = needs(GOLDEN)
 
 
-@pytest.fixture(scope="module")
-def cases() -> dict:
-    return json.loads((GOLDEN / "cases.json").read_text())
+cases = json_fixture(GOLDEN / "cases.json")
 
 
-@pytest.fixture(scope="module")
-def inputs() -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(GOLDEN / "inputs.safetensors"))
+inputs = tensors_fixture(GOLDEN / "inputs.safetensors")
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_sd import SD2_SCHEDULER, write_scheduler, write_text_side
+from tiny_sd import SD2_SCHEDULER, TWO_LEVELS, write_scheduler, write_text_side
+from tiny_sd import tiny_unet as two_level
 from typer.testing import CliRunner
 
 from srkit import registry
@@ -38,14 +39,7 @@ VAE_PATTERNS = ("conv1", "conv2", "conv_in", "conv_shortcut", "conv", "conv_out"
 
 
 def tiny_unet(seed: int = 0):
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=CROSS_DIM, attention_head_dim=8, use_linear_projection=True, norm_num_groups=4,
-    ).eval()
+    return two_level(seed, **TWO_LEVELS, cross_attention_dim=CROSS_DIM)
 
 
 def tiny_vae(seed: int = 1):

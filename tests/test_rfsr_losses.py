@@ -4,13 +4,13 @@ its README), and the properties of the reward interface and of the window schedu
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from golden import fixture_dir
 
 from srkit.registry import WeightsError
 from srkit.train.gram_regulariser import GramRegulariser, VGG19Taps, gram_matrix, gram_style_loss
@@ -28,8 +28,7 @@ from srkit.train.rfsr import (
 )
 from srkit.train.wavelet_losses import LowPassL1Loss
 
-REPO = Path(__file__).resolve().parents[1]
-GOLDEN = Path(os.environ.get("SRKIT_GOLDEN_DIR", REPO.parent / "shared" / "golden")) / "rfsr_losses"
+GOLDEN = fixture_dir("rfsr_losses")
 SETTINGS = RFSRLossSettings()
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_models import tiny_seesr
+from tiny_models import build_engine, check_seeded_upscale, tiny_seesr
 from typer.testing import CliRunner
 
 from srkit.cli import app
@@ -23,10 +23,7 @@ def tiny(tmp_path_factory):
 
 
 def build(tiny, **options):
-    paths, defaults = tiny
-    engine_class, _ = get_engine("seesr")
-    values = build_options(engine_class.options_class, {**defaults, **options})
-    return engine_class.from_weights(WeightsSet(paths), torch.device("cpu"), torch.float32, values)
+    return build_engine("seesr", tiny, **options)
 
 
 def lr(height: int = 20, width: int = 24) -> torch.Tensor:
@@ -38,13 +35,7 @@ def test_seesr_upscales_4x_seeded_with_the_tags_of_the_raw_lr(tiny) -> None:
     image = lr()
     tags = engine.tagger.tags(image)
     assert engine.prompter.texts(tags) == [f"{tags[0]}, ,{QUALITY_PROMPT}"]
-
-    def run(seed: int) -> torch.Tensor:
-        return engine.upscale(image, generator=torch.Generator().manual_seed(seed))
-
-    out = run(0)
-    assert out.shape == (1, 3, 80, 96) and 0 <= out.min() and out.max() <= 1
-    assert torch.equal(out, run(0)) and not torch.equal(out, run(1))
+    check_seeded_upscale(engine, image, (1, 3, 80, 96))
 
 
 def test_seesr_latent_tiles_report_progress_and_tagger_none_keeps_the_image_tokens(tiny) -> None:

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from golden import fixture_dir, needs
 from torch import nn
 
 from srkit.train.distill import (
@@ -43,9 +43,8 @@ from srkit.train.distill import (
 from srkit.train.distill.sid import edm_loss_weight
 from srkit.train.distill.vp import guided_eps, scaled_linear_alphas_cumprod, vp_coefficients
 
-REPO = Path(__file__).resolve().parents[1]
-GOLDEN = Path(os.environ.get("SRKIT_GOLDEN_DIR", REPO.parent / "shared" / "golden")) / "sid_losses"
-golden = pytest.mark.skipif(not GOLDEN.is_dir(), reason=f"golden fixture {GOLDEN} is absent")
+GOLDEN = fixture_dir("sid_losses")
+golden = needs(GOLDEN)
 
 DTYPE = torch.float64
 

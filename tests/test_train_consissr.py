@@ -5,6 +5,7 @@ checkpoints, an exact resume, and an export that `srkit upscale --model consissr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -21,6 +22,7 @@ from tiny_models import tiny_consissr
 from typer.testing import CliRunner
 
 from srkit.cli import app
+from srkit.common import field_docs
 from srkit.train.data import DegradedHRDataset
 from srkit.train.recipes import describe_settings, describe_training
 from srkit.train.recipes.consissr import (
@@ -139,9 +141,12 @@ def test_released_schedule_and_help():
     assert warmup_cosine(0, s) == pytest.approx(0.01) and warmup_cosine(500, s) == pytest.approx(0.505)
     assert warmup_cosine(1000, s) == pytest.approx(1.0) and warmup_cosine(200_000, s) == pytest.approx(0.01)
     assert warmup_cosine(50_500, s) == pytest.approx(0.505, abs=1e-3)  # half-way down the cosine
-    assert "gamma=10.0 (ddpm_cldm.py" in describe_settings("consissr")
+    assert "gamma=10.0 (TALA exponent" in describe_settings("consissr") and "ddpm_cldm.py" in describe_settings("consissr")
+    for settings_class in (ConsisSRSettings, ConsisSRClipSettings):  # every hyper-parameter explained
+        assert set(field_docs(settings_class)) == {f.name for f in dataclasses.fields(settings_class)}
     assert "lr=0.0001" in describe_training("consissr") and "crop=224" in describe_training("consissr-clip")
-    assert "warm_up_steps=1000 (clip_distill.yaml" in describe_settings("consissr-clip")
+    assert "warm_up_steps=1000 (" in describe_settings("consissr-clip")
+    assert "LambdaWarmUpCosineScheduler" in describe_settings("consissr-clip")
     hq = torch.rand(1, 3, 16, 16)
     lq = restoration_lq(torch.nn.functional.avg_pool2d(hq, 4), (16, 16))
     assert lq.shape == hq.shape and torch.equal(((lq + 1) / 2 * 255).round(), (lq + 1) / 2 * 255)  # 8-bit levels

@@ -184,3 +184,21 @@ def test_rfsr_two_processes_write_the_same_checkpoint_layout(seesr_files, traini
         p.name for p in two.iterdir() if not p.name.startswith("rank")
     )
     assert {p.name for p in two.glob("rank*.pt")} == {"rank0.pt", "rank1.pt"}
+
+
+def test_rfsr_settings_from_the_command_line_and_missing_reward_weights(tmp_path, monkeypatch) -> None:
+    """Windows are `-O name=weight@first-last`; a real run without the reward weights is one line naming them."""
+    from srkit.registry import WeightsError
+    from srkit.train.recipes import describe_settings
+    from srkit.train.recipes.rfsr import _registry_rewards
+
+    values = build_options(RFSRSettings, {"structure": "1e-3@0-9", "image_reward": "0", "mode": "fast"})
+    assert values.structure == LossWindow(1e-3, 0, 9) and not values.image_reward.covers(45)
+    assert values.image_reward.hinge_per_sample  # the other fields keep the release's
+    with pytest.raises(ValueError, match="weight@first-last"):
+        build_options(RFSRSettings, {"structure": "strong"})
+    assert "structure=LossWindow(weight=0.0005" in describe_settings("rfsr") and "--dwt_loss_weight" in describe_settings("rfsr")
+    monkeypatch.setenv("SRKIT_HOME", str(tmp_path))
+    with pytest.raises(WeightsError) as caught:
+        _registry_rewards(build_options(RFSRSettings, {"rewards": "image_reward"}), offline=True)
+    assert "image-reward" in str(caught.value) and len(str(caught.value).splitlines()) == 1

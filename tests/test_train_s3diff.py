@@ -6,6 +6,7 @@ two-process run with the same checkpoint layout."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 from pathlib import Path
@@ -20,6 +21,7 @@ from typer.testing import CliRunner
 
 from srkit import registry
 from srkit.cli import app
+from srkit.common import field_docs
 from srkit.degrade.pipeline import DegradationPipeline
 from srkit.diffusion.text import save_prompt_embeddings
 from srkit.nn.de_net import DegradationEstimator
@@ -168,8 +170,12 @@ def test_s3diff_degradations_are_drawn_per_sample():
 
 def test_s3diff_help_lists_released_values_and_sources():
     settings = describe_settings("s3diff")
-    assert "neg_prob=0.05 (--neg_prob" in settings and "lambda_gan=0.5 (--lambda_gan)" in settings
-    assert "rank_unet=32 (--lora_rank_unet)" in settings and "real_label=0.8 (vision_aided_loss" in settings
+    lines = {line.split("=")[0]: line for line in settings.splitlines()}
+    assert lines["neg_prob"].startswith("neg_prob=0.05 (") and "(--neg_prob)" in lines["neg_prob"]
+    assert lines["lambda_gan"].startswith("lambda_gan=0.5 (") and "(--lambda_gan)" in lines["lambda_gan"]
+    assert lines["rank_unet"].startswith("rank_unet=32 (") and "--lora_rank_unet" in lines["rank_unet"]
+    assert lines["real_label"].startswith("real_label=0.8 (") and "multilevel_sigmoid_s" in lines["real_label"]
+    assert set(field_docs(S3DiffSettings)) == {f.name for f in dataclasses.fields(S3DiffSettings)}  # all explained
     training = describe_training("s3diff")
     assert "lr=2e-05" in training and "batch_size=4" in training and "training_utils.py" in training
     assert TRAINING.hflip and TRAINING.degradation == S3DIFF_DEGRADATION and S3DiffSettings().upsample == "bicubic"

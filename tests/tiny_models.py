@@ -224,5 +224,28 @@ TINY_MODELS: dict[str, Callable[[Path], Built]] = {
     "seesr": tiny_seesr,
 }
 
+def build_engine(name: str, built: Built, **options):
+    """The engine `name` from a tiny model's files through `from_weights` (CPU, fp32), options over its defaults."""
+    from srkit.common import build_options
+    from srkit.engines.base import WeightsSet, get_engine
+
+    paths, defaults = built
+    engine_class, _ = get_engine(name)
+    values = build_options(engine_class.options_class, {**defaults, **options})
+    return engine_class.from_weights(WeightsSet(paths), torch.device("cpu"), torch.float32, values)
+
+
+def check_seeded_upscale(engine, image: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Upscale with seed 0: the expected shape, values in [0, 1], the same again with seed 0, not with seed 1."""
+
+    def run(seed: int) -> torch.Tensor:
+        return engine.upscale(image, generator=torch.Generator().manual_seed(seed))
+
+    out = run(0)
+    assert out.shape == shape and 0 <= out.min() and out.max() <= 1
+    assert torch.equal(out, run(0)) and not torch.equal(out, run(1))
+    return out
+
+
 NEEDS_WEIGHTS: dict[str, str] = {}
 """Engines that cannot be built from a tiny model, and why (none so far)."""

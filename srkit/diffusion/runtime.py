@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Literal
 
 import torch
@@ -68,6 +68,16 @@ def prepare_module(module: torch.nn.Module, device: torch.device, dtype: torch.d
     return module
 
 
+def prepare_networks(
+    device: torch.device, dtype: torch.dtype, denoising: Iterable[torch.nn.Module], vae: torch.nn.Module
+) -> None:
+    """A diffusion engine's networks on the device: the denoising ones in `dtype`, the VAE in the dtype it can
+    run in (`vae_dtype`), each with srkit's CPU kernels (`prepare_module`)."""
+    for module in denoising:
+        prepare_module(module, device, dtype)
+    prepare_module(vae, device, vae_dtype(vae, dtype))
+
+
 def set_attention(module: torch.nn.Module, backend: str, device: torch.device) -> None:
     """Select the attention kernels of a diffusers model: PyTorch SDPA (default) or xformers (CUDA, opt-in)."""
     check_attention(backend, device)
@@ -113,6 +123,7 @@ __all__ = [
     "inference",
     "maybe_compile",
     "prepare_module",
+    "prepare_networks",
     "set_attention",
     "vae_dtype",
 ]

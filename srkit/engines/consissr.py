@@ -33,7 +33,7 @@ import torch
 from srkit.colorfix import color_fix, truncate_8bit
 from srkit.diffusion.denoiser import Conditioning
 from srkit.diffusion.latents import VAETiling, crop_to, pad_to_multiple, resize_to
-from srkit.diffusion.runtime import inference, maybe_compile, prepare_module, set_attention
+from srkit.diffusion.runtime import inference, maybe_compile, prepare_networks, set_attention
 from srkit.diffusion.samplers.ancestral import (
     AncestralSampler,
     NoiseDraw,
@@ -195,8 +195,7 @@ class ConsisSREngine(MultiStepEngine):
     def to_dtype(self, dtype: torch.dtype) -> None:
         """The ControlNet, UNet, hint encoder and VAE in `dtype` on the device (the CLIP prompt too on CUDA)."""
         nets = self.nets
-        for module in (nets.unet, nets.controlnet, nets.hint_encoder, nets.vae):
-            prepare_module(module, self.device, dtype)
+        prepare_networks(self.device, dtype, [nets.unet, nets.controlnet, nets.hint_encoder], nets.vae)
         nets.prompt.to(self.device, dtype if self.device.type == "cuda" else torch.float32)
         self.dtype = dtype
 

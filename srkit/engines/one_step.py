@@ -27,9 +27,8 @@ from srkit.diffusion.latents import (
 from srkit.diffusion.runtime import (
     inference,
     maybe_compile,
-    prepare_module,
+    prepare_networks,
     set_attention,
-    vae_dtype,
 )
 from srkit.diffusion.schedule import NoiseSchedule
 from srkit.engines.base import Engine, EngineSpec, Progress
@@ -111,8 +110,7 @@ class OneStepEngine(Engine):
         self._unet_call = maybe_compile(self.unet, options.compile)
 
     def to_dtype(self, dtype: torch.dtype) -> None:
-        prepare_module(self.unet, self.device, dtype)
-        prepare_module(self.vae, self.device, vae_dtype(self.vae, dtype))
+        prepare_networks(self.device, dtype, [self.unet], self.vae)
         self.dtype = dtype
 
     # -----------------------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from srkit.diffusion.control.diffusers import ControlFeatures
 from srkit.diffusion.denoiser import Conditioning
 from srkit.diffusion.latents import VAETiling, resize_to, vae_encode
 from srkit.diffusion.loading import load_noise_schedule, load_vae, require_part
-from srkit.diffusion.runtime import inference, maybe_compile, prepare_module, set_attention, vae_dtype
+from srkit.diffusion.runtime import inference, maybe_compile, prepare_networks, set_attention
 from srkit.diffusion.samplers.ancestral import AncestralSampler, NoiseDraw, generator_draw
 from srkit.diffusion.text import NEGATIVE_KEY, PROMPT_KEY, QUALITY_PROMPT, prompt_embeddings
 from srkit.engines.base import EngineSpec, Progress, WeightsSet, register
@@ -156,9 +156,7 @@ class SeeSREngine(MultiStepEngine):
         return cls(nets, load_vae(base), base, prompter, tagger, negative, device, dtype, options)
 
     def to_dtype(self, dtype: torch.dtype) -> None:
-        for module in (self.nets.unet, self.nets.controlnet):
-            prepare_module(module, self.device, dtype)
-        prepare_module(self.vae, self.device, vae_dtype(self.vae, dtype))
+        prepare_networks(self.device, dtype, [self.nets.unet, self.nets.controlnet], self.vae)
         self.dtype = dtype
 
     # -----------------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ hinge of the batch mean, L1167) and ImageReward `w · mean_b relu(2 − r_b)` (t
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -49,6 +49,17 @@ class LossWindow:
 
     def covers(self, index: int) -> bool:
         return self.weight > 0 and self.first <= index <= self.last
+
+    @classmethod
+    def from_text(cls, text: str, default: LossWindow) -> LossWindow:
+        """`-O structure=5e-4@0-19` (weight@first-last; `0` turns the loss off), other fields as `default`'s."""
+        weight, _, span = text.partition("@")
+        first, _, last = span.partition("-")
+        try:
+            return replace(default, weight=float(weight), first=int(first or default.first),
+                           last=int(last or default.last))  # fmt: skip
+        except ValueError:
+            raise ValueError(f"a loss window is weight@first-last (e.g. 5e-4@0-19), got '{text}'") from None
 
 
 @dataclass(frozen=True)

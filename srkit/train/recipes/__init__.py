@@ -2,8 +2,8 @@
 paper's hyper-parameters), the trainable parameters, the losses of one batch and the export in the format its engine
 loads (see srkit/train/trainer.py for the contract).
 
-A recipe module exposes `SETTINGS` (a dataclass with the paper's defaults; a field's `metadata["source"]` says
-where a value comes from) and `build(settings, inputs: RecipeInputs) -> Recipe`, and may expose `TRAINING` (a
+A recipe module exposes `SETTINGS` (a dataclass with the paper's defaults; the docstring under a field says where
+its value comes from) and `build(settings, inputs: RecipeInputs) -> Recipe`, and may expose `TRAINING` (a
 `TrainingSetup`: the released optimisation and data settings, used where the user gives none).
 `srkit finetune --recipe NAME` and `srkit finetune --help` read this table; planned recipes are listed with what
 they are waiting for.
@@ -19,6 +19,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from srkit.common import field_docs
 from srkit.degrade.config import DegradationConfig
 
 
@@ -44,12 +45,6 @@ class TrainingSetup:
     """Mirror half of the crops."""
     source: str = ""
     """Where the values come from (shown in --help)."""
-
-
-def released(default: Any, source: str) -> Any:
-    """A settings field with its released value and where that value comes from (file, flag, paper section),
-    shown in --help."""
-    return field(default=default, metadata={"source": source})
 
 
 @dataclass(frozen=True)
@@ -117,12 +112,16 @@ def recipe_module(name: str) -> ModuleType:
 
 
 def describe_settings(name: str) -> str:
-    """One line per hyper-parameter with its default (the paper's) and, when known, its source, for --help."""
+    """One line per hyper-parameter: its default (the paper's or the release's) and where it comes from, for
+    --help (the field's docstring, first sentence)."""
+    settings = recipe_module(name).SETTINGS
+    docs = field_docs(settings)
     lines = []
-    for fld in dataclasses.fields(recipe_module(name).SETTINGS):
-        value = str(fld.default)
-        line = f"{fld.name}={value if len(value) <= 40 else value[:37] + '...'}"
-        lines.append(line + (f" ({fld.metadata['source']})" if "source" in fld.metadata else ""))
+    for fld in dataclasses.fields(settings):
+        value = str(fld.default if fld.default is not dataclasses.MISSING else fld.default_factory())
+        value = value if len(value) <= 40 else value[:37] + "..."
+        doc = docs.get(fld.name, "").split(". ")[0].rstrip(".")
+        lines.append(f"{fld.name}={value}" + (f" ({doc})" if doc else ""))
     return "\n".join(lines)
 
 
@@ -165,6 +164,5 @@ __all__ = [
     "describe_training",
     "local_or_registry",
     "recipe_module",
-    "released",
     "training_setup",
 ]

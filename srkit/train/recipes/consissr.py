@@ -35,7 +35,7 @@ from torch import nn
 from srkit.degrade.config import DegradationConfig
 from srkit.diffusion.latents import vae_encode
 from srkit.train.consissr_trainable import select_trainable, stage2_trainable
-from srkit.train.recipes import RecipeInputs, TrainingSetup, local_or_registry, released
+from srkit.train.recipes import RecipeInputs, TrainingSetup, local_or_registry
 from srkit.train.tala import GAMMA, tala_loss, tala_mask, tala_noisy_and_target
 
 if TYPE_CHECKING:  # the networks' modules load lazily: `srkit --help` lists this recipe without them
@@ -59,10 +59,14 @@ TRAINING = TrainingSetup(
 class ConsisSRSettings:
     """Hyper-parameters with the released values."""
 
-    gamma: float = released(GAMMA, "ddpm_cldm.py p_losses: (t/T)**10")
-    prompt: str = released("", "training text '' (dataset txt)")
-    model_config: str | None = released(None, "official model yaml for a checkpoint of other sizes; exports carry theirs")
-    clip_config: str | None = released(None, "OpenCLIP json going with model_config; default ViT-H-14")
+    gamma: float = GAMMA
+    """TALA exponent: the LQ latent starts sample i iff u < (t_i/T)^gamma (ddpm_cldm.py p_losses)."""
+    prompt: str = ""
+    """Training text (the dataset's txt, empty)."""
+    model_config: str | None = None
+    """Official model yaml for a checkpoint of other sizes (exports carry theirs; default: the released sizes)."""
+    clip_config: str | None = None
+    """OpenCLIP json going with model_config (default: ViT-H-14)."""
 
 
 SETTINGS = ConsisSRSettings

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from srkit.nn.hpa_prompt import clip_pixels
 from srkit.train.consissr_trainable import stage1_trainable
-from srkit.train.recipes import RecipeInputs, local_or_registry, released
+from srkit.train.recipes import RecipeInputs, local_or_registry
 from srkit.train.recipes.consissr import TRAINING as STAGE2_TRAINING
 from srkit.train.recipes.consissr import ConsisSRTraining, restoration_lq
 
@@ -35,20 +35,26 @@ TRAINING = replace(
     "clip_distill.yaml (AdamW lr 1e-4), general_deg_realesrgan_train_ImageNetC.yaml (224 crops, batch 8)",
 )
 """Stage 2's setup (same optimiser, degradation) with stage 1's batch, length and crop."""
-SCHEDULER = "clip_distill.yaml LambdaWarmUpCosineScheduler"
 
 
 @dataclass
 class ConsisSRClipSettings:
     """Hyper-parameters with the released values (the learning-rate schedule is a multiplier of --lr)."""
 
-    warm_up_steps: int = released(1000, SCHEDULER)
-    lr_start: float = released(0.01, SCHEDULER)
-    lr_max: float = released(1.0, SCHEDULER)
-    lr_min: float = released(0.01, SCHEDULER)
-    max_decay_steps: int = released(100_001, SCHEDULER)
-    model_config: str | None = released(None, "official model yaml for a checkpoint of other sizes; exports carry theirs")
-    clip_config: str | None = released(None, "OpenCLIP json going with model_config; default ViT-H-14")
+    warm_up_steps: int = 1000
+    """Linear warm-up steps of the learning-rate multiplier (clip_distill.yaml LambdaWarmUpCosineScheduler)."""
+    lr_start: float = 0.01
+    """Multiplier at step 0 (clip_distill.yaml)."""
+    lr_max: float = 1.0
+    """Multiplier at the end of the warm-up (clip_distill.yaml)."""
+    lr_min: float = 0.01
+    """Multiplier at the end of the cosine (clip_distill.yaml)."""
+    max_decay_steps: int = 100_001
+    """Step where the cosine ends (clip_distill.yaml)."""
+    model_config: str | None = None
+    """Official model yaml for a checkpoint of other sizes (exports carry theirs; default: the released sizes)."""
+    clip_config: str | None = None
+    """OpenCLIP json going with model_config (default: ViT-H-14)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.warm_up_steps < self.max_decay_steps:

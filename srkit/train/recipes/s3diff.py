@@ -64,7 +64,7 @@ from srkit.nn.dg_lora import DegradationGuidance
 from srkit.nn.vit import VisionTransformer, load_dino_vit
 from srkit.train.diffaugment import POLICY
 from srkit.train.discriminator import REAL_LABEL, VisionAidedDiscriminator, multilevel_bce
-from srkit.train.recipes import RecipeInputs, TrainingSetup, local_or_registry, released
+from srkit.train.recipes import RecipeInputs, TrainingSetup, local_or_registry
 from srkit.train.recipes.sd_recipe import SDRecipe
 
 S3DIFF_DEGRADATION = DegradationConfig(
@@ -98,22 +98,40 @@ GUIDANCE_INIT_SCALE = 1e-5
 class S3DiffSettings:
     """Hyper-parameters with the released values (training_utils.py `parse_args_paired_training`)."""
 
-    rank_unet: int = released(32, "--lora_rank_unet")
-    rank_vae: int = released(16, "--lora_rank_vae")
-    lambda_l2: float = released(2.0, "--lambda_l2")
-    lambda_lpips: float = released(5.0, "--lambda_lpips, LPIPS-VGG")
-    lambda_gan: float = released(0.5, "--lambda_gan")
-    neg_prob: float = released(0.05, "--neg_prob, online negative prompting")
-    no_degradation_prob: float = released(0.01, "configs/sr.yaml")
-    real_label: float = released(REAL_LABEL, "vision_aided_loss multilevel_sigmoid_s")
-    diffaugment: str = released(POLICY, "vision_aided_loss Discriminator(diffaug=True)")
-    disc_channels: int = released(128, "vision_aided_loss MultiLevelDViT(out_ch) for dino")
-    upsample: str = released("bicubic", "training_utils.degradation_proc; inference uses bilinear")
-    prompt: str = released(POSITIVE_PROMPT, "--pos_prompt")
-    negative_prompt: str = released(NEGATIVE_PROMPT, "--neg_prompt")
-    pretrained: str = released("", "--pretrained_path; empty: fresh DG-LoRA; a file or registry name, e.g. s3diff")
-    de_net: str = released("", "--de_net_path; empty: registry s3diff-de-net")
-    discriminator: str = released("", f"{DINO_FILE}; empty: registry dino-vitb16")
+    rank_unet: int = 32
+    """LoRA rank of the UNet (training_utils.py --lora_rank_unet)."""
+    rank_vae: int = 16
+    """LoRA rank of the VAE encoder (--lora_rank_vae)."""
+    lambda_l2: float = 2.0
+    """Weight of the MSE (--lambda_l2)."""
+    lambda_lpips: float = 5.0
+    """Weight of LPIPS-VGG (--lambda_lpips)."""
+    lambda_gan: float = 0.5
+    """Weight of the GAN losses, generator and discriminator (--lambda_gan)."""
+    neg_prob: float = 0.05
+    """Online negative prompting: per sample, the negative prompt and the degraded input as the target (--neg_prob)."""
+    no_degradation_prob: float = 0.01
+    """Per sample, the clean HR as the input (configs/sr.yaml no_degradation_prob)."""
+    real_label: float = REAL_LABEL
+    """Discriminator target of real images and of the generator's loss (vision_aided_loss multilevel_sigmoid_s)."""
+    diffaugment: str = POLICY
+    """Augmentations of every image the discriminator sees (vision_aided_loss Discriminator, diffaug=True)."""
+    disc_channels: int = 128
+    """Width of the discriminator heads (vision_aided_loss MultiLevelDViT out_ch for dino)."""
+    upsample: str = "bicubic"
+    """LR to input size: bicubic as the released training (training_utils.degradation_proc), or bilinear as the
+    inference since upstream PR #12."""
+    prompt: str = POSITIVE_PROMPT
+    """Positive prompt (--pos_prompt)."""
+    negative_prompt: str = NEGATIVE_PROMPT
+    """Negative prompt (--neg_prompt)."""
+    pretrained: str = ""
+    """Weights to start from, an s3diff.pkl or a registry name such as s3diff (--pretrained_path; empty: fresh
+    DG-LoRA, as upstream by default)."""
+    de_net: str = ""
+    """Degradation estimator de_net.pth (--de_net_path; empty: registry s3diff-de-net)."""
+    discriminator: str = ""
+    """DINO ViT-B/16 weights dino_vitbase16_pretrain.pth (empty: registry dino-vitb16)."""
 
     def __post_init__(self) -> None:
         for name in ("neg_prob", "no_degradation_prob", "real_label"):
