@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 from pathlib import Path
 
@@ -16,8 +15,8 @@ import pytest
 import torch
 from conftest import TRAIN_CROP as CROP
 from conftest import smooth_image
+from golden import fixture_dir, needs, tensors_fixture
 from PIL import Image
-from safetensors.torch import load_file
 from tiny_models import tiny_consissr
 from typer.testing import CliRunner
 
@@ -35,10 +34,9 @@ from srkit.train.recipes.consissr_clip import ConsisSRClipRecipe, ConsisSRClipSe
 from srkit.train.tala import tala_mask
 from srkit.train.trainer import TrainConfig, Trainer, checkpoints
 
-GOLDEN = Path(os.environ.get("SRKIT_GOLDEN_DIR", Path(__file__).resolve().parents[2] / "shared" / "golden"))
-GOLDEN = GOLDEN / "consissr_tiny"
+GOLDEN = fixture_dir("consissr_tiny")
 TOLERANCE = 1e-4
-golden = pytest.mark.skipif(not GOLDEN.is_dir(), reason=f"golden fixture {GOLDEN} is absent")
+golden = needs(GOLDEN)
 
 # Upstream's optimiser lists (notes §3.1-3.2), written out on the official checkpoint names.
 STAGE2_OFFICIAL = re.compile(
@@ -59,9 +57,7 @@ def golden_image(name: str) -> torch.Tensor:
     return torch.from_numpy(pixels / 127.5 - 1).permute(2, 0, 1)[None]
 
 
-@pytest.fixture(scope="module")
-def expected() -> dict[str, torch.Tensor]:
-    return load_file(str(GOLDEN / "expected.safetensors"))
+expected = tensors_fixture(GOLDEN / "expected.safetensors")
 
 
 @pytest.fixture(scope="module")
