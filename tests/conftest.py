@@ -147,3 +147,22 @@ def _trainable_keys(run: Path) -> set[str]:
 
     with safe_open(str(run / "checkpoints" / "step_0000002" / "trainable.safetensors"), "pt") as handle:
         return set(handle.keys())
+
+
+@pytest.fixture()
+def ctrl_c_on_second_image(monkeypatch) -> list[int]:
+    """Ctrl-C arrives while the second image of a batch is being upscaled (every batch of the test); returns
+    the list of calls, to clear between batches."""
+    from srkit import api
+
+    original = api.Upscaler.process
+    calls: list[int] = []
+
+    def interrupt_second(self, image, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(self, image, **kwargs)
+
+    monkeypatch.setattr(api.Upscaler, "process", interrupt_second)
+    return calls

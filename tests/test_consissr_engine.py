@@ -122,7 +122,8 @@ def test_consissr_without_weights_says_what_to_run_and_is_listed(tmp_path) -> No
     assert len(result.stderr.strip().splitlines()) == 1
     listing = CliRunner().invoke(app, ["models"])
     row = next(line for line in listing.stdout.splitlines() if "consissr" in line)
-    assert "50" in row and "Apache-2.0" in row
+    assert row.split()[1:4] == ["x4", "50", "manual"]
+    assert "Apache-2.0" in CliRunner().invoke(app, ["models", "consissr"]).stdout  # licences: in the details
 
 
 def test_consissr_import_verify_and_upscale_by_name(small, tmp_path, monkeypatch) -> None:

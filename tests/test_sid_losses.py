@@ -196,6 +196,21 @@ def trainable(module: nn.Module) -> nn.Module:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def check_generator_case(fixture, case: str, sample_key: str, sample, terms, term_keys, grad_key: str,
+                         generator: nn.Module, network: str) -> None:  # fmt: skip
+    """One generator case against the fixture: the sample, the score terms (real, fake, weight), the per-element
+    loss and its sum, and the gradients of the sample and of the generator network `network`."""
+    loss = reduce_loss(terms.elements, "sum")
+    loss.backward()
+    fixture.check(sample_key, sample)
+    for key, value in zip(term_keys, (terms.x0_real, terms.x0_fake, terms.weight_factor), strict=True):
+        fixture.check(key, value)
+    fixture.check(f"{case}.loss_elem", terms.elements)
+    fixture.check(f"{case}.L", loss)
+    fixture.check(f"{case}.{grad_key}", sample.grad)
+    fixture.check_grads(case, network, generator)
+
+
 @golden
 def test_golden_sid_edm_generator_sigma(fixture: Fixture) -> None:
     u = fixture.inputs["edm.gen.u"]
@@ -220,16 +235,8 @@ def test_golden_sid_edm_generator(fixture: Fixture) -> None:
             fixture.input("edm.gen.eps"),
             alpha=scale_of(case, "a"),
         )
-        loss = reduce_loss(terms.elements, "sum")
-        loss.backward()
-        fixture.check("edm.y", y)
-        fixture.check("edm.gen.y_real", terms.x0_real)
-        fixture.check("edm.gen.y_fake", terms.x0_fake)
-        fixture.check("edm.gen.weight_factor", terms.weight_factor)
-        fixture.check(f"{case}.loss_elem", terms.elements)
-        fixture.check(f"{case}.L", loss)
-        fixture.check(f"{case}.grad_y", y.grad)
-        fixture.check_grads(case, "edm_gen", generator)
+        keys = ("edm.gen.y_real", "edm.gen.y_fake", "edm.gen.weight_factor")
+        check_generator_case(fixture, case, "edm.y", y, terms, keys, "grad_y", generator, "edm_gen")
         detached = fixture.expected[f"{case}.grad_y_inputs_detached"].to(DTYPE)
         assert (y.grad - detached).abs().max() > 0.05 * detached.abs().max(), "network inputs were detached"
     fixture.report("edm.gen")
@@ -296,17 +303,9 @@ def test_golden_sid_ddpm_generator(fixture: Fixture) -> None:
             fixture.guidance(kappa),
             alpha=alpha,
         )
-        loss = reduce_loss(terms.elements, "sum")
-        loss.backward()
         per_kappa = case.rsplit("_a", 1)[0]
-        fixture.check("ddpm.y", y)
-        fixture.check(f"{per_kappa}.y_real", terms.x0_real)
-        fixture.check(f"{per_kappa}.y_fake", terms.x0_fake)
-        fixture.check(f"{per_kappa}.weight_factor", terms.weight_factor)
-        fixture.check(f"{case}.loss_elem", terms.elements)
-        fixture.check(f"{case}.L", loss)
-        fixture.check(f"{case}.grad_y", y.grad)
-        fixture.check_grads(case, "eps_gen", generator)
+        keys = (f"{per_kappa}.y_real", f"{per_kappa}.y_fake", f"{per_kappa}.weight_factor")
+        check_generator_case(fixture, case, "ddpm.y", y, terms, keys, "grad_y", generator, "eps_gen")
     fixture.report("ddpm.gen")
 
 
@@ -365,16 +364,8 @@ def test_golden_sid_cid_generator(fixture: Fixture) -> None:
             fixture.guidance(fixture.constants["cid_kappa"]),
             xi=scale_of(case, "xi"),
         )
-        loss = reduce_loss(terms.elements, "sum")
-        loss.backward()
-        fixture.check("cid.z_g", z_g)
-        fixture.check("cid.gen.f_real", terms.x0_real)
-        fixture.check("cid.gen.f_fake", terms.x0_fake)
-        fixture.check("cid.gen.omega_inv", terms.weight_factor)
-        fixture.check(f"{case}.loss_elem", terms.elements)
-        fixture.check(f"{case}.L", loss)
-        fixture.check(f"{case}.grad_z_g", z_g.grad)
-        fixture.check_grads(case, "eps_gen", generator)
+        keys = ("cid.gen.f_real", "cid.gen.f_fake", "cid.gen.omega_inv")
+        check_generator_case(fixture, case, "cid.z_g", z_g, terms, keys, "grad_z_g", generator, "eps_gen")
     fixture.report("cid.gen")
 
 
