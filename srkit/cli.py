@@ -598,7 +598,7 @@ def finetune(
     data: Annotated[Path, typer.Option("--data", help="Folder of HR images (degraded on the fly).")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Run folder: checkpoints/, export/, tensorboard/.")],
     steps: Annotated[int | None, typer.Option("--steps", min=1, help="Optimiser steps (default: the recipe's released value, listed below).")] = None,
-    base: Annotated[Path | None, typer.Option("--base", help="Model to start from (naosd: SD2.1-base folder, default the registry's; gdpo: the NAOSD export, required; rfsr: the SeeSR/ConsisSR weights, a registry name or a path; s3diff: SD-Turbo folder, default the registry's; consissr, consissr-clip: an official-layout ConsisSR checkpoint, default the registry's).")] = None,
+    base: Annotated[Path | None, typer.Option("--base", help="Model to start from (naosd: SD2.1-base folder, default the registry's; gdpo: the NAOSD export, required; rfsr: the SeeSR/ConsisSR weights, a registry name or a path; s3diff: SD-Turbo folder, default the registry's; consissr, consissr-clip: an official-layout ConsisSR checkpoint or an export folder, default the registry's).")] = None,
     text: Annotated[Path | None, typer.Option("--text", help="Folder with tokenizer/text_encoder/scheduler (default: registry sd21-text; s3diff: the --base folder).")] = None,
     prompt_embeds: Annotated[Path | None, typer.Option("--prompt-embeds", help="Precomputed prompt embeddings instead of a text encoder (`prompt`/`neg`; s3diff: `pos`/`neg`).")] = None,
     crop: Annotated[int | None, typer.Option("--crop", help="HR crop side (multiple of 4; default: the recipe's).")] = None,
