@@ -35,7 +35,7 @@ from srkit.batch import BatchPlan
 from srkit.common import field_docs, one_line
 from srkit.degrade.cli import degrade
 from srkit.engines.base import get_engine, model_names, user_models
-from srkit.train.recipes import RECIPES, built_recipes, describe_settings
+from srkit.train.recipes import RECIPES, built_recipes, describe_settings, describe_training
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Super-resolution: GAN and one-step diffusion models.")
 weights_app = typer.Typer(no_args_is_help=True, help="List, fetch, verify, import and add model weights.")
@@ -601,17 +601,17 @@ def finetune(
     recipe: Annotated[str, typer.Option("--recipe", help=RECIPE_HELP)],
     data: Annotated[Path, typer.Option("--data", help="Folder of HR images (degraded on the fly).")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Run folder: checkpoints/, export/, tensorboard/.")],
-    steps: Annotated[int, typer.Option("--steps", min=1, help="Optimiser steps.")] = 10_000,
-    base: Annotated[Path | None, typer.Option("--base", help="Base diffusers folder (naosd, vae16, cid, cida: SD2.1-base, default the registry's; cid/cida: an SD2.1-VAE16 folder from `finetune --recipe vae16` for the paper's GenDR; gdpo: the NAOSD export, required).")] = None,
-    text: Annotated[Path | None, typer.Option("--text", help="Folder with tokenizer/text_encoder/scheduler (default: registry sd21-text).")] = None,
-    prompt_embeds: Annotated[Path | None, typer.Option("--prompt-embeds", help="Precomputed `prompt`/`neg` embeddings instead of a text encoder.")] = None,
-    crop: Annotated[int, typer.Option("--crop", help="HR crop side (multiple of 4).")] = 512,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Images per process and step (default: the recipe's release, else 1).")] = None,
-    grad_accum: Annotated[int | None, typer.Option("--grad-accum", min=1, help="Micro-batches per optimiser step (default: the recipe's release, else 1).")] = None,
-    lr: Annotated[float | None, typer.Option("--lr", help="AdamW learning rate (default: the recipe's release: naosd/gdpo 5e-5, rfsr 5e-6, vae16/cid/cida 1e-5).")] = None,
-    max_grad_norm: Annotated[float, typer.Option("--max-grad-norm", help="Gradient clipping (0: off).")] = 1.0,
+    steps: Annotated[int | None, typer.Option("--steps", min=1, help="Optimiser steps (default: the recipe's released value, listed below).")] = None,
+    base: Annotated[Path | None, typer.Option("--base", help="Model to start from (naosd, vae16, cid, cida: SD2.1-base folder, default the registry's; cid/cida: an SD2.1-VAE16 folder from `finetune --recipe vae16` for the paper's GenDR; gdpo: the NAOSD export, required; rfsr: the SeeSR/ConsisSR weights, a registry name or a path; s3diff: SD-Turbo folder, default the registry's; consissr, consissr-clip: an official-layout ConsisSR checkpoint or an export folder, default the registry's).")] = None,
+    text: Annotated[Path | None, typer.Option("--text", help="Folder with tokenizer/text_encoder/scheduler (default: registry sd21-text; s3diff: the --base folder).")] = None,
+    prompt_embeds: Annotated[Path | None, typer.Option("--prompt-embeds", help="Precomputed prompt embeddings instead of a text encoder (`prompt`/`neg`; s3diff: `pos`/`neg`).")] = None,
+    crop: Annotated[int | None, typer.Option("--crop", help="HR crop side (multiple of 4; default: the recipe's).")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Images per process and step (default: the recipe's).")] = None,
+    grad_accum: Annotated[int | None, typer.Option("--grad-accum", min=1, help="Micro-batches per optimiser step (default: the recipe's).")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="AdamW learning rate (default: the recipe's release: naosd/gdpo 5e-5, rfsr 5e-6, s3diff 2e-5, consissr 1e-4, vae16/cid/cida 1e-5).")] = None,
+    max_grad_norm: Annotated[float | None, typer.Option("--max-grad-norm", help="Gradient clipping, 0: off (default: the recipe's).")] = None,
     mixed_precision: Annotated[str, typer.Option("--mixed-precision", help="no, fp16, bf16 (CUDA only).")] = "no",
-    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=1, help="Steps between checkpoints.")] = 500,
+    checkpoint_every: Annotated[int | None, typer.Option("--checkpoint-every", min=1, help="Steps between checkpoints (default: the recipe's).")] = None,
     ema: Annotated[float | None, typer.Option("--ema", help="EMA decay of the trained weights (0: off; default: the recipe's release, else off).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of data order, crops, degradations and noise.")] = 123,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in --out.")] = False,
@@ -622,7 +622,7 @@ def finetune(
     option: Annotated[list[str], typer.Option("-O", "--option", help="Recipe hyper-parameter key=value (see the list below).")] = [],  # noqa: B006
 ) -> None:
     """Fine-tune or pre-train a model with a paper's recipe; the export loads with `srkit upscale --weights`, or by
-    name after `srkit weights add NAME --path OUT/export`."""
+    name after `srkit weights add NAME --path OUT/export`.  Options left out take the recipe's released values."""
     _train("finetune", locals())
 
 
@@ -653,11 +653,14 @@ def _train(command: str, arguments: dict[str, Any]) -> None:
 
 
 def _settings_help(command: str) -> str:
-    """Every built recipe's hyper-parameters with their paper defaults, for the command's --help."""
+    """Every built recipe's hyper-parameters with their paper defaults and its released training setup, for the
+    command's --help."""
     paragraphs = []
     for name in built_recipes(command):
         lines = describe_settings(name).splitlines()
         paragraphs.append(f"{name} hyper-parameters (-O key=value, paper defaults): " + "; ".join(lines))
+        if training := describe_training(name):
+            paragraphs.append(f"{name} training (released): {training}")
     return "".join(f"\n\n{escape(text)}" for text in paragraphs)
 
 

@@ -99,7 +99,8 @@ def test_rfsr_trainable_sets_are_the_released_ones(seesr_files, consissr_files) 
     nets = load_export(paths["consissr"], options["model_config"], options["clip_config"])
     chosen = set(ConsisSRModel(nets, None, 4, "fast").trainable())
     assert any(".attn2.to_out_ip" in n for n in chosen if n.startswith("controlnet."))
-    assert not any(".attn2.to_q" in n or ".norm2." in n for n in chosen if n.startswith("controlnet."))
+    assert not any(".attn2.to_q" in n or ".transformer_blocks.0.norm2." in n for n in chosen if n.startswith("controlnet."))
+    assert any(".resnets.0.norm2." in n for n in chosen)  # upstream's `out_layers.0`: trained
     unet = {n for n in chosen if n.startswith("unet.")}
     assert unet and all(any(k in n for k in ("position_emb", "attnT", "normT", "to_out_ip")) for n in unet)
     assert {n for n in chosen if n.startswith("prompt.")} == {f"prompt.{n}" for n, _ in nets.prompt.image_proj.named_parameters(prefix="image_proj")}

@@ -184,17 +184,6 @@ def load_seesr_model(settings, base: Path | None, resolve: Resolve) -> SeeSRMode
 # ConsisSR
 
 
-def consissr_stage2(prefix: str, name: str) -> bool:
-    """ConsisSR's stage-2 trainable set (`ControlLDM.configure_optimizers`): the ControlNet except its text
-    cross-attention (`attn2`, `norm2`) but with `to_out_ip`; the UNet's `position_emb`, `attnT`, `normT`,
-    `to_out_ip`; the CLIP embedder's image-token MLP (`ft_layers`)."""
-    if prefix == "controlnet":
-        return "to_out_ip" in name or ("attn2" not in name and "norm2" not in name)
-    if prefix == "unet":
-        return any(part in name for part in ("position_emb", "attnT", "normT", "to_out_ip"))
-    return prefix == "prompt" and name.startswith("image_proj")
-
-
 class ConsisSRModel(ModelBase):
     def __init__(self, nets, tagger, steps: int, mode: str) -> None:
         from srkit.diffusion.samplers.ancestral import respaced_timesteps
@@ -208,8 +197,10 @@ class ConsisSRModel(ModelBase):
         self.device = torch.device("cpu")
 
     def trainable(self) -> dict[str, nn.Parameter]:
-        nets = self.nets
-        return _select({"controlnet": nets.controlnet, "unet": nets.unet, "prompt": nets.prompt}, consissr_stage2)
+        """ConsisSR's stage-2 set (`srkit/train/consissr_trainable.py`)."""
+        from srkit.train.consissr_trainable import select_trainable, stage2_trainable
+
+        return select_trainable(self.nets, stage2_trainable)
 
     @torch.no_grad()
     def tags(self, hr: torch.Tensor) -> list[str]:
@@ -261,4 +252,4 @@ def load_rfsr_model(settings, base: Path | None, resolve: Resolve) -> RFSRModel:
     return MODELS[settings.model](settings, base, resolve)
 
 
-__all__ = ["MODELS", "ConsisSRModel", "RFSRModel", "SeeSRModel", "consissr_stage2", "load_rfsr_model"]
+__all__ = ["MODELS", "ConsisSRModel", "RFSRModel", "SeeSRModel", "load_rfsr_model"]

@@ -15,7 +15,7 @@ import torch
 
 from srkit.common import build_options
 from srkit.train.data import DegradedHRDataset
-from srkit.train.recipes import RecipeInputs, recipe_module
+from srkit.train.recipes import RecipeInputs, recipe_module, training_setup
 from srkit.train.trainer import TrainConfig, Trainer
 
 
@@ -27,7 +27,7 @@ def finetune(
     base: str | Path | None = None,
     text: str | Path | None = None,
     prompt_embeds: str | Path | None = None,
-    crop: int = 512,
+    crop: int | None = None,
     config: dict[str, Any] | None = None,
     settings: dict[str, Any] | None = None,
     device: str = "auto",
@@ -37,15 +37,17 @@ def finetune(
 ) -> Path:
     """Train `recipe` on the HR images in `data`; returns the exported model folder (load with --weights).
 
-    `config` overrides the recipe's `TRAIN_DEFAULTS`. `reward_metrics` (gdpo, Python only) replaces the metrics
+    `crop` and the `config` entries (TrainConfig fields) left out take the recipe's released values
+    (`TrainingSetup`), then the trainer's defaults.  `reward_metrics` (gdpo, Python only) replaces the metrics
     named by the `reward_metrics` setting. `command` ("finetune" or "distill") refuses the other command's recipes.
     """
     module = recipe_module(recipe, command)
     values = build_options(module.SETTINGS, settings or {}, owner=f"recipe '{recipe}'")
-    train_config = TrainConfig(out=Path(out), **{**getattr(module, "TRAIN_DEFAULTS", {}), **(config or {})})
+    setup = training_setup(recipe)
+    train_config = TrainConfig(out=Path(out), **{**setup.train, **(config or {})})
     torch.manual_seed(train_config.seed)  # the same initial weights (LoRA, heads) in every process and every run
-    degrade = not getattr(module, "HR_ONLY", False)
-    dataset = DegradedHRDataset(data, crop=crop, scale=4, seed=train_config.seed, degrade=degrade)
+    dataset = DegradedHRDataset(data, crop=crop or setup.crop, scale=4, seed=train_config.seed,
+                                config=setup.degradation, hflip=setup.hflip, degrade=setup.degrade)
     inputs = RecipeInputs(
         base=Path(base) if base else None,
         text=Path(text) if text else None,

@@ -2,10 +2,9 @@
 paper's hyper-parameters), the trainable parameters, the losses of one batch and the export in the format its engine
 loads (see srkit/train/trainer.py for the contract).
 
-A recipe module exposes `SETTINGS` (a dataclass with the paper's defaults) and
-`build(settings, inputs: RecipeInputs) -> Recipe`, and may set `TRAIN_DEFAULTS` (trainer settings of its release,
-e.g. a learning rate) that the command's options override and `HR_ONLY` (the recipe reads HR crops only, so no
-degradation is run).
+A recipe module exposes `SETTINGS` (a dataclass with the paper's defaults; the docstring under a field says where
+its value comes from) and `build(settings, inputs: RecipeInputs) -> Recipe`, and may expose `TRAINING` (a
+`TrainingSetup`: the released optimisation and data settings, used where the user gives none).
 `srkit finetune --recipe NAME` / `srkit distill --recipe NAME` and their --help read this table; planned recipes
 are listed with what they are waiting for.
 """
@@ -22,6 +21,7 @@ from types import ModuleType
 from typing import Any
 
 from srkit.common import field_docs
+from srkit.degrade.config import DegradationConfig
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,24 @@ class RecipeSpec:
     description: str
     command: str = "finetune"
     """The CLI command that runs it: "finetune" or "distill"."""
+
+
+@dataclass(frozen=True)
+class TrainingSetup:
+    """A recipe's released training setup: what `srkit finetune` uses for every option the user leaves out."""
+
+    train: Mapping[str, Any] = field(default_factory=dict)
+    """TrainConfig fields (lr, batch_size, grad_accum, steps, max_grad_norm, weight_decay, checkpoint_every)."""
+    crop: int = 512
+    """HR crop side."""
+    degradation: DegradationConfig | None = None
+    """The LR synthesis; None: Real-ESRGAN's published values (DegradationConfig's defaults)."""
+    hflip: bool = False
+    """Mirror half of the crops."""
+    degrade: bool = True
+    """False: the recipe reads HR crops alone (a text-to-image base), so no LR is synthesised."""
+    source: str = ""
+    """Where the values come from (shown in --help)."""
 
 
 @dataclass(frozen=True)
@@ -56,9 +74,15 @@ RECIPES: dict[str, RecipeSpec] = {
                    "NAOSD pre-training (GDPO-SR stage 1): one-step SD2.1 with noise injection, MSE + LPIPS + VSD"),
         RecipeSpec("gdpo", "srkit.train.recipes.gdpo",
                    "GDPO-SR: group preference optimisation of a NAOSD model with the ARF reward"),
-        RecipeSpec("s3diff", "", "S3Diff training (DG-LoRA, GAN loss): planned"),
-        RecipeSpec("consissr-clip", "", "ConsisSR stage 1 (CLIP distillation): planned"),
-        RecipeSpec("consissr", "", "ConsisSR stage 2 (TALA): planned"),
+        RecipeSpec("s3diff", "srkit.train.recipes.s3diff",
+                   "S3Diff: degradation-guided LoRA on SD-Turbo, MSE + LPIPS + vision-aided GAN, online negative "
+                   "prompting; upstream bugs fixed: #25 (the generator step leaves no gradient in the "
+                   "discriminator), #27 (degradations drawn per sample), #31 (the degradation score always "
+                   "describes the input)"),
+        RecipeSpec("consissr-clip", "srkit.train.recipes.consissr_clip",
+                   "ConsisSR stage 1: the CLIP visual tower tuned so LQ features match a frozen copy's HQ features"),
+        RecipeSpec("consissr", "srkit.train.recipes.consissr",
+                   "ConsisSR stage 2: ControlNet + HPA with the timestep-aware latent augmentation (TALA)"),
         RecipeSpec("rfsr", "srkit.train.recipes.rfsr",
                    "RFSR: timestep-aware reward feedback (structure early, rewards + Gram late) for SeeSR/ConsisSR"),
         RecipeSpec("vae16", "srkit.train.recipes.vae16",
@@ -72,12 +96,13 @@ RECIPES: dict[str, RecipeSpec] = {
 
 
 def local_or_registry(path: Path | None, entry: str, offline: bool) -> Path:
-    """`path` when given, else the registry entry's local copy (pulled unless offline)."""
+    """`path` when given, else the registry entry's local copy (pulled unless offline: `offline` or
+    SRKIT_OFFLINE=1)."""
     if path is not None:
         return path
     from srkit import registry
 
-    return registry.resolve(entry, offline=offline)
+    return registry.resolve(entry, offline=offline or None)
 
 
 def built_recipes(command: str | None = None) -> list[str]:
@@ -120,13 +145,45 @@ def describe_settings(name: str) -> str:
     return "\n".join(lines)
 
 
+def training_setup(name: str) -> TrainingSetup:
+    """The recipe's released training setup (the trainer's defaults when it states none)."""
+    return getattr(recipe_module(name), "TRAINING", TrainingSetup())
+
+
+def describe_training(name: str) -> str:
+    """The released optimisation and data settings of a recipe in one line, for --help."""
+    setup = training_setup(name)
+    if not setup.train and not setup.source:
+        return ""
+    values = {**setup.train, "crop": setup.crop, "hflip": setup.hflip}
+    if setup.degradation is not None:
+        values["degradation"] = "Real-ESRGAN's values but " + " ".join(_changes(setup.degradation, DegradationConfig()))
+    text = ", ".join(f"{key}={value}" for key, value in values.items())
+    return text + (f" ({setup.source})" if setup.source else "")
+
+
+def _changes(config: Any, default: Any) -> list[str]:
+    """`key=value` for every field of a settings dataclass that differs from `default`, nested ones as a.b."""
+    changed = []
+    for fld in dataclasses.fields(config):
+        value, base = getattr(config, fld.name), getattr(default, fld.name)
+        if dataclasses.is_dataclass(value):
+            changed += [f"{fld.name}.{part}" for part in _changes(value, base)]
+        elif value != base:
+            changed.append(f"{fld.name}={value}")
+    return changed
+
+
 __all__ = [
     "RECIPES",
     "RecipeInputs",
     "RecipeSpec",
+    "TrainingSetup",
     "built_recipes",
     "describe_settings",
+    "describe_training",
     "local_or_registry",
     "recipe_module",
     "recipe_names",
+    "training_setup",
 ]

@@ -64,7 +64,7 @@ from srkit.train.distill import (
 from srkit.train.distill.cid import regression_loss
 from srkit.train.distill.vp import vp_coefficients
 from srkit.train.lora import add_lora, frozen, target_modules, use_adapter
-from srkit.train.recipes import RecipeInputs, local_or_registry
+from srkit.train.recipes import RecipeInputs, TrainingSetup, local_or_registry
 from srkit.train.recipes.sd_recipe import SDRecipe
 from srkit.train.repa import REPA_ENCODER, RepaEncoder, load_repa_encoder, module_output
 
@@ -79,8 +79,7 @@ SCORE_LORA_TARGETS: tuple[str, ...] = (
 BASE_ENTRY, TEXT_ENTRY = "sd21-base", "sd21-text"
 REPA_PROJECTOR_FILE = "repa_projector.safetensors"
 """A base exported by `srkit finetune --recipe vae16` carries its REPA projector; CiDA starts from it."""
-TRAIN_DEFAULTS = {"lr": 1e-5}
-"""AdamW learning rate of every group [paper §5.1]."""
+TRAINING = TrainingSetup(train={"lr": 1e-5}, source="GenDR §5.1: AdamW learning rate of every group")
 SCORE_ADAPTERS = ("real", "fake")
 
 
@@ -364,7 +363,7 @@ class GenDRDistillRecipe(SDRecipe):
 __all__ = [
     "GENDR_PROMPT",
     "SETTINGS",
-    "TRAIN_DEFAULTS",
+    "TRAINING",
     "CiDRecipeSettings",
     "GenDRDistillRecipe",
     "GenDRDistillSettings",

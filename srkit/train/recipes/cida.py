@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 from srkit.train.recipes import RecipeInputs
-from srkit.train.recipes.cid import TRAIN_DEFAULTS, GenDRDistillRecipe, GenDRDistillSettings
+from srkit.train.recipes.cid import TRAINING, GenDRDistillRecipe, GenDRDistillSettings
 from srkit.train.recipes.cid import build as build_cid
 
 SETTINGS = GenDRDistillSettings
@@ -15,4 +15,4 @@ def build(settings: GenDRDistillSettings, inputs: RecipeInputs) -> GenDRDistillR
     return build_cid(settings, inputs, name="cida")
 
 
-__all__ = ["SETTINGS", "TRAIN_DEFAULTS", "build"]
+__all__ = ["SETTINGS", "TRAINING", "build"]

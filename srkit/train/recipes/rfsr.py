@@ -23,16 +23,19 @@ from pathlib import Path
 
 import torch
 
-from srkit.train.recipes import RecipeInputs, local_or_registry
+from srkit.train.recipes import RecipeInputs, TrainingSetup, local_or_registry
 from srkit.train.reward_models import RewardModel
 from srkit.train.rfsr import CLIPIQA, GRAM_REGULARISER, IMAGE_REWARD, STRUCTURE, RFSRLossSettings
 from srkit.train.rfsr_models import MODELS, RFSRModel, load_rfsr_model
 
 MODES = ("rollout", "fast")
 REFERENCES = ("initial", "sd_base")
-TRAIN_DEFAULTS = {"lr": 5e-6, "batch_size": 1, "grad_accum": 2, "ema_decay": 0.999}
-"""The released run's optimisation (train_seesr_kl_ema.sh: --learning_rate 5e-6, --train_batch_size 1,
---gradient_accumulation_steps 2, --ema_decay 0.999); `srkit finetune` options override them."""
+TRAINING = TrainingSetup(
+    train={"lr": 5e-6, "batch_size": 1, "grad_accum": 2, "ema_decay": 0.999},
+    source="train_seesr_kl_ema.sh: --learning_rate 5e-6, --train_batch_size 1, --gradient_accumulation_steps 2, "
+    "--ema_decay 0.999",
+)
+"""The released run's optimisation; `srkit finetune` options override it."""
 
 
 @dataclass
@@ -185,4 +188,4 @@ def _registry_rewards(settings: RFSRSettings, offline: bool) -> dict[str, Reward
     return rewards
 
 
-__all__ = ["SETTINGS", "TRAIN_DEFAULTS", "RFSRRecipe", "RFSRSettings", "build"]
+__all__ = ["SETTINGS", "TRAINING", "RFSRRecipe", "RFSRSettings", "build"]

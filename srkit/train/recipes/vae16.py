@@ -38,14 +38,12 @@ from srkit.train.distill import (
     sample_timesteps,
     score_matching_loss,
 )
-from srkit.train.recipes import RecipeInputs, local_or_registry
+from srkit.train.recipes import RecipeInputs, TrainingSetup, local_or_registry
 from srkit.train.recipes.cid import BASE_ENTRY, GENDR_PROMPT, REPA_PROJECTOR_FILE, TEXT_ENTRY
 from srkit.train.recipes.sd_recipe import SDRecipe
 from srkit.train.repa import REPA_ENCODER, RepaEncoder, load_repa_encoder, module_output
 
-TRAIN_DEFAULTS = {"lr": 1e-5}
-"""Constant AdamW learning rate [paper §5.1]."""
-HR_ONLY = True
+TRAINING = TrainingSetup(train={"lr": 1e-5}, degrade=False, source="GenDR §5.1: constant AdamW learning rate")
 """A text-to-image base learns from HR crops alone: no degradation is run."""
 
 
@@ -189,4 +187,4 @@ class VAE16Recipe(SDRecipe):
         return folder
 
 
-__all__ = ["SETTINGS", "TRAIN_DEFAULTS", "VAE16Recipe", "VAE16Settings", "build", "widen_latent_convs"]
+__all__ = ["SETTINGS", "TRAINING", "VAE16Recipe", "VAE16Settings", "build", "widen_latent_convs"]
