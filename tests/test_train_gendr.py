@@ -30,6 +30,7 @@ from srkit.engines.base import WeightsSet, get_engine
 from srkit.engines.gendr import GenDRCheckpoint, gendr_files
 from srkit.registry import WeightsError
 from srkit.train.data import DegradedHRDataset
+from srkit.train.recipes import TextSide
 from srkit.train.recipes.cid import CiDRecipeSettings, GenDRDistillRecipe, GenDRDistillSettings
 from srkit.train.recipes.vae16 import widen_latent_convs
 from srkit.train.repa import RepaEncoder
@@ -132,7 +133,7 @@ def test_vae16_teacher_then_cida_student_on_16_channels(gendr_inputs, tmp_path):
 def cida_recipe(gendr_inputs) -> GenDRDistillRecipe:
     encoder = RepaEncoder.from_folder(gendr_inputs["dino"])
     settings = GenDRDistillSettings(**TINY, lr_real=3e-5)
-    return GenDRDistillRecipe(gendr_inputs["base"], settings, text_folder=gendr_inputs["text"], encoder=encoder)
+    return GenDRDistillRecipe(gendr_inputs["base"], settings, text=TextSide(gendr_inputs["text"]), encoder=encoder)
 
 
 def one_batch(files: dict) -> dict[str, torch.Tensor]:

@@ -16,12 +16,13 @@ from typer.testing import CliRunner
 from srkit import registry
 from srkit.cli import app
 from srkit.train.data import DegradedHRDataset
+from srkit.train.recipes import TextSide
 from srkit.train.recipes.naosd import NAOSDRecipe, NAOSDSettings
 from srkit.train.trainer import TrainConfig, Trainer, checkpoints
 
 
 def train(training_files, out: Path, steps: int, resume: bool = False) -> Trainer:
-    recipe = NAOSDRecipe(training_files["base"], NAOSDSettings(), text_folder=training_files["text"], perceptual=RandomFeatureDistance())
+    recipe = NAOSDRecipe(training_files["base"], NAOSDSettings(), text=TextSide(training_files["text"]), perceptual=RandomFeatureDistance())
     dataset = DegradedHRDataset(training_files["hr"], crop=CROP, scale=4, seed=1)
     config = TrainConfig(out=out, steps=steps, batch_size=2, checkpoint_every=2, log_every=1, seed=1, resume=resume)
     trainer = Trainer(recipe, dataset, config, device="cpu")
@@ -63,7 +64,7 @@ def test_naosd_trains_checkpoints_resumes_exactly_and_exports(training_files, tm
 
 
 def test_naosd_losses_are_finite_and_lora_starts_as_the_base(training_files):
-    recipe = NAOSDRecipe(training_files["base"], text_folder=training_files["text"], perceptual=RandomFeatureDistance())
+    recipe = NAOSDRecipe(training_files["base"], text=TextSide(training_files["text"]), perceptual=RandomFeatureDistance())
     batch = DegradedHRDataset(training_files["hr"], crop=CROP)[0]
     batch = {k: v[None] for k, v in batch.items()}
     torch.manual_seed(0)

@@ -29,7 +29,7 @@ from srkit.nn.dg_lora import match_list, match_regex
 from srkit.nn.vit import VisionTransformer, load_dino_vit
 from srkit.train.data import DegradedHRDataset
 from srkit.train.discriminator import multilevel_bce
-from srkit.train.recipes import describe_settings, describe_training
+from srkit.train.recipes import TextSide, describe_settings, describe_training
 from srkit.train.recipes.s3diff import (
     S3DIFF_DEGRADATION,
     TRAINING,
@@ -63,7 +63,7 @@ def s3diff_files(training_files, tmp_path_factory) -> dict[str, Path]:
 
 
 def make_recipe(files, **settings) -> S3DiffRecipe:
-    return S3DiffRecipe(files["base"], S3DiffSettings(**{**SMALL, **settings}), text_folder=files["text"],
+    return S3DiffRecipe(files["base"], S3DiffSettings(**{**SMALL, **settings}), text=TextSide(files["text"]),
                         de_net=files["de_net"], backbone=tiny_vit(), perceptual=RandomFeatureDistance())  # fmt: skip
 
 
@@ -76,7 +76,7 @@ def one_batch(files, size: int = 2) -> dict[str, torch.Tensor]:
 def test_s3diff_trainable_sets_are_upstreams(s3diff_files):
     """Generator: every LoRA factor (UNet rank 32 on the listed targets, VAE encoder rank 16 on the regex), the
     UNet's conv_in, the modulation MLPs and block embeddings; discriminator: its heads only; nothing else."""
-    recipe = S3DiffRecipe(s3diff_files["base"], S3DiffSettings(disc_channels=8), text_folder=s3diff_files["text"],
+    recipe = S3DiffRecipe(s3diff_files["base"], S3DiffSettings(disc_channels=8), text=TextSide(s3diff_files["text"]),
                           de_net=s3diff_files["de_net"], backbone=tiny_vit(), perceptual=RandomFeatureDistance())  # fmt: skip
     generator, discriminator = recipe.groups["generator"], recipe.groups["discriminator"]
     unet_layers = [n for n, m in recipe.unet.named_modules() if hasattr(m, "base_layer")]
@@ -226,7 +226,7 @@ def test_s3diff_trains_checkpoints_resumes_exactly_and_exports(s3diff_files, tmp
     exported = tmp_path / "straight" / "export" / "s3diff.pkl"
     config = registry.read_export_config(exported.parent)  # what `srkit weights add NAME --path EXPORT` reads
     assert config["engine"] == "s3diff" and config["recipe"] == "s3diff" and config["format"] == "official-pickle"
-    again = S3DiffRecipe(s3diff_files["base"], S3DiffSettings(disc_channels=8), text_folder=s3diff_files["text"],
+    again = S3DiffRecipe(s3diff_files["base"], S3DiffSettings(disc_channels=8), text=TextSide(s3diff_files["text"]),
                          de_net=s3diff_files["de_net"], backbone=tiny_vit(), perceptual=RandomFeatureDistance(),
                          pretrained=exported)  # fmt: skip
     assert set(again.groups["generator"]) == {k for k in state if not k.startswith("disc.")}

@@ -53,6 +53,15 @@ class TrainingSetup:
 
 
 @dataclass(frozen=True)
+class TextSide:
+    """Where a recipe's fixed prompts are embedded: a folder with tokenizer/text_encoder/scheduler (None: the base
+    folder), or precomputed embeddings (the scheduler then still comes from the folder)."""
+
+    folder: Path | None = None
+    prompt_embeds: Path | None = None
+
+
+@dataclass(frozen=True)
 class RecipeInputs:
     """What `srkit finetune` hands every recipe besides its settings."""
 
@@ -65,6 +74,14 @@ class RecipeInputs:
     offline: bool = False
     extras: Mapping[str, Any] = field(default_factory=dict)
     """Python-only hooks (gdpo: `reward_metrics`, callables replacing the named metrics)."""
+
+    def text_side(self, registry_entry: str | None) -> TextSide:
+        """--text/--prompt-embeds as given; without either, the registry's `registry_entry` (None: the base's own
+        text side)."""
+        folder = self.text
+        if registry_entry is not None and self.prompt_embeds is None:
+            folder = local_or_registry(self.text, registry_entry, self.offline)
+        return TextSide(folder, self.prompt_embeds)
 
 
 RECIPES: dict[str, RecipeSpec] = {
@@ -178,6 +195,7 @@ __all__ = [
     "RECIPES",
     "RecipeInputs",
     "RecipeSpec",
+    "TextSide",
     "TrainingSetup",
     "built_recipes",
     "describe_settings",

@@ -64,7 +64,7 @@ from srkit.train.distill import (
 from srkit.train.distill.cid import regression_loss
 from srkit.train.distill.vp import vp_coefficients
 from srkit.train.lora import add_lora, frozen, target_modules, use_adapter
-from srkit.train.recipes import RecipeInputs, TrainingSetup, local_or_registry
+from srkit.train.recipes import RecipeInputs, TextSide, TrainingSetup, local_or_registry
 from srkit.train.recipes.sd_recipe import SDRecipe
 from srkit.train.repa import REPA_ENCODER, RepaEncoder, load_repa_encoder, module_output
 
@@ -142,10 +142,9 @@ def build(settings: GenDRDistillSettings, inputs: RecipeInputs, name: str = "cid
     """The base (`--base`: SD2.1-VAE16 from `srkit finetune --recipe vae16`, or the registry's SD2.1-base for a
     4-channel GenDR-style student), its text side (`sd21-text` unless --text/--prompt-embeds), and DINOv2 for REPA."""
     base = local_or_registry(inputs.base, BASE_ENTRY, inputs.offline)
-    text = inputs.text if inputs.prompt_embeds else local_or_registry(inputs.text, TEXT_ENTRY, inputs.offline)
     encoder = load_repa_encoder(settings.repa_encoder, inputs.offline) if settings.lambda_repa > 0 else None
     return GenDRDistillRecipe(
-        base, settings, text_folder=text, prompt_embeds=inputs.prompt_embeds, encoder=encoder, name=name
+        base, settings, text=inputs.text_side(TEXT_ENTRY), encoder=encoder, name=name
     )
 
 
@@ -185,8 +184,7 @@ class GenDRDistillRecipe(SDRecipe):
         base: str | Path,
         settings: GenDRDistillSettings | None = None,
         *,
-        text_folder: str | Path | None = None,
-        prompt_embeds: str | Path | None = None,
+        text: TextSide = TextSide(),
         encoder: RepaEncoder | None = None,
         name: str = "cid",
     ) -> None:
@@ -198,7 +196,7 @@ class GenDRDistillRecipe(SDRecipe):
         if s.form not in ("paper", "hr-weight", "sid"):
             raise ValueError(f"form must be 'paper', 'hr-weight' or 'sid', got '{s.form}'")
         super().__init__(
-            base, text_folder=text_folder, prompt_embeds=prompt_embeds,
+            base, text=text,
             prompts={PROMPT_KEY: s.prompt, NEGATIVE_KEY: s.negative_prompt},
             timesteps=(s.t_s, s.t_min, s.t_max - 1),
         )  # fmt: skip

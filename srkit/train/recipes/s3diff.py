@@ -64,7 +64,7 @@ from srkit.nn.dg_lora import DegradationGuidance
 from srkit.nn.vit import VisionTransformer, load_dino_vit
 from srkit.train.diffaugment import POLICY
 from srkit.train.discriminator import REAL_LABEL, VisionAidedDiscriminator, multilevel_bce
-from srkit.train.recipes import RecipeInputs, TrainingSetup, local_or_registry
+from srkit.train.recipes import RecipeInputs, TextSide, TrainingSetup, local_or_registry
 from srkit.train.recipes.sd_recipe import SDRecipe
 
 S3DIFF_DEGRADATION = DegradationConfig(
@@ -158,7 +158,7 @@ def build(settings: S3DiffSettings, inputs: RecipeInputs) -> S3DiffRecipe:
         pretrained = named if named.is_file() else local_or_registry(None, settings.pretrained, inputs.offline)
     backbone = inputs.extras.get("discriminator_backbone") or _dino_backbone(settings, inputs.offline)
     perceptual = inputs.extras.get("perceptual") or (lpips_vgg() if settings.lambda_lpips > 0 else None)
-    return S3DiffRecipe(base, settings, text_folder=inputs.text, prompt_embeds=inputs.prompt_embeds, de_net=de_net,
+    return S3DiffRecipe(base, settings, text=inputs.text_side(None), de_net=de_net,
                         backbone=backbone, perceptual=perceptual, pretrained=pretrained)  # fmt: skip
 
 
@@ -239,8 +239,7 @@ class S3DiffRecipe(SDRecipe):
         base: str | Path,
         settings: S3DiffSettings | None = None,
         *,
-        text_folder: str | Path | None = None,
-        prompt_embeds: str | Path | None = None,
+        text: TextSide = TextSide(),
         de_net: str | Path,
         backbone: VisionTransformer,
         perceptual: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
@@ -251,7 +250,7 @@ class S3DiffRecipe(SDRecipe):
         if s.lambda_lpips > 0 and perceptual is None:
             raise ValueError("S3Diff's LPIPS term needs a perceptual loss (LPIPS-VGG); pass one or set lambda_lpips 0")
         super().__init__(
-            base, text_folder=text_folder, prompt_embeds=prompt_embeds,
+            base, text=text,
             prompts={POSITIVE_KEY: s.prompt, NEGATIVE_KEY: s.negative_prompt}, timesteps=(TIMESTEP,),
         )  # fmt: skip
         self.unet = load_unet(self.base).train().requires_grad_(False)

@@ -22,6 +22,7 @@ from srkit.common import atomic_folder
 from srkit.diffusion.denoiser import Conditioning
 from srkit.diffusion.loading import load_noise_schedule
 from srkit.diffusion.text import prompt_embeddings
+from srkit.train.recipes import TextSide
 
 
 class SDRecipe:
@@ -35,20 +36,20 @@ class SDRecipe:
         self,
         base: str | Path,
         *,
-        text_folder: str | Path | None,
-        prompt_embeds: str | Path | None,
+        text: TextSide,
         prompts: Mapping[str, str],
         timesteps: Iterable[int],
     ) -> None:
-        """`text_folder` (tokenizer, text encoder, scheduler) defaults to `base`; `prompts` are embedded once
-        (or read from `prompt_embeds`); `timesteps` the recipe will use are range-checked before any network loads."""
+        """`text.folder` (tokenizer, text encoder, scheduler) defaults to `base`; `prompts` are embedded once (or
+        read from `text.prompt_embeds`); `timesteps` the recipe will use are range-checked before any network
+        loads."""
         self.base = Path(base)
-        text_side = Path(text_folder or self.base)
+        text_side = Path(text.folder or self.base)
         self.scheduler_folder = text_side / "scheduler"
         self.schedule = load_noise_schedule(text_side)
         for t in timesteps:
             self.schedule.alpha_bar(t)
-        self.embeddings = prompt_embeddings(prompts, folder=text_side, precomputed=prompt_embeds)
+        self.embeddings = prompt_embeddings(prompts, folder=text_side, precomputed=text.prompt_embeds)
         self.groups: dict[str, dict[str, torch.nn.Parameter]] = {}
         base_licence = registry.read_export_config(self.base).get("licence")  # a base that is an export
         self.export_config = {"engine": self.engine, "recipe": self.name, "base": str(self.base.absolute()),

@@ -38,7 +38,7 @@ from srkit.train.distill import (
     sample_timesteps,
     score_matching_loss,
 )
-from srkit.train.recipes import RecipeInputs, TrainingSetup, local_or_registry
+from srkit.train.recipes import RecipeInputs, TextSide, TrainingSetup, local_or_registry
 from srkit.train.recipes.cid import BASE_ENTRY, GENDR_PROMPT, REPA_PROJECTOR_FILE, TEXT_ENTRY
 from srkit.train.recipes.sd_recipe import SDRecipe
 from srkit.train.repa import REPA_ENCODER, RepaEncoder, load_repa_encoder, module_output
@@ -78,11 +78,10 @@ SETTINGS = VAE16Settings
 def build(settings: VAE16Settings, inputs: RecipeInputs) -> VAE16Recipe:
     """SD2.1-base (`sd21-base`) and its text side (`sd21-text`) unless given, VAE16 and DINOv2 from the registry."""
     base = local_or_registry(inputs.base, BASE_ENTRY, inputs.offline)
-    text = inputs.text if inputs.prompt_embeds else local_or_registry(inputs.text, TEXT_ENTRY, inputs.offline)
     vae = Path(settings.vae).expanduser()
     vae = vae if vae.is_dir() else local_or_registry(None, settings.vae, inputs.offline)
     encoder = load_repa_encoder(settings.repa_encoder, inputs.offline) if settings.lambda_repa > 0 else None
-    return VAE16Recipe(base, vae, settings, text_folder=text, prompt_embeds=inputs.prompt_embeds, encoder=encoder)
+    return VAE16Recipe(base, vae, settings, text=inputs.text_side(TEXT_ENTRY), encoder=encoder)
 
 
 @torch.no_grad()
@@ -120,15 +119,14 @@ class VAE16Recipe(SDRecipe):
         vae: str | Path,
         settings: VAE16Settings | None = None,
         *,
-        text_folder: str | Path | None = None,
-        prompt_embeds: str | Path | None = None,
+        text: TextSide = TextSide(),
         encoder: RepaEncoder | None = None,
     ) -> None:
         s = self.settings = settings or VAE16Settings()
         if s.lambda_repa > 0 and encoder is None:
             raise ValueError("the REPA term needs an encoder (DINOv2); pass one or set lambda_repa 0")
         super().__init__(
-            base, text_folder=text_folder, prompt_embeds=prompt_embeds,
+            base, text=text,
             prompts={PROMPT_KEY: s.prompt, NEGATIVE_KEY: ""}, timesteps=(s.t_min, s.t_max - 1),
         )  # fmt: skip
         if self.schedule.prediction_type != "epsilon":
