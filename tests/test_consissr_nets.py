@@ -11,7 +11,6 @@ for latent tensors.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from golden import fixture_dir, json_fixture, needs, tensors_fixture
 from PIL import Image
 
 from srkit.convert.consissr import (
@@ -32,17 +32,17 @@ from srkit.convert.consissr import (
     read_state_dict,
 )
 from srkit.convert.ldm import fit_shape
+from srkit.diffusion.samplers.ancestral import respaced_timesteps
 from srkit.nn.consissr import ConsisSRArchitecture, ConsisSRNets, ConsisSRSchedule
 from srkit.registry import WeightsError
 
-REPO = Path(__file__).resolve().parents[1]
-GOLDEN = Path(os.environ.get("SRKIT_GOLDEN_DIR", REPO.parent / "shared" / "golden")) / "consissr_tiny"
+GOLDEN = fixture_dir("consissr_tiny")
 CHECKPOINT = GOLDEN / "consissr_tiny.ckpt"
 FLOAT_TOLERANCE = 1e-4
 TRAINING_PROMPT = ""
 CONTROL_IMAGES = {"sample": "sample_preprocessed.png", "lre": "input_gan.png"}
 
-needs_fixture = pytest.mark.skipif(not GOLDEN.is_dir(), reason=f"golden fixture {GOLDEN} is absent")
+needs_fixture = needs(GOLDEN)
 
 
 def latent_tolerance(expected: torch.Tensor) -> float:
@@ -68,26 +68,10 @@ def training_batch(names: list[str]) -> torch.Tensor:
     return torch.from_numpy(np.stack(pixels)).float().permute(0, 3, 1, 2)
 
 
-def respaced_timesteps(steps: int, starts: float = 1.0) -> list[int]:
-    """spaced_sampler(_lre).py: one section of 1000 steps, stride 999/(N−1)·starts, Python round."""
-    stride = 999 / (steps - 1) * starts
-    position, taken = 0.0, []
-    for _ in range(steps):
-        taken.append(round(position))
-        position += stride
-    return taken
+cases = json_fixture(GOLDEN / "cases.json")
 
 
-@pytest.fixture(scope="module")
-def cases() -> dict:
-    return json.loads((GOLDEN / "cases.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def expected() -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(GOLDEN / "expected.safetensors"))
+expected = tensors_fixture(GOLDEN / "expected.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +97,7 @@ def text(nets, cases) -> dict[str, torch.Tensor]:
 def step_timesteps(case: dict, steps: int) -> list[int]:
     """Original timesteps in loop order (t_{N−1} first), computed from the settings and checked against the
     recorded ones when cases.json has them."""
-    timesteps = respaced_timesteps(steps, case.get("starts", 1.0))[::-1]
+    timesteps = respaced_timesteps(steps, 1000, case.get("starts", 1.0))
     if "timesteps_and_index" in case:
         assert [t for t, _ in case["timesteps_and_index"]] == timesteps
         assert [index for _, index in case["timesteps_and_index"]] == list(range(steps))[::-1]

@@ -64,3 +64,25 @@ def test_guided_batches_both_passes_with_per_sample_timesteps() -> None:
     torch.testing.assert_close(eps, expected)
     assert calls == [6]
     assert guided(pointwise, neg, 1.0) is pointwise and guided(pointwise, None, 4.0) is pointwise
+
+
+def test_tile_condition_is_computed_once_per_tile_and_reused_at_every_step() -> None:
+    """A per-tile conditioning (ConsisSR: hint and image token of the tile's crop) is not recomputed per step."""
+    x = torch.randn(1, 4, 40, 40)
+    control = torch.randn(1, 4, 320, 320)
+    made: list[tuple[int, int, int]] = []
+
+    def tile_condition(cond: Conditioning, box) -> Conditioning:
+        made.append(box)
+        y, x0, side = box
+        crop = cond.maps["hint"][:, :, 8 * y : 8 * (y + side), 8 * x0 : 8 * (x0 + side)]
+        return Conditioning({"text": cond.tokens["text"]}, {"hint": crop})
+
+    cond = Conditioning({"text": torch.zeros(1, 2, 3)}, {"hint": control})
+    denoiser = tiled(pointwise, 16, 4, tile_condition=tile_condition)
+    first = denoiser(x, 10, cond)
+    boxes = list(made)
+    second = denoiser(x, 10, cond)
+    assert made == boxes and len(boxes) == 9
+    torch.testing.assert_close(first, second)
+    torch.testing.assert_close(first, pointwise(x, 10, cond), atol=1e-5, rtol=1e-5)

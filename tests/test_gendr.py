@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_sd import TWO_LEVELS, tiny_unet
 from typer.testing import CliRunner
 
 from srkit import registry
@@ -25,14 +26,7 @@ CROSS_DIM = 16
 
 
 def tiny_unet16(seed: int = 0, channels: int = 16):
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        sample_size=16, in_channels=channels, out_channels=channels, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=CROSS_DIM, attention_head_dim=8, use_linear_projection=True, norm_num_groups=4,
-    ).eval()
+    return tiny_unet(seed, **TWO_LEVELS, in_channels=channels, out_channels=channels, cross_attention_dim=CROSS_DIM)
 
 
 def tiny_vae16(seed: int = 1):

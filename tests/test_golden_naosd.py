@@ -7,34 +7,29 @@ replays upstream's recorded noise at (t_diff, t_add) = (100, 250) (the paper's s
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from golden import fixture_dir, needs, tensors_fixture
 from PIL import Image
 
 from srkit.common import build_options
 from srkit.engines.base import WeightsSet, get_engine
 from srkit.engines.osediff import prepare_official
 
-REPO = Path(__file__).resolve().parents[1]
-GOLDEN = Path(os.environ.get("SRKIT_GOLDEN_DIR", REPO.parent / "shared" / "golden")) / "naosd_tiny"
+GOLDEN = fixture_dir("naosd_tiny")
 TOLERANCE = 1e-4
 
-pytestmark = pytest.mark.skipif(not GOLDEN.is_dir(), reason=f"golden fixture {GOLDEN} is absent")
+pytestmark = needs(GOLDEN)
 
 
 def read_rgb(path: Path) -> np.ndarray:
     return np.array(Image.open(path).convert("RGB"))
 
 
-@pytest.fixture(scope="module")
-def expected() -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(GOLDEN / "expected.safetensors"))
+expected = tensors_fixture(GOLDEN / "expected.safetensors")
 
 
 def test_golden_naosd_input_preparation() -> None:

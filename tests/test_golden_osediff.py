@@ -9,12 +9,12 @@ so that its float output can be compared.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from golden import fixture_dir, needs, tensors_fixture
 from PIL import Image
 
 from srkit.colorfix import color_fix
@@ -23,12 +23,11 @@ from srkit.engines.base import WeightsSet, get_engine
 from srkit.engines.osediff import prepare_official
 from srkit.tiling import plan_latent_tiles
 
-REPO = Path(__file__).resolve().parents[1]
-GOLDEN = Path(os.environ.get("SRKIT_GOLDEN_DIR", REPO.parent / "shared" / "golden")) / "osediff_tiny"
+GOLDEN = fixture_dir("osediff_tiny")
 FLOAT_TOLERANCE = 1e-4
 PNG_NAMES = {"none": "nofix", "adain": "adain", "wavelet": "wavelet"}
 
-pytestmark = pytest.mark.skipif(not GOLDEN.is_dir(), reason=f"golden fixture {GOLDEN} is absent")
+pytestmark = needs(GOLDEN)
 
 
 def read_rgb(path: Path) -> np.ndarray:
@@ -43,11 +42,7 @@ def to_uint8(image: torch.Tensor) -> np.ndarray:
     return (image[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
-@pytest.fixture(scope="module")
-def expected() -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(GOLDEN / "expected.safetensors"))
+expected = tensors_fixture(GOLDEN / "expected.safetensors")
 
 
 @pytest.fixture(scope="module")

@@ -9,25 +9,22 @@ Set SRKIT_GOLDEN_DIR to check another fixture root of the same layout.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from golden import fixture_dir, needs, tensors_fixture
 from PIL import Image
 
 from srkit.colorfix import color_fix, truncate_8bit
 from srkit.common import build_options
 from srkit.engines.base import WeightsSet, get_engine
 
-GOLDEN_ROOT = Path(os.environ.get("SRKIT_GOLDEN_DIR", Path(__file__).resolve().parents[2] / "shared" / "golden"))
-GOLDEN = GOLDEN_ROOT / "s3diff_tiny"
+GOLDEN = fixture_dir("s3diff_tiny")
 TOLERANCE = 1e-4
 PNG_NAMES = {"none": "nofix", "wavelet": "wavelet", "adain": "adain"}
 
-pytestmark = pytest.mark.skipif(not GOLDEN.is_dir(), reason=f"golden fixture {GOLDEN} is absent")
+pytestmark = needs(GOLDEN)
 
 
 def read_lr(case: str) -> torch.Tensor:
@@ -53,11 +50,7 @@ def build(**options):
     return engine_class.from_weights(weights, torch.device("cpu"), torch.float32, options_value)
 
 
-@pytest.fixture(scope="module")
-def expected() -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(GOLDEN / "expected.safetensors"))
+expected = tensors_fixture(GOLDEN / "expected.safetensors")
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_sd import SD2_SCHEDULER, write_scheduler, write_text_side
+from tiny_sd import SD2_SCHEDULER, TWO_LEVELS, write_scheduler, write_text_side
+from tiny_sd import tiny_unet as two_level
 from typer.testing import CliRunner
 
 from srkit import registry
@@ -38,14 +39,7 @@ VAE_PATTERNS = ("conv1", "conv2", "conv_in", "conv_shortcut", "conv", "conv_out"
 
 
 def tiny_unet(seed: int = 0):
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=CROSS_DIM, attention_head_dim=8, use_linear_projection=True, norm_num_groups=4,
-    ).eval()
+    return two_level(seed, **TWO_LEVELS, cross_attention_dim=CROSS_DIM)
 
 
 def tiny_vae(seed: int = 1):
@@ -191,8 +185,8 @@ def test_prompt_text_and_options_are_checked(tiny):
     assert compose_prompt("", "clean, high-resolution, 8k") == ", clean, high-resolution, 8k,"
     assert compose_prompt("sky, tree", "") == "sky, tree, ,"
     weights = {"gdpo": tiny["merged"], "sd21-text": tiny["text"]}
-    with pytest.raises(ValueError, match="tagger 'dape' is not available"):
-        build("gdpo", weights, tagger="dape")
+    with pytest.raises(ValueError, match="tagger must be one of auto, dape, ram, none"):
+        build("gdpo", weights, tagger="blip")
     with pytest.raises(ValueError, match="color_fix must be one of"):
         build("gdpo", weights, color_fix="histogram")
     with pytest.raises(ValueError, match="timestep 1000 is outside"):
@@ -268,15 +262,15 @@ def test_gdpo_samples_are_distinct_and_reproducible(tiny, tmp_path, text_in_cach
     assert len({outputs["one"][name].tobytes() for name in names}) == 4
 
 
-def test_models_lists_the_one_step_engines(monkeypatch):
-    monkeypatch.setenv("COLUMNS", "250")
+def test_models_lists_the_one_step_engines():
     result = CliRunner().invoke(app, ["models"], catch_exceptions=False)
     assert result.exit_code == 0
-    rows = {line.split("│")[1].strip(): line for line in result.stdout.splitlines() if line.count("│") > 3}
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line.strip()}
     for name in ("osediff", "naosd", "gdpo", "gendr"):
         assert name in rows, result.stdout
-        assert "x4" in rows[name] and "│ 1 " in rows[name]
-    assert "unreleased" in rows["gendr"] and "unreleased" in rows["naosd"]
-    assert "Apache-2.0" in rows["osediff"] and "not cached" in rows["gdpo"]
+        assert rows[name][1:3] == ["x4", "1"]
+    assert rows["gendr"][3] == "unreleased" and rows["naosd"][3] == "unreleased"
+    assert rows["gdpo"][3:5] == ["not", "cached"]
     detail = CliRunner().invoke(app, ["models", "gdpo"], catch_exceptions=False)
-    assert all(option in detail.stdout for option in ("t_add", "t_diff", "tagger", "prompt_embeds"))
+    assert all(option in detail.stdout for option in ("--t-add", "--t-diff", "--tagger", "--prompt-embeds"))
+    assert "Apache-2.0" in CliRunner().invoke(app, ["models", "osediff"], catch_exceptions=False).stdout

@@ -11,13 +11,13 @@ The fixture ships no tag-list files, so they are written in a temporary folder: 
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from golden import fixture_dir, json_fixture, needs, tensors_fixture
 from PIL import Image
 
 from srkit.diffusion.text import QUALITY_PROMPT, compose_prompt
@@ -26,15 +26,14 @@ from srkit.registry import WeightsError
 from srkit.taggers.ram import RAM, RAMTagger, preprocess
 from srkit.taggers.ram_weights import load_ram_tagger, merge_dape, read_tag_list, read_thresholds
 
-REPO = Path(__file__).resolve().parents[1]
-GOLDEN = Path(os.environ.get("SRKIT_GOLDEN_DIR", REPO.parent / "shared" / "golden")) / "ram_dape_tiny"
+GOLDEN = fixture_dir("ram_dape_tiny")
 TOLERANCE = 1e-4
 ANTIALIAS = {"tv015": False, "tv029": True}
 """Fixture resize variants: torchvision 0.15 (no antialias on tensors) and ≥ 0.17 (antialias)."""
 DAPE_MODEL = "RAM+DAPE"
 MAX_ERRORS: dict[str, float] = {}
 
-golden = pytest.mark.skipif(not GOLDEN.is_dir(), reason=f"golden fixture {GOLDEN} is absent")
+golden = needs(GOLDEN)
 
 
 def record(group: str, error: float) -> float:
@@ -53,16 +52,10 @@ def read_image(path: Path) -> torch.Tensor:
     return torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255
 
 
-@pytest.fixture(scope="module")
-def spec() -> dict:
-    return json.loads((GOLDEN / "cases.json").read_text())
+spec = json_fixture(GOLDEN / "cases.json")
 
 
-@pytest.fixture(scope="module")
-def expected() -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(GOLDEN / "expected.safetensors"))
+expected = tensors_fixture(GOLDEN / "expected.safetensors")
 
 
 @pytest.fixture(scope="module")

@@ -4,13 +4,13 @@ its README), and the properties of the reward interface and of the window schedu
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from golden import fixture_dir
 
 from srkit.registry import WeightsError
 from srkit.train.gram_regulariser import GramRegulariser, VGG19Taps, gram_matrix, gram_style_loss
@@ -28,8 +28,7 @@ from srkit.train.rfsr import (
 )
 from srkit.train.wavelet_losses import LowPassL1Loss
 
-REPO = Path(__file__).resolve().parents[1]
-GOLDEN = Path(os.environ.get("SRKIT_GOLDEN_DIR", REPO.parent / "shared" / "golden")) / "rfsr_losses"
+GOLDEN = fixture_dir("rfsr_losses")
 SETTINGS = RFSRLossSettings()
 
 
@@ -148,21 +147,27 @@ def golden_layers(golden) -> list[str]:
     return [key.removeprefix("feat_x_") for key in golden if key.startswith("feat_x_")]
 
 
+def gram_inputs(golden) -> tuple[list[str], dict, dict, dict]:
+    """The fixture's layers, reference features, released layer weights and fresh trainable features."""
+    layers = golden_layers(golden)
+    old = {layer: golden[f"feat_gt_{layer}"] for layer in layers}
+    weights = {layer: SETTINGS.gram_layer_weights[layer] for layer in layers}
+    new = {layer: golden[f"feat_x_{layer}"].clone().requires_grad_() for layer in layers}
+    return layers, old, weights, new
+
+
 @pytest.mark.parametrize("normalise", [True, False])
 def test_golden_rfsr_gram_regulariser_float16_path(golden, normalise: bool) -> None:
     """The released float16 Gram path: Grams, per-layer L1s, weighted totals and their gradients."""
     norm = "norm" if normalise else "nonorm"
-    layers = golden_layers(golden)
-    old = {layer: golden[f"feat_gt_{layer}"] for layer in layers}
+    layers, old, weights, new = gram_inputs(golden)
     for layer in layers:
         if f"gram_x_{layer}_{norm}" in golden:
             gram = gram_matrix(golden[f"feat_x_{layer}"], normalise=normalise, fp16=True)
             assert_fp16_ulp(gram, golden[f"gram_x_{layer}_{norm}"], f"gram_x_{layer}_{norm}")
-        new = {layer: golden[f"feat_x_{layer}"]}
-        l1 = gram_style_loss(new, old, {layer: 1.0}, 1.0, normalise=normalise, fp16=True)
+        l1 = gram_style_loss({layer: golden[f"feat_x_{layer}"]}, old, {layer: 1.0}, 1.0, normalise=normalise,
+                             fp16=True)  # fmt: skip
         assert_fp16_ulp(l1, golden[f"gram_l1_{layer}_{norm}"], f"gram_l1_{layer}_{norm}")
-    weights = {layer: SETTINGS.gram_layer_weights[layer] for layer in layers}
-    new = {layer: golden[f"feat_x_{layer}"].clone().requires_grad_() for layer in layers}
     total = gram_style_loss(new, old, weights, 1.0, normalise=normalise, fp16=True)
     assert_fp16_ulp(total, golden[f"gram_loss_{norm}_w1"], f"gram_loss_{norm}_w1")
     script = gram_style_loss(
@@ -180,16 +185,13 @@ def test_golden_rfsr_gram_regulariser_float16_path(golden, normalise: bool) -> N
 @pytest.mark.parametrize("normalise", [True, False])
 def test_golden_rfsr_gram_regulariser_float32_variant(golden, normalise: bool) -> None:
     norm = "norm" if normalise else "nonorm"
-    layers = golden_layers(golden)
-    old = {layer: golden[f"feat_gt_{layer}"] for layer in layers}
+    layers, old, weights, new = gram_inputs(golden)
     for layer in layers:
         l1 = gram_style_loss(
             {layer: golden[f"feat_x_{layer}"]}, old, {layer: 1.0}, 1.0, normalise=normalise, fp16=False
         )
         assert l1.dtype == torch.float32
         assert_close_f32(l1, golden[f"gram_l1_{layer}_{norm}_fp32"], f"gram_l1_{layer}_{norm}_fp32")
-    weights = {layer: SETTINGS.gram_layer_weights[layer] for layer in layers}
-    new = {layer: golden[f"feat_x_{layer}"].clone().requires_grad_() for layer in layers}
     total = gram_style_loss(new, old, weights, 1.0, normalise=normalise, fp16=False)
     assert_close_f32(total, golden[f"gram_loss_{norm}_w1_fp32"], f"gram_loss_{norm}_w1_fp32")
     total.backward()

@@ -305,6 +305,6 @@ def test_s3diff_spec_and_offline_message() -> None:
         "tokenizer/vocab.json",
     } <= {f.path for f in reg.entry("sd-turbo").files}
     with pytest.raises(
-        registry.WeightsError, match=r"run `srkit weights pull s3diff` on a machine with internet"
+        registry.WeightsError, match=r"Run `srkit weights pull s3diff s3diff-de-net sd-turbo` on a machine with internet"
     ):
         load_engine("s3diff", device="cpu")

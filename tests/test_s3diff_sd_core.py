@@ -142,8 +142,9 @@ def test_s3diff_run_latent_tiled_blends_to_identity_and_batches_tiles() -> None:
     latents = torch.randn(2, 4, 104, 136)
     seen: list[int] = []
 
-    def fn(x: torch.Tensor) -> torch.Tensor:
+    def fn(x: torch.Tensor, boxes: list) -> torch.Tensor:
         seen.append(x.shape[0])
+        assert x.shape[0] % len(boxes) == 0 and all(side == x.shape[-1] for _, _, side in boxes)
         return x
 
     torch.testing.assert_close(run_latent_tiled(fn, latents), latents)

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from golden import fixture_dir, needs
 from torch import nn
 
 from srkit.train.distill import (
@@ -40,12 +40,12 @@ from srkit.train.distill import (
     sid_generator_sigma,
     x0_from_eps,
 )
+from srkit.train.distill.cid import regression_loss
 from srkit.train.distill.sid import edm_loss_weight
 from srkit.train.distill.vp import guided_eps, scaled_linear_alphas_cumprod, vp_coefficients
 
-REPO = Path(__file__).resolve().parents[1]
-GOLDEN = Path(os.environ.get("SRKIT_GOLDEN_DIR", REPO.parent / "shared" / "golden")) / "sid_losses"
-golden = pytest.mark.skipif(not GOLDEN.is_dir(), reason=f"golden fixture {GOLDEN} is absent")
+GOLDEN = fixture_dir("sid_losses")
+golden = needs(GOLDEN)
 
 DTYPE = torch.float64
 
@@ -197,6 +197,21 @@ def trainable(module: nn.Module) -> nn.Module:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def check_generator_case(fixture, case: str, sample_key: str, sample, terms, term_keys, grad_key: str,
+                         generator: nn.Module, network: str) -> None:  # fmt: skip
+    """One generator case against the fixture: the sample, the score terms (real, fake, weight), the per-element
+    loss and its sum, and the gradients of the sample and of the generator network `network`."""
+    loss = reduce_loss(terms.elements, "sum")
+    loss.backward()
+    fixture.check(sample_key, sample)
+    for key, value in zip(term_keys, (terms.x0_real, terms.x0_fake, terms.weight_factor), strict=True):
+        fixture.check(key, value)
+    fixture.check(f"{case}.loss_elem", terms.elements)
+    fixture.check(f"{case}.L", loss)
+    fixture.check(f"{case}.{grad_key}", sample.grad)
+    fixture.check_grads(case, network, generator)
+
+
 @golden
 def test_golden_sid_edm_generator_sigma(fixture: Fixture) -> None:
     u = fixture.inputs["edm.gen.u"]
@@ -221,16 +236,8 @@ def test_golden_sid_edm_generator(fixture: Fixture) -> None:
             fixture.input("edm.gen.eps"),
             alpha=scale_of(case, "a"),
         )
-        loss = reduce_loss(terms.elements, "sum")
-        loss.backward()
-        fixture.check("edm.y", y)
-        fixture.check("edm.gen.y_real", terms.x0_real)
-        fixture.check("edm.gen.y_fake", terms.x0_fake)
-        fixture.check("edm.gen.weight_factor", terms.weight_factor)
-        fixture.check(f"{case}.loss_elem", terms.elements)
-        fixture.check(f"{case}.L", loss)
-        fixture.check(f"{case}.grad_y", y.grad)
-        fixture.check_grads(case, "edm_gen", generator)
+        keys = ("edm.gen.y_real", "edm.gen.y_fake", "edm.gen.weight_factor")
+        check_generator_case(fixture, case, "edm.y", y, terms, keys, "grad_y", generator, "edm_gen")
         detached = fixture.expected[f"{case}.grad_y_inputs_detached"].to(DTYPE)
         assert (y.grad - detached).abs().max() > 0.05 * detached.abs().max(), "network inputs were detached"
     fixture.report("edm.gen")
@@ -297,17 +304,9 @@ def test_golden_sid_ddpm_generator(fixture: Fixture) -> None:
             fixture.guidance(kappa),
             alpha=alpha,
         )
-        loss = reduce_loss(terms.elements, "sum")
-        loss.backward()
         per_kappa = case.rsplit("_a", 1)[0]
-        fixture.check("ddpm.y", y)
-        fixture.check(f"{per_kappa}.y_real", terms.x0_real)
-        fixture.check(f"{per_kappa}.y_fake", terms.x0_fake)
-        fixture.check(f"{per_kappa}.weight_factor", terms.weight_factor)
-        fixture.check(f"{case}.loss_elem", terms.elements)
-        fixture.check(f"{case}.L", loss)
-        fixture.check(f"{case}.grad_y", y.grad)
-        fixture.check_grads(case, "eps_gen", generator)
+        keys = (f"{per_kappa}.y_real", f"{per_kappa}.y_fake", f"{per_kappa}.weight_factor")
+        check_generator_case(fixture, case, "ddpm.y", y, terms, keys, "grad_y", generator, "eps_gen")
     fixture.report("ddpm.gen")
 
 
@@ -366,16 +365,8 @@ def test_golden_sid_cid_generator(fixture: Fixture) -> None:
             fixture.guidance(fixture.constants["cid_kappa"]),
             xi=scale_of(case, "xi"),
         )
-        loss = reduce_loss(terms.elements, "sum")
-        loss.backward()
-        fixture.check("cid.z_g", z_g)
-        fixture.check("cid.gen.f_real", terms.x0_real)
-        fixture.check("cid.gen.f_fake", terms.x0_fake)
-        fixture.check("cid.gen.omega_inv", terms.weight_factor)
-        fixture.check(f"{case}.loss_elem", terms.elements)
-        fixture.check(f"{case}.L", loss)
-        fixture.check(f"{case}.grad_z_g", z_g.grad)
-        fixture.check_grads(case, "eps_gen", generator)
+        keys = ("cid.gen.f_real", "cid.gen.f_fake", "cid.gen.omega_inv")
+        check_generator_case(fixture, case, "cid.z_g", z_g, terms, keys, "grad_z_g", generator, "eps_gen")
     fixture.report("cid.gen")
 
 
@@ -443,7 +434,7 @@ def constant_eps(value: float):
 ACP = scaled_linear_alphas_cumprod().to(DTYPE)
 
 
-def cid_by_hand(z_g_value: float, z_h_value: float, gap: float, xi: float):
+def cid_by_hand(z_g_value: float, z_h_value: float, gap: float, xi: float, form: str = "paper"):
     """CiD with networks whose x0 estimates are known: ε_real = 0 gives f_real = z_t/a = z_g (noise 0), and a
     constant ε_fake = gap·a/b gives f_fake = z_g − gap. Returns the reduced loss and ∂L/∂z_g."""
     t = torch.tensor([500, 500])
@@ -459,6 +450,7 @@ def cid_by_hand(z_g_value: float, z_h_value: float, gap: float, xi: float):
         ACP,
         PromptGuidance(),
         xi=xi,
+        form=form,
     )
     loss = reduce_loss(terms.elements, "sum")
     loss.backward()
@@ -479,6 +471,32 @@ def test_cid_sr_term_by_hand() -> None:
     torch.testing.assert_close(terms.elements, constant(0.35))
     torch.testing.assert_close(terms.weight_factor, torch.full((2,), 2.0, dtype=DTYPE))
     torch.testing.assert_close(grad, constant(0.5 / 2 / 2))
+
+
+def test_cid_forms_and_regression_term_by_hand() -> None:
+    """Where z_h enters (srkit.train.distill.cid.CiDForm), with f_real = z_g = 2, f_fake = 1.5, z_h = 0, ξ = 1."""
+    # "hr-weight" (the recipe's default): SiD's inner product, f_real − z_g = 0, ω⁻¹ = |0 − 2| = 2:
+    # ℓ = 0.5·(0 − 0.5)/2 = −0.125; the direct term −gap·ω and the real network's Jacobian +gap·ω cancel.
+    terms, _, grad = cid_by_hand(z_g_value=2.0, z_h_value=0.0, gap=0.5, xi=1.0, form="hr-weight")
+    torch.testing.assert_close(terms.elements, constant(-0.125))
+    torch.testing.assert_close(terms.weight_factor, torch.full((2,), 2.0, dtype=DTYPE))
+    torch.testing.assert_close(grad, constant(0.0))
+    # "paper": ℓ = 0.5·((2 − 0) − 0.5)/2 = 0.375, gradient gap·ω/B = 0.125 (through the real network only).
+    terms, _, grad = cid_by_hand(z_g_value=2.0, z_h_value=0.0, gap=0.5, xi=1.0, form="paper")
+    torch.testing.assert_close(terms.elements, constant(0.375))
+    torch.testing.assert_close(grad, constant(0.125))
+    # "sid": ω from z_g, |2 − 2| = 0, floored at 1e-5: ℓ = 0.5·(0 − 0.5)/1e-5.
+    terms, _, _ = cid_by_hand(z_g_value=2.0, z_h_value=0.0, gap=0.5, xi=1.0, form="sid")
+    torch.testing.assert_close(terms.elements, constant(-25_000.0))
+    with pytest.raises(ValueError, match="unknown CiD form"):
+        cid_by_hand(z_g_value=2.0, z_h_value=0.0, gap=0.5, xi=1.0, form="zh")
+    # Eq. 6: (z_g − z_h)², gradient 2·(z_g − z_h), none into z_h.
+    z_g, z_h = constant(3.0).requires_grad_(True), constant(1.0).requires_grad_(True)
+    elements = regression_loss(z_g, z_h)
+    torch.testing.assert_close(elements, constant(4.0))
+    elements.sum().backward()
+    torch.testing.assert_close(z_g.grad, constant(4.0))
+    assert z_h.grad is None
 
 
 def test_cid_gradient_vanishes_with_detached_network_inputs() -> None:
@@ -577,7 +595,11 @@ def test_adversarial_losses_by_hand() -> None:
         torch.full_like(real, math.log(3.0)), torch.full_like(real, -math.log(3.0))
     )
     torch.testing.assert_close(confident, torch.full_like(real, -2 * math.log(0.75)))
-    assert not discriminator_loss(real, fake).requires_grad  # the head's loss never moves the generator
+    # The head learns from both maps: ∂/∂D_fake = σ(D_fake) = 0.5 at 0, ∂/∂D_real = −(1 − σ(D_real)) = −0.5.
+    real.requires_grad_(True)
+    discriminator_loss(real, fake).sum().backward()
+    torch.testing.assert_close(fake.grad, torch.full_like(real, 0.5))
+    torch.testing.assert_close(real.grad, torch.full_like(real, -0.5))
 
 
 def test_repa_alignment_by_hand() -> None:
@@ -635,3 +657,40 @@ def test_sid_toy_distillation_learns() -> None:
     )
     assert result.distance_after < 0.3 * result.distance_before
     assert result.distance_after < 1.8 * result.teacher_distance
+
+
+def run_restore_toy(**overrides):
+    """GenDR's restoration in miniature (srkit/train/distill/toy.py, task "restore"), on one thread."""
+    from srkit.train.distill.toy import ToySettings, run_toy
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run_toy(ToySettings(**{"task": "restore", "loss": "cid", "teacher_steps": 1000, "distill_steps": 300, **overrides}))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_cid_toy_distillation_with_the_recipe_default_learns() -> None:
+    """`srkit distill`'s default CiD (z_h in ω only, plus 0.1·‖z_g − z_h‖²), with the trainer's simultaneous
+    updates: the restored points move toward the data (sliced W1) and each toward its own HR point."""
+    from srkit.train.recipes.cid import CiDRecipeSettings
+
+    defaults = CiDRecipeSettings()
+    result = run_restore_toy(cid_form=defaults.form, regression=defaults.lambda_mse, simultaneous=True)
+    print(
+        f"\ntoy restore: W1 {result.distance_before:.3f} -> {result.distance_after:.3f} "
+        f"(teacher {result.teacher_distance:.3f}), paired RMS {result.paired_error_before:.3f} -> "
+        f"{result.paired_error_after:.3f}, {result.seconds:.1f} s"
+    )
+    assert result.distance_after < 0.8 * result.distance_before
+    assert result.distance_after < 1.2 * result.teacher_distance
+    assert result.paired_error_after < result.paired_error_before - 0.03
+
+
+def test_cid_toy_distillation_as_the_paper_writes_it_diverges() -> None:
+    """The evidence behind the default: with z_h in the inner product (Eq. 8) SiD's direct gradient is gone and the
+    student runs away from the data (the golden-pinned loss is right as maths; it does not learn as a loss)."""
+    result = run_restore_toy(cid_form="paper", distill_steps=200)
+    print(f"\ntoy restore, paper form: W1 {result.distance_before:.3f} -> {result.distance_after:.3f}")
+    assert result.distance_after > 3 * result.distance_before

@@ -17,6 +17,7 @@ from srkit import registry
 from srkit.bench.metrics import psnr_y
 from srkit.cli import app
 from srkit.train.data import DegradedHRDataset
+from srkit.train.recipes import TextSide
 from srkit.train.recipes.gdpo import GDPORecipe, GDPOSettings
 from srkit.train.run import finetune
 from srkit.train.trainer import checkpoints
@@ -48,7 +49,7 @@ def naosd_export(training_files, tmp_path_factory):
 
 
 def test_gdpo_step_zero_loss_is_log_two_and_rewards_are_grouped(training_files, naosd_export):
-    recipe = GDPORecipe(naosd_export, GDPOSettings(group_size=3), text_folder=training_files["text"], metrics=metrics())
+    recipe = GDPORecipe(naosd_export, GDPOSettings(group_size=3), text=TextSide(training_files["text"]), metrics=metrics())
     sample = DegradedHRDataset(training_files["hr"], crop=TRAIN_CROP)[0]
     batch = {k: v[None] for k, v in sample.items()}
     [(group, loss, logs)] = list(recipe.losses(batch, 0))
@@ -89,4 +90,4 @@ def test_gdpo_needs_a_base_and_a_detail_metric(training_files, naosd_export, tmp
     with pytest.raises(ValueError, match="gdpo starts from a NAOSD model"):
         finetune("gdpo", data=training_files["hr"], out=tmp_path, text=training_files["text"], crop=TRAIN_CROP)
     with pytest.raises(ValueError, match="needs a fidelity metric"):
-        GDPORecipe(naosd_export, GDPOSettings(reward_metrics="psnr,ssim"), text_folder=training_files["text"])
+        GDPORecipe(naosd_export, GDPOSettings(reward_metrics="psnr,ssim"), text=TextSide(training_files["text"]))

@@ -3,17 +3,12 @@ that `srkit upscale --model naosd --weights` loads, the CLI, and a two-process r
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from conftest import TRAIN_CROP as CROP
-from conftest import smooth_image
+from conftest import RandomFeatureDistance, check_one_and_two_processes, smooth_image
 from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -21,25 +16,13 @@ from typer.testing import CliRunner
 from srkit import registry
 from srkit.cli import app
 from srkit.train.data import DegradedHRDataset
+from srkit.train.recipes import TextSide
 from srkit.train.recipes.naosd import NAOSDRecipe, NAOSDSettings
 from srkit.train.trainer import TrainConfig, Trainer, checkpoints
 
 
-class RandomFeatureDistance(torch.nn.Module):
-    """Stands in for LPIPS-VGG (whose weights cannot be fetched here) through the recipe's perceptual interface."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(4)
-        self.features = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3))
-        self.requires_grad_(False)
-
-    def forward(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return (self.features(prediction) - self.features(target)).abs().mean()
-
-
 def train(training_files, out: Path, steps: int, resume: bool = False) -> Trainer:
-    recipe = NAOSDRecipe(training_files["base"], NAOSDSettings(), text_folder=training_files["text"], perceptual=RandomFeatureDistance())
+    recipe = NAOSDRecipe(training_files["base"], NAOSDSettings(), text=TextSide(training_files["text"]), perceptual=RandomFeatureDistance())
     dataset = DegradedHRDataset(training_files["hr"], crop=CROP, scale=4, seed=1)
     config = TrainConfig(out=out, steps=steps, batch_size=2, checkpoint_every=2, log_every=1, seed=1, resume=resume)
     trainer = Trainer(recipe, dataset, config, device="cpu")
@@ -81,7 +64,7 @@ def test_naosd_trains_checkpoints_resumes_exactly_and_exports(training_files, tm
 
 
 def test_naosd_losses_are_finite_and_lora_starts_as_the_base(training_files):
-    recipe = NAOSDRecipe(training_files["base"], text_folder=training_files["text"], perceptual=RandomFeatureDistance())
+    recipe = NAOSDRecipe(training_files["base"], text=TextSide(training_files["text"]), perceptual=RandomFeatureDistance())
     batch = DegradedHRDataset(training_files["hr"], crop=CROP)[0]
     batch = {k: v[None] for k, v in batch.items()}
     torch.manual_seed(0)
@@ -99,26 +82,4 @@ def test_naosd_cli_and_two_processes_write_the_same_layout(training_files, tmp_p
     common = ["--data", str(training_files["hr"]), "--base", str(training_files["base"]), "--text", str(training_files["text"]),
               "--crop", str(CROP), "--steps", "2", "--checkpoint-every", "1", "-O", "lambda_lpips=0",
               "--device", "cpu", "--seed", "3"]  # fmt: skip
-    one = CliRunner().invoke(app, ["finetune", "--recipe", "naosd", "--out", str(tmp_path / "one"), *common])
-    assert one.exit_code == 0, one.output
-    launcher = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-    if launcher is None:
-        pytest.skip("torch's launcher (torchrun) is not installed")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run(  # CPU processes talk over gloo; accelerate picks the setting up from torchrun's env
-        [launcher, "--standalone", "--nproc_per_node", "2", "-m", "srkit.cli", "finetune", "--recipe", "naosd",
-         "--out", str(tmp_path / "two"), *common],
-        check=False, capture_output=True, text=True, env=env, timeout=600,
-    )  # fmt: skip
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert (tmp_path / "two" / "checkpoints" / "step_0000002" / "rank1.pt").is_file()  # really two processes
-
-    def layout(run: Path) -> set[str]:
-        return {str(p.relative_to(run)) for p in run.rglob("*") if "tensorboard" not in p.parts}
-
-    assert layout(tmp_path / "one") - {"checkpoints/rng"} == layout(tmp_path / "two") - {
-        "checkpoints/step_0000001/rank1.pt", "checkpoints/step_0000002/rank1.pt", "checkpoints/rng",
-    }  # fmt: skip
-    keys_one = load_file(str(tmp_path / "one" / "checkpoints" / "step_0000002" / "trainable.safetensors")).keys()
-    keys_two = load_file(str(tmp_path / "two" / "checkpoints" / "step_0000002" / "trainable.safetensors")).keys()
-    assert keys_one == keys_two
+    check_one_and_two_processes("naosd", common, tmp_path)

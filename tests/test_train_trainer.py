@@ -93,3 +93,47 @@ def test_non_finite_loss_stops_and_resume_checks_the_recipe(tmp_path):
         run(tmp_path, "toy", recipe=other, steps=3, resume=True)
     resumed = run(tmp_path, "toy", steps=3, resume=True)
     assert resumed.step == 3 and [p.name for p in checkpoints(tmp_path / "toy")][-1] == "step_0000003"
+
+
+class TwoPhase(LeastSquares):
+    """Two losses per batch for one group, stepped one after the other (`step_each_loss`), a learning-rate
+    schedule (nothing moves at step 0), and a buffer the recipe changes in place (counted forward passes)."""
+
+    name = "two-phase"
+    step_each_loss = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[list[float]] = []
+        self.calls = torch.zeros(1)
+
+    def lr_factor(self, group, step):
+        return 0.0 if step == 0 else 1.0
+
+    def state_buffers(self):
+        return {"calls": self.calls}
+
+    def losses(self, batch, step):
+        self.calls += 1
+        yield "main", ((batch["x"] @ self.w - batch["y"]) ** 2).mean(), {}
+        self.seen.append(self.w.detach().tolist())  # the weights the second loss is computed with
+        yield "main", (self.w**2).sum(), {}
+
+
+def test_step_each_loss_steps_before_the_next_loss_and_accumulates_per_phase(tmp_path):
+    recipe = TwoPhase()
+    run(tmp_path, "phases", recipe=recipe, steps=2, grad_accum=2)
+    # step 0 runs at rate 0: nothing moves; step 1: the second losses of both micro-batches see the first step
+    assert recipe.seen[0] == recipe.seen[1] == [0.0, 0.0, 0.0]
+    assert recipe.seen[2] == recipe.seen[3] != [0.0, 0.0, 0.0]
+    assert recipe.w.detach().tolist() != recipe.seen[3]  # and the second loss was stepped too
+
+
+def test_state_buffers_are_checkpointed_and_restored(tmp_path):
+    straight = run(tmp_path, "straight", recipe=TwoPhase(), steps=3)
+    assert (checkpoints(tmp_path / "straight")[0] / "buffers.safetensors").is_file()
+    run(tmp_path, "resumed", recipe=TwoPhase(), steps=2)
+    resumed = run(tmp_path, "resumed", recipe=TwoPhase(), steps=3, resume=True)
+    assert resumed.recipe.calls.item() == straight.recipe.calls.item() == 3
+    torch.testing.assert_close(resumed.recipe.w, straight.recipe.w, rtol=0, atol=0)
+    assert resumed.optimizers["main"].param_groups[0]["lr"] == pytest.approx(0.05)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from conftest import compact_state_dict
-from tiny_sd import SD2_SCHEDULER, tiny_unet, tiny_vae, write_scheduler
+from tiny_sd import SD2_SCHEDULER, tiny_unet, tiny_vae, write_scheduler, write_text_side
 
 from srkit.diffusion.text import NEGATIVE_KEY, PROMPT_KEY, save_prompt_embeddings
 
@@ -82,12 +82,13 @@ def _noise_injection(name: str) -> Callable[[Path], Built]:
 
 
 def _gendr(folder: Path) -> Built:
+    """srkit's GenDR export folder: the checkpoint and, in vae/, the 16-channel VAE it runs on."""
     from srkit.engines.gendr import save_gendr
 
-    tiny_vae(seed=1, latent_channels=16, scaling_factor=0.24447420268654824).save_pretrained(folder / "vae16")
+    tiny_vae(seed=1, latent_channels=16, scaling_factor=0.24447420268654824).save_pretrained(folder / "vae")
     prompt = torch.randn(1, 77, CROSS_DIM, generator=torch.Generator().manual_seed(5))
-    checkpoint = save_gendr(folder / "gendr.safetensors", tiny_unet(seed=0, in_channels=16, out_channels=16), prompt)
-    return {"gendr": checkpoint, "vae-kl-f8-d16": folder / "vae16"}, {}
+    save_gendr(folder / "gendr.safetensors", tiny_unet(seed=0, in_channels=16, out_channels=16), prompt)
+    return {"gendr": folder}, {}
 
 
 def _s3diff(folder: Path) -> Built:
@@ -115,6 +116,99 @@ def _s3diff(folder: Path) -> Built:
     return weights, {"prompt_embeds": str(_prompts(folder, "pos", NEGATIVE_KEY))}
 
 
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 224, "layers": 1, "width": 32, "head_width": 16, "patch_size": 14},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+"""An OpenCLIP config small enough for tests (the tokenizer's vocabulary size is fixed)."""
+
+
+def tiny_consissr(folder: Path, latent_size: int = 64, seed: int = 0) -> Built:
+    """An official-layout ConsisSR Lightning checkpoint of tiny random networks (every weight non-zero, unlike a
+    fresh init whose zero convs would hide the ControlNet), with its model yaml and OpenCLIP json."""
+    import json
+
+    import yaml
+
+    from srkit.convert.consissr import ldm_model_config, save_consissr
+    from srkit.nn.consissr import ConsisSRArchitecture, ConsisSRNets
+
+    architecture = ConsisSRArchitecture(
+        model_channels=32, num_head_channels=16, context_dim=32, vae_channels=32, vae_channel_mult=(1, 1, 2, 2),
+        latent_size=latent_size, clip=TINY_CLIP,
+    )  # fmt: skip
+    nets = ConsisSRNets(architecture)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in nets.named_parameters():
+            centre = 1.0 if "norm" in name and name.endswith("weight") else 0.0  # normalisation gains near 1
+            param.copy_(centre + 0.05 * torch.randn(param.shape, generator=gen))
+    folder.mkdir(parents=True, exist_ok=True)
+    config = folder / "consissr.yaml"
+    config.write_text(yaml.safe_dump(ldm_model_config(architecture, nets.schedule)))
+    clip = folder / "openclip.json"
+    clip.write_text(json.dumps(TINY_CLIP))
+    checkpoint = save_consissr(nets, folder / "ConsisSR.ckpt")
+    return {"consissr": checkpoint}, {"model_config": str(config), "clip_config": str(clip), "steps": 2}
+
+
+TINY_RAM_SWIN = {"vision_width": 64, "image_res": 384, "window_size": 12, "embed_dim": 8, "depths": [1, 1, 1, 1],
+                 "num_heads": [1, 2, 2, 4]}  # fmt: skip
+TINY_RAM_Q2L = {"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 4, "num_hidden_layers": 1,
+                "layer_norm_eps": 1e-12, "hidden_act": "gelu"}  # fmt: skip
+TAG_NAMES = ("sky", "tree", "house", "dog", "road", "flower", "car", "person")
+
+
+def tiny_tagger(folder: Path, seed: int = 0) -> dict[str, Path]:
+    """A random tiny RAM in the official checkpoint layout (`{"model": ...}`, head under `vision_multi`), its tag
+    list and thresholds (0.5: about half the tags fire), and a DAPE file of loralib pairs: the registry files of
+    `--tagger dape`."""
+    from srkit.taggers.ram import RAM
+
+    torch.manual_seed(seed)
+    model = RAM(len(TAG_NAMES), TINY_RAM_SWIN, TINY_RAM_Q2L)
+    with torch.no_grad():  # distinct class queries and logits around 0, so tags differ between images
+        model.label_embed.normal_(0, 1)
+        model.fc.bias.zero_()
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {key.replace("tagging_head", "vision_multi"): value for key, value in model.state_dict().items()}
+    torch.save({"model": state}, folder / "ram.pth")
+    gen = torch.Generator().manual_seed(seed + 1)
+    dape = {"visual_encoder.layers.0.blocks.0.attn.proj.lora_A": torch.randn(4, 8, generator=gen) * 0.1,
+            "visual_encoder.layers.0.blocks.0.attn.proj.lora_B": torch.randn(8, 4, generator=gen) * 0.1}  # fmt: skip
+    torch.save(dape, folder / "dape.pth")
+    (folder / "tags.txt").write_text("\n".join(TAG_NAMES))
+    (folder / "thresholds.txt").write_text("\n".join(["0.5"] * len(TAG_NAMES)) + "\n")
+    return {"ram-swin-large-14m": folder / "ram.pth", "dape": folder / "dape.pth",
+            "ram-tag-list": folder / "tags.txt", "ram-tag-thresholds": folder / "thresholds.txt"}  # fmt: skip
+
+
+def tiny_seesr(folder: Path, seed: int = 0) -> Built:
+    """SeeSR's released layout in miniature: `seesr/{unet,controlnet}` (image cross-attention on 512-wide RAM
+    tokens, config flag set), an SD2-base side (VAE, text encoder, tokenizer, scheduler) and the tiny tagger;
+    ControlNet zero convs get random values so the ControlNet matters."""
+    from diffusers import ControlNetModel
+
+    from srkit.nn.image_cross_attention import add_image_cross_attention
+
+    torch.manual_seed(seed)
+    unet = tiny_unet(seed=seed, cross_attention_dim=CROSS_DIM)
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 8, 8))
+    unet, controlnet = add_image_cross_attention(unet), add_image_cross_attention(controlnet)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for param in controlnet.parameters():
+            if not param.any():
+                param.copy_(0.05 * torch.randn(param.shape, generator=gen))
+    unet.save_pretrained(folder / "seesr" / "unet")
+    controlnet.save_pretrained(folder / "seesr" / "controlnet")
+    base = write_text_side(folder / "sd2-base", CROSS_DIM)
+    tiny_vae(seed=1).save_pretrained(base / "vae")
+    weights = {"seesr": folder / "seesr", "sd2-base": base, **tiny_tagger(folder / "tagger")}
+    return weights, {"steps": 2, "latent_tile": 16, "latent_overlap": 4}
+
+
 TINY_MODELS: dict[str, Callable[[Path], Built]] = {
     "realesrgan-x4plus": _gan("realesrgan-x4plus"),
     "realesrnet-x4plus": _gan("realesrnet-x4plus"),
@@ -127,7 +221,32 @@ TINY_MODELS: dict[str, Callable[[Path], Built]] = {
     "gdpo": _noise_injection("gdpo"),
     "gendr": _gendr,
     "s3diff": _s3diff,
+    "consissr": tiny_consissr,
+    "seesr": tiny_seesr,
 }
+
+def build_engine(name: str, built: Built, **options):
+    """The engine `name` from a tiny model's files through `from_weights` (CPU, fp32), options over its defaults."""
+    from srkit.common import build_options
+    from srkit.engines.base import WeightsSet, get_engine
+
+    paths, defaults = built
+    engine_class, _ = get_engine(name)
+    values = build_options(engine_class.options_class, {**defaults, **options})
+    return engine_class.from_weights(WeightsSet(paths), torch.device("cpu"), torch.float32, values)
+
+
+def check_seeded_upscale(engine, image: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Upscale with seed 0: the expected shape, values in [0, 1], the same again with seed 0, not with seed 1."""
+
+    def run(seed: int) -> torch.Tensor:
+        return engine.upscale(image, generator=torch.Generator().manual_seed(seed))
+
+    out = run(0)
+    assert out.shape == shape and 0 <= out.min() and out.max() <= 1
+    assert torch.equal(out, run(0)) and not torch.equal(out, run(1))
+    return out
+
 
 NEEDS_WEIGHTS: dict[str, str] = {}
 """Engines that cannot be built from a tiny model, and why (none so far)."""

@@ -34,6 +34,13 @@ def tiny_unet(seed: int | None = None, **overrides):
     return UNet2DConditionModel(**{**config, **overrides}).eval()
 
 
+TWO_LEVELS = {
+    "block_out_channels": (8, 16), "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"), "attention_head_dim": 8,
+}  # fmt: skip
+"""Overrides of `tiny_unet` for an even smaller two-level UNet (attention at the low resolution only)."""
+
+
 def tiny_vae(seed: int | None = None, **overrides):
     """A 4-level SD-style AutoencoderKL (8/8/16/16 channels, 4 latent channels) in eval mode."""
     from diffusers import AutoencoderKL

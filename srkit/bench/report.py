@@ -143,6 +143,11 @@ def _best(entries: list[dict[str, Any]], column: str, higher_better: bool) -> fl
     return max(values) if higher_better else min(values)
 
 
+def _row(cells: list[str]) -> str:
+    """One Markdown table row, as many cells as the header whatever ran (`|` in a name escaped)."""
+    return "| " + " | ".join(str(cell).replace("|", "\\|") for cell in cells) + " |"
+
+
 def markdown(summary: list[dict[str, Any]], specs: list[MetricSpec], skipped: dict[str, str], run: dict) -> str:
     """Mean per model × metric, one table per set, best value in bold, arrows for the better direction."""
     columns = [(s.name, f"{s.label} {s.arrow}", s.higher_better) for s in specs]
@@ -158,15 +163,15 @@ def markdown(summary: list[dict[str, Any]], specs: list[MetricSpec], skipped: di
     for set_name in dict.fromkeys(e["set"] for e in summary):
         entries = [e for e in summary if e["set"] == set_name]
         lines += ["", f"## {set_name} ({entries[0]['images']} images)", ""]
-        lines.append("| model | " + " | ".join(title for _, title, _ in columns) + " |")
+        lines.append(_row(["model", *(title for _, title, _ in columns)]))
         lines.append("|---|" + "---:|" * len(columns))
         for entry in entries:
-            cells = []
+            cells = [entry["model"]]
             for name, _, higher in columns:
                 text = _format(entry.get(name), name)
                 best = _best(entries, name, higher)
                 cells.append(f"**{text}**" if best is not None and entry.get(name) == best else text)
-            lines.append(f"| {entry['model']} | " + " | ".join(cells) + " |")
+            lines.append(_row(cells))
     lines += ["", "## Metrics", ""] + [f"- {s.label} (`{s.name}`): {s.variant}" for s in specs]
     lines += [f"- {reason}" for reason in skipped.values()]
     lines += ["", COST_NOTE, ""]

@@ -1,11 +1,15 @@
 """`srkit benchmark`: run models (or read another tool's outputs) over test sets, score every image, report.
 
 The steps of `run_benchmark` are: 1. resolve the datasets, 2. build the metrics (skipping, with one line each,
-those whose package or weights are missing), 3. for every SR source (a model, or `--sr-dir`) and set: get each
-SR image — from the model, timed, or from the cache with `--reuse` — and score it, 4. folder-level metrics
-(FID), 5. write the CSV/JSON/Markdown/plot (srkit.bench.report).  Model outputs are cached as 8-bit PNGs under
-`OUT/sr/<set>/<model>/` and always scored from their 8-bit values, as the papers score saved PNGs, so a
-`--reuse` run gives the same numbers without running any model.
+those whose package or weights are missing), 3. for every SR source (the bicubic baseline, each model, or
+`--sr-dir`) and set: get each SR image — from the model, timed, or from the cache with `--reuse` — and score
+it, 4. folder-level metrics (FID), 5. write the CSV/JSON/Markdown/plot (srkit.bench.report).  Model outputs are
+cached as 8-bit PNGs under `OUT/sr/<set>/<model>/` and always scored from their 8-bit values, as the papers score
+saved PNGs, so a `--reuse` run gives the same numbers without running any model.
+
+Under `torchrun`/`accelerate launch` each process scores every N-th image of each set; the rows and timings are
+gathered in image order and the first process writes the one report, equal to a one-process report but for the
+times.  A run that scores nothing (e.g. `--sr-dir` files named unlike the set's) is an error, not an empty report.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from srkit import api
+from srkit import api, distributed
 from srkit.bench import report
 from srkit.bench.datasets import Dataset, DatasetError, Sample, image_files, open_set, pair_folders
 from srkit.bench.metrics import MetricSpec, MetricUnavailable, create_metric, resolve_specs
@@ -63,6 +67,10 @@ class BenchmarkConfig:
     hr_dir: Path | None = None
     sr_dir: Path | None = None
     """Score images made by another tool (matched to the ground truth by file stem); named after the folder."""
+    sr_pattern: str = "{name}"
+    """The stem of another tool's output for the set's image `{name}`, e.g. `{name}_out` (`--sr-suffix _out`)."""
+    baseline: bool = True
+    """Add the bicubic row (every SR paper's first) wherever the LR images and the output size are known."""
     models: tuple[str, ...] = ()
     metrics: tuple[str, ...] | None = None
     """Metric names or aliases (psnr, ssim, lpips, ...); None = all."""
@@ -198,9 +206,10 @@ class ModelSource:
     def _load(self, warmup: Path) -> None:
         _seed_everything(self.config.seed)
         options = {**self.config.options, "seed": self.config.seed}
+        pixel_tiled = get_engine(self.name)[1].tiling == "pixel"  # --tile is for GAN models; the others tile latents
         self.upscaler = api.load_engine(
-            self.name, device=self.config.device, dtype=self.config.dtype, tile=self.config.tile,
-            log=self.config.log, **options,
+            self.name, device=distributed.rank_device(self.config.device, distributed.current()),
+            dtype=self.config.dtype, tile=self.config.tile if pixel_tiled else "auto", log=self.config.log, **options,
         )
         self.upscaler.upscale(read_image(warmup).rgb())  # untimed: first-call setup is not per-image cost
 
@@ -220,22 +229,67 @@ class ModelSource:
         return Produced(path, pixels, **stats)
 
 
-class FolderSource:
-    """Images another tool wrote (`--sr-dir`): matched by stem, not timed."""
+BICUBIC = "bicubic"
 
-    def __init__(self, folder: Path) -> None:
+
+class _Bicubic:
+    """The baseline as an upscaler: Pillow's bicubic (a = −0.5, MATLAB imresize's kernel for enlarging) to the
+    ground truth's size, else to the set's scale."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, dataset_scale: int | None) -> None:
+        self.scale = dataset_scale
+        self.size: tuple[int, int] | None = None
+
+    def upscale(self, image: np.ndarray) -> np.ndarray:
+        width, height = self.size or (image.shape[1] * (self.scale or 4), image.shape[0] * (self.scale or 4))
+        return api.resize_array(image, width, height, "bicubic")
+
+
+class BicubicSource(ModelSource):
+    """The bicubic row: produced, timed, cached and scored exactly like a model's outputs."""
+
+    def __init__(self, config: BenchmarkConfig) -> None:
+        super().__init__(BICUBIC, config)
+
+    def produce(self, dataset: Dataset, sample: Sample, timings: dict[str, dict]) -> Produced:
+        self.upscaler = _Bicubic(dataset.scale)
+        if sample.hr is not None:
+            hr = read_image(sample.hr)
+            self.upscaler.size = (hr.width, hr.height)
+        return super().produce(dataset, sample, timings)
+
+
+class FolderSource:
+    """Images another tool wrote (`--sr-dir`): matched by stem through `sr_pattern`, not timed."""
+
+    def __init__(self, folder: Path, pattern: str = "{name}") -> None:
+        if "{name}" not in pattern:
+            raise BenchmarkError(f"--sr-pattern must contain {{name}} (the set's image name), got '{pattern}'")
         self.folder = folder
         self.name = folder.name
+        self.pattern = pattern
         self.files = image_files(folder)
 
     def cache_dir(self, dataset: Dataset) -> Path | None:
         return None
 
     def produce(self, dataset: Dataset, sample: Sample, timings: dict[str, dict]) -> Produced:
-        if sample.name not in self.files:
-            raise MissingOutput(f"{self.folder} has no image named {sample.name}.*")
-        path = self.files[sample.name]
+        stem = self.pattern.replace("{name}", sample.name)
+        if stem not in self.files:
+            raise MissingOutput(f"{self.folder} has no image named {stem}.*{self._hint(sample.name)}")
+        path = self.files[stem]
         return Produced(path, read_image(path).rgb())
+
+    def _hint(self, name: str) -> str:
+        """Another tool's naming, guessed from a file that starts or ends with the set's name."""
+        for stem in sorted(self.files):
+            if stem != name and stem.startswith(name):
+                return f" (found {stem}.*: try --sr-suffix {stem[len(name):]})"
+            if stem != name and stem.endswith(name):
+                return f" (found {stem}.*: try --sr-pattern '{stem[: -len(name)]}{{name}}')"
+        return ""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -277,13 +331,15 @@ def _warn_scale_mismatch(models: tuple[str, ...], datasets: list[Dataset], say: 
                     "will be skipped for it (its outputs do not match the ground truth's size)")
 
 
-def _sources(config: BenchmarkConfig) -> list[ModelSource | FolderSource]:
+def _sources(config: BenchmarkConfig, datasets: list[Dataset]) -> list[ModelSource | FolderSource]:
     _check_models(config.models)
     sources: list[ModelSource | FolderSource] = [ModelSource(m, config) for m in dict.fromkeys(config.models)]
     if config.sr_dir is not None:
-        sources.append(FolderSource(config.sr_dir))
+        sources.append(FolderSource(config.sr_dir, config.sr_pattern))
     if not sources:
         raise BenchmarkError("nothing to score: give --model NAME (repeatable) and/or --sr-dir DIR")
+    if config.baseline and all(d.lr_dir is not None and (d.has_gt or d.scale) for d in datasets):
+        sources.insert(0, BicubicSource(config))
     return sources
 
 
@@ -385,50 +441,74 @@ def _run_one(
     metrics: dict[str, Any],
     progress: Progress,
     say: Callable[[str], None],
+    ranks: distributed.Ranks,
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
-    """Rows for one source on one set, plus its folder-level scores; unreadable images are reported, skipped."""
+    """Rows for one source on one set, plus its folder-level scores; unreadable images are reported, skipped.
+
+    Each rank scores its share of the images; rows, timings and notes are gathered back in image order."""
     cache = source.cache_dir(dataset)
     timings_path = cache / TIMINGS_FILE if cache is not None else None
     timings = json.loads(timings_path.read_text()) if timings_path and timings_path.is_file() else {}
-    task = progress.add_task(f"{dataset.name} · {source.name}", total=len(dataset.samples))
-    rows, sr_paths, mismatched = [], [], []
-    for sample in dataset.samples:
+    mine = ranks.share(list(enumerate(dataset.samples)))
+    task = progress.add_task(f"{dataset.name} · {source.name}", total=len(mine))
+    scored: list[tuple[int, dict[str, Any], str, str | None]] = []
+    said: list[tuple[int, str]] = []
+    for index, sample in mine:
         try:
             row, sr_path, note = _score_sample(source, dataset, sample, metrics, timings, say)
         except (ImageReadError, MissingOutput) as exc:
-            say(f"{source.name} on {dataset.name}: {exc}; image skipped")
+            said.append((index, f"{source.name} on {dataset.name}: {exc}; image skipped"))
         else:
-            rows.append(row)
-            sr_paths.append(sr_path)
-            if note is not None:
-                mismatched.append(f"{sample.name} ({note})")
+            scored.append((index, row, str(sr_path), f"{sample.name} ({note})" if note is not None else None))
         progress.advance(task)
     progress.remove_task(task)
-    if timings_path is not None:
+    parts = distributed.all_gather((scored, said, timings), ranks)
+    scored = sorted((entry for part in parts for entry in part[0]), key=lambda entry: entry[0])
+    for _, message in sorted(entry for part in parts for entry in part[1]):
+        say(message)
+    if timings_path is not None and ranks.is_main:
+        merged = {name: stats for part in parts for name, stats in part[2].items()}
         timings_path.parent.mkdir(parents=True, exist_ok=True)
-        timings_path.write_text(json.dumps(timings, indent=1))
+        timings_path.write_text(json.dumps(dict(sorted(merged.items())), indent=1))
+    rows = [row for _, row, _, _ in scored]
+    mismatched = [note for _, _, _, note in scored if note is not None]
     if mismatched:
         say(
             f"{source.name} on {dataset.name}: full-reference metrics skipped for {len(mismatched)} image(s) whose "
             f"size differs from the ground truth, e.g. {mismatched[0]}; the model's scale must match the set's"
         )
         return rows, {}
-    return rows, _folder_scores(metrics, dataset, rows, sr_paths)
+    if not ranks.is_main:
+        return rows, {}  # set-level metrics (FID) read whole folders: the first process computes them
+    return rows, _folder_scores(metrics, dataset, rows, [Path(path) for _, _, path, _ in scored])
+
+
+def _check_scored(rows: list[dict[str, Any]], specs: list[MetricSpec]) -> None:
+    """A report of nothing is a failed run: say why instead of writing empty tables."""
+    measured = [r for r in rows if r["seconds"] is not None or any(r.get(s.name) is not None for s in specs)]
+    if not measured:
+        raise BenchmarkError(
+            "nothing was scored: no SR image matched the set's images (see the skipped lines above; "
+            "--sr-suffix/--sr-pattern match another tool's file names)"
+        )
 
 
 def run_benchmark(config: BenchmarkConfig) -> BenchmarkResult:
     """Run every source over every set, score, and write the reports into `config.out_dir`."""
     messages: list[str] = []
 
+    ranks = distributed.current()
+
     def say(message: str) -> None:
         messages.append(message)
-        config.log(message)
+        if ranks.is_main:
+            config.log(message)
 
     if config.limit is not None and config.limit < 1:
         raise BenchmarkError(f"--limit must be at least 1, got {config.limit}")
     try:
         datasets = _datasets(config)
-        sources = _sources(config)
+        sources = _sources(config, datasets)
     except DatasetError as exc:
         raise BenchmarkError(str(exc)) from None
     _warn_scale_mismatch(tuple(config.models), datasets, say)
@@ -439,18 +519,22 @@ def run_benchmark(config: BenchmarkConfig) -> BenchmarkResult:
             say(f"{dataset.name} has no ground truth: scoring no-reference metrics only")
     if not any(d.has_gt for d in datasets):
         specs = [s for s in specs if not s.needs_gt]
-    device = api.resolve_device(config.device)
+    device = api.resolve_device(distributed.rank_device(config.device, ranks))
     metrics, skipped = _build_metrics(specs, device, say)
     config.out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     folder_scores: dict[tuple[str, str], dict[str, float]] = {}
-    with _progress(config.progress) as progress:
+    with _progress(config.progress and ranks.is_main) as progress:
         for source in sources:
             for dataset in datasets:
-                set_rows, scores = _run_one(source, dataset, metrics, progress, say)
+                set_rows, scores = _run_one(source, dataset, metrics, progress, say, ranks)
                 rows += set_rows
                 folder_scores[(dataset.name, source.name)] = scores
     ran = [m.spec for m in metrics.values()]
+    _check_scored(rows, ran)
     summary = report.summarise(rows, folder_scores, ran)
-    files = report.write_reports(config.out_dir, rows, summary, ran, skipped, report.describe_run(config, device), say)
+    files: dict[str, Path] = {}
+    if ranks.is_main:
+        run = report.describe_run(config, device) | {"processes": ranks.world}
+        files = report.write_reports(config.out_dir, rows, summary, ran, skipped, run, say)
     return BenchmarkResult(rows, summary, ran, skipped, files, messages)

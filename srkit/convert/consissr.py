@@ -28,12 +28,14 @@ from pathlib import Path
 
 import torch
 
+from srkit.common import atomic_path
 from srkit.convert.ldm import (
     KeyMap,
     Rename,
     UNetLayout,
     controlnet_renames,
     fit_shape,
+    ldm_shape,
     scoped,
     unet_renames,
     vae_encoder_renames,
@@ -220,6 +222,7 @@ def architecture_from_ldm_config(
         vae_channels=vae["ch"],
         vae_channel_mult=tuple(vae["ch_mult"]),
         vae_res_blocks=vae["num_res_blocks"],
+        latent_size=int(params.get("image_size", ConsisSRArchitecture.latent_size)),
         clip=clip_config,
     )
     schedule = ConsisSRSchedule(
@@ -229,3 +232,86 @@ def architecture_from_ldm_config(
         scale_factor=float(params["scale_factor"]),
     )
     return architecture, schedule
+
+
+VAE_ATTENTION_WEIGHT = re.compile(r"(first_stage_model|cond_encoder)\.(encoder|decoder)\.mid\.attn_1\.(q|k|v|proj_out)\.weight$")
+"""ldm keeps these as 1×1 conv weights (4-D); diffusers as Linear weights."""
+
+
+def ldm_schedule_buffers(schedule: ConsisSRSchedule) -> dict[str, torch.Tensor]:
+    """The schedule buffers ldm's `LatentDiffusion.register_schedule` stores (float64 maths, float32 values, no
+    learned log-variance), so that an exported checkpoint loads strictly in the official code too."""
+    betas = schedule.betas()
+    alphas = 1 - betas
+    cumprod = torch.cumprod(alphas, 0)
+    previous = torch.cat([cumprod.new_ones(1), cumprod[:-1]])
+    posterior = betas * (1 - previous) / (1 - cumprod)
+    buffers = {
+        "betas": betas,
+        "alphas_cumprod": cumprod,
+        "alphas_cumprod_prev": previous,
+        "sqrt_alphas_cumprod": cumprod.sqrt(),
+        "sqrt_one_minus_alphas_cumprod": (1 - cumprod).sqrt(),
+        "log_one_minus_alphas_cumprod": (1 - cumprod).log(),
+        "sqrt_recip_alphas_cumprod": (1 / cumprod).sqrt(),
+        "sqrt_recipm1_alphas_cumprod": (1 / cumprod - 1).sqrt(),
+        "posterior_variance": posterior,
+        "posterior_log_variance_clipped": posterior.clamp(min=1e-20).log(),
+        "posterior_mean_coef1": betas * previous.sqrt() / (1 - cumprod),
+        "posterior_mean_coef2": (1 - previous) * alphas.sqrt() / (1 - cumprod),
+        "logvar": torch.zeros_like(betas),
+    }
+    assert buffers.keys() == SCHEDULE_BUFFERS
+    return {name: value.float() for name, value in buffers.items()}
+
+
+def checkpoint_state_dict(nets: ConsisSRNets) -> dict[str, torch.Tensor]:
+    """`nets` under the official checkpoint's names and shapes, with ldm's schedule buffers."""
+    keys = key_map(nets.architecture)
+    state = {}
+    for name, tensor in nets.state_dict().items():
+        key = checkpoint_key(keys, name)
+        dims = 4 if VAE_ATTENTION_WEIGHT.search(key) else tensor.dim()
+        state[key] = ldm_shape(tensor.detach().float().cpu().contiguous(), dims)
+    return state | ldm_schedule_buffers(nets.schedule)
+
+
+def save_consissr(nets: ConsisSRNets, path: str | Path) -> Path:
+    """Write `nets` as an official-layout Lightning checkpoint (`{"state_dict": ...}`), atomically."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        torch.save({"state_dict": checkpoint_state_dict(nets)}, tmp)
+    return path
+
+
+def ldm_model_config(architecture: ConsisSRArchitecture, schedule: ConsisSRSchedule) -> dict:
+    """The official model yaml's sizes (configs/model/cldm.yaml layout) for these networks: what
+    `architecture_from_ldm_config` reads, so a checkpoint of other sizes travels with its config."""
+    network = {
+        "in_channels": architecture.latent_channels,
+        "model_channels": architecture.model_channels,
+        "attention_resolutions": list(architecture.attention_resolutions),
+        "num_res_blocks": architecture.num_res_blocks,
+        "channel_mult": list(architecture.channel_mult),
+        "num_head_channels": architecture.num_head_channels,
+        "context_dim": architecture.context_dim,
+    }
+    ddconfig = {
+        "ch": architecture.vae_channels,
+        "ch_mult": list(architecture.vae_channel_mult),
+        "num_res_blocks": architecture.vae_res_blocks,
+        "z_channels": architecture.latent_channels,
+    }
+    return {
+        "target": "model.cldm.ControlLDM",
+        "params": {
+            "linear_start": schedule.beta_start,
+            "linear_end": schedule.beta_end,
+            "timesteps": schedule.num_train_timesteps,
+            "scale_factor": schedule.scale_factor,
+            "image_size": architecture.latent_size,
+            "unet_config": {"params": dict(network)},
+            "control_stage_config": {"params": {**network, "hint_channels": architecture.latent_channels}},
+            "first_stage_config": {"params": {"embed_dim": architecture.latent_channels, "ddconfig": ddconfig}},
+        },
+    }

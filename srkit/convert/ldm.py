@@ -220,6 +220,12 @@ def _vae_mid_renames(coder: str) -> list[Rename]:
     ]
 
 
+def ldm_shape(tensor: torch.Tensor, reference_dims: int) -> torch.Tensor:
+    """A native tensor in the checkpoint's layout: a Linear weight stored as ldm's 1×1 conv (VAE attention) when
+    the checkpoint keeps it 4-D (`reference_dims`); the inverse of `fit_shape`."""
+    return tensor[:, :, None, None] if tensor.dim() == 2 and reference_dims == 4 else tensor
+
+
 def fit_shape(tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor | None:
     """`tensor` in the native `shape`: as is, or a 1×1 conv weight (ldm VAE attention) as a Linear weight;
     None when the two cannot be the same parameter."""

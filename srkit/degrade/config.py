@@ -107,6 +107,9 @@ class DegradationConfig:
     """Probability of the sinc filter applied next to the last JPEG (otherwise no filter)."""
     final_sinc_first_prob: float = 0.5
     """Probability of [resize back + sinc] -> JPEG rather than JPEG -> [resize back + sinc]."""
+    round_8bit: bool = True
+    """Quantise the LR to 8 bits at the end, as Real-ESRGAN does (S3Diff's training keeps the floats; ConsisSR's
+    rounds only after resizing the LR back to the HR size)."""
 
     def __post_init__(self) -> None:
         for name in ("final_sinc_prob", "final_sinc_first_prob"):

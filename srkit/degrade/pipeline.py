@@ -6,7 +6,7 @@ Steps for one sample (Real-ESRGAN paper §3, official `feed_data`):
 1. first stage: blur with kernel 1 → resize up/down/keep → Gaussian or Poisson noise → JPEG;
 2. second stage: blur with kernel 2 (probability 0.8) → resize to (HR / scale) · s2 → noise → either
    [resize to HR / scale + sinc filter] → JPEG, or JPEG → [resize to HR / scale + sinc filter];
-3. round to 8 bits.
+3. round to 8 bits (unless the config says `round_8bit = false`).
 
 Batching: the HR batch is sharpened in one call, but after the first resize every sample has its own size
 (a per-sample seed draws a per-sample scale), so the stages run per sample.  The per-sample path is also
@@ -84,7 +84,8 @@ class DegradationPipeline:
         else:
             x = jpeg_compress(x[0], second.jpeg_quality)[None]
             x = self._final_filter(x, params, lr_size)
-        return (x[0].clamp(0, 1) * 255).round() / 255
+        lr = x[0].clamp(0, 1)
+        return (lr * 255).round() / 255 if self.config.round_8bit else lr
 
     @staticmethod
     def _blur_resize_noise(x: torch.Tensor, stage: StageParams, size: tuple[int, int],

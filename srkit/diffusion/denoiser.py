@@ -19,7 +19,7 @@ from typing import Protocol
 import torch
 
 from srkit.diffusion.schedule import Timestep
-from srkit.tiling import run_latent_tiled
+from srkit.tiling import Box, run_latent_tiled
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,10 @@ class Conditioning:
             return value.expand(batch, *value.shape[1:])
 
         return Conditioning({k: grow(v) for k, v in self.tokens.items()}, {k: grow(v) for k, v in self.maps.items()})
+
+    def with_tokens(self, **tokens: torch.Tensor) -> Conditioning:
+        """The same conditioning with some token entries replaced (e.g. the negative prompt's text)."""
+        return Conditioning({**self.tokens, **tokens}, dict(self.maps))
 
     @staticmethod
     def cat(parts: list[Conditioning]) -> Conditioning:
@@ -88,19 +92,44 @@ def timesteps(t: Timestep, batch: int, device: torch.device) -> torch.Tensor:
     return torch.tensor([int(t)], device=device, dtype=torch.long)
 
 
-def guided(denoiser: Denoiser, uncond: Conditioning | None, scale: float) -> Denoiser:
+Unconditional = Conditioning | Callable[[Conditioning], Conditioning]
+"""The unconditional pass's conditioning: fixed, or derived from the conditional one (the same per-tile hint and
+image token with the negative prompt's text)."""
+
+
+def guided(denoiser: Denoiser, uncond: Unconditional | None, scale: float) -> Denoiser:
     """Classifier-free guidance ε_u + s·(ε_c − ε_u) in one batched call; the denoiser itself when s = 1."""
     if uncond is None or scale == 1.0:
         return denoiser
 
     def call(x: torch.Tensor, t: Timestep, cond: Conditioning) -> torch.Tensor:
         batch = x.shape[0]
+        negative = uncond(cond) if callable(uncond) else uncond
         both_t = torch.cat([t, t]) if isinstance(t, torch.Tensor) and t.dim() > 0 else t
-        both = denoiser(torch.cat([x, x]), both_t, Conditioning.cat([cond.expand(batch), uncond.expand(batch)]))
+        both = denoiser(torch.cat([x, x]), both_t, Conditioning.cat([cond.expand(batch), negative.expand(batch)]))
         eps_cond, eps_uncond = both.chunk(2)
         return eps_uncond + scale * (eps_cond - eps_uncond)
 
     return call
+
+
+TileCondition = Callable[[Conditioning, Box], Conditioning]
+"""The conditioning of one latent tile, from the whole image's conditioning and the tile's box."""
+
+
+def crop_maps(cond: Conditioning, box: Box, latent_size: tuple[int, int]) -> Conditioning:
+    """The tile's crop of every conditioning map (maps cover the latent at an integer factor k); tokens shared."""
+    y, x, side = box
+    maps = {}
+    for name, spatial in cond.maps.items():
+        k = spatial.shape[-2] // latent_size[0]
+        if k < 1 or tuple(spatial.shape[-2:]) != (latent_size[0] * k, latent_size[1] * k):
+            raise ValueError(
+                f"conditioning map '{name}' of {tuple(spatial.shape[-2:])} is not aligned with the "
+                f"{latent_size[0]}x{latent_size[1]} latent"
+            )
+        maps[name] = spatial[:, :, y * k : (y + side) * k, x * k : (x + side) * k]
+    return Conditioning(dict(cond.tokens), maps)
 
 
 def tiled(
@@ -110,29 +139,50 @@ def tiled(
     *,
     tile_batch: int = 1,
     on_tile: Callable[[int, int], None] | None = None,
+    tile_condition: TileCondition | None = None,
 ) -> Denoiser:
     """The denoiser over latent tiles (upstream grid, Gaussian blend) when the latent is larger than `tile`²;
-    `tile` 0 never tiles.  `tile_batch` tiles share one network call."""
+    `tile` 0 never tiles.  `tile_batch` tiles share one network call.
+
+    Each tile is conditioned on its crop of the conditioning maps, or on what `tile_condition` computes from the
+    tile's box (e.g. a hint and an image token from its crop of the control image); those are computed at the
+    first call and reused at every later one (the grid is the same at every sampler step), so the returned
+    denoiser belongs to one image.
+    """
     if tile <= 0:
         return denoiser
+    cache: dict[Box, Conditioning] = {}
+
+    def condition_of(full: Conditioning, box: Box, size: tuple[int, int]) -> Conditioning:
+        if tile_condition is None:
+            return crop_maps(full, box, size)
+        if box not in cache:
+            cache[box] = tile_condition(full, box)
+        return cache[box]
 
     def call(x: torch.Tensor, t: Timestep, cond: Conditioning) -> torch.Tensor:
         batch = x.shape[0]
         full = cond.expand(batch)
-        names = list(full.maps)
         if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] > 1:
             raise ValueError("latent tiling takes one timestep for the whole batch")
 
-        def one_call(pieces: torch.Tensor, *maps: torch.Tensor) -> torch.Tensor:
-            copies = pieces.shape[0] // batch
-            tokens = {k: v.repeat(copies, *([1] * (v.dim() - 1))) for k, v in full.tokens.items()}
-            return denoiser(pieces, t, Conditioning(tokens, dict(zip(names, maps))))
+        def one_call(pieces: torch.Tensor, boxes: list[Box]) -> torch.Tensor:
+            parts = [condition_of(full, box, tuple(x.shape[-2:])).expand(batch) for box in boxes]
+            return denoiser(pieces, t, Conditioning.cat(parts))
 
-        return run_latent_tiled(
-            one_call, x, tile, overlap, tile_batch=tile_batch, aligned=[full.maps[k] for k in names], on_tile=on_tile
-        )
+        return run_latent_tiled(one_call, x, tile, overlap, tile_batch=tile_batch, on_tile=on_tile)
 
     return call
 
 
-__all__ = ["Conditioning", "Denoiser", "UNetDenoiser", "guided", "tiled", "timesteps"]
+__all__ = [
+    "Conditioning",
+    "Denoiser",
+    "TileCondition",
+    "UNetDenoiser",
+    "Unconditional",
+    "crop_maps",
+    "guided",
+    "tiled",
+    "timesteps",
+]

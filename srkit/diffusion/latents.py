@@ -1,4 +1,5 @@
-"""Images ↔ latents: padding to the VAE's multiple, seeded posterior sampling, scaling, and the tiled VAE hookup.
+"""Images ↔ latents: padding to the VAE's multiple (and back), seeded posterior sampling, scaling, the tiled VAE
+hookup, and the final resize to exactly the requested size.
 
 The encoder and decoder run tiled (GroupNorm statistics shared across tiles, `srkit/nn/tiled_vae.py`) when a
 `VAETiling` says the image is large, so any size fits in memory.
@@ -41,6 +42,16 @@ def latent_scale(vae) -> tuple[float, float]:
     return float(vae.config.scaling_factor), float(getattr(vae.config, "shift_factor", None) or 0.0)
 
 
+def encode_moments(encoder, quant_conv, image: torch.Tensor, tiling: VAETiling | None = None) -> torch.Tensor:
+    """The posterior moments (mean and log-variance channels) of a VAE encoder (+ quant_conv), on tiles when
+    `tiling` says the image is large.  Shared by the SD VAE and encoder copies such as ConsisSR's hint encoder."""
+    if tiling is not None and tiling.use_encoder_tiles(image):
+        hidden = tiled_encode(encoder, image, tiling)
+    else:
+        hidden = encoder(image)
+    return quant_conv(hidden) if quant_conv is not None else hidden
+
+
 def vae_encode(
     vae,
     image: torch.Tensor,
@@ -48,21 +59,23 @@ def vae_encode(
     latent: LatentMode = "sample",
     generator: torch.Generator | None = None,
     tiling: VAETiling | None = None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Image in [-1, 1] -> scaled latent: a seeded posterior sample (the official behaviour) or its mode."""
+    """Image in [-1, 1] -> scaled latent: a seeded posterior sample (the official behaviour) or its mode.
+
+    `noise` replaces the sample's standard normal draw (tests replay upstream's recorded draws)."""
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
     if latent not in LATENT_MODES:
         raise ValueError(f"latent must be 'sample' or 'mode', got '{latent}'")
     image = image.to(next(vae.parameters()).dtype)
-    if tiling is not None and tiling.use_encoder_tiles(image):
-        hidden = tiled_encode(vae.encoder, image, tiling)
+    posterior = DiagonalGaussianDistribution(encode_moments(vae.encoder, vae.quant_conv, image, tiling))
+    if latent == "mode":
+        z = posterior.mode()
+    elif noise is not None:
+        z = posterior.mean + posterior.std * noise.to(posterior.mean)
     else:
-        hidden = vae.encoder(image)
-    if vae.quant_conv is not None:
-        hidden = vae.quant_conv(hidden)
-    posterior = DiagonalGaussianDistribution(hidden)
-    z = posterior.sample(generator=generator) if latent == "sample" else posterior.mode()
+        z = posterior.sample(generator=generator)
     scale, shift = latent_scale(vae)
     return (z - shift) * scale
 
@@ -78,4 +91,22 @@ def vae_decode(vae, latents: torch.Tensor, *, tiling: VAETiling | None = None) -
     return vae.decoder(z)
 
 
-__all__ = ["LATENT_MODES", "LatentMode", "VAETiling", "crop_to", "latent_scale", "pad_to_multiple", "vae_decode", "vae_encode"]
+def resize_to(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bicubic (antialiased, like PIL's) resize to `size`, clamped to [0, 1]; the image itself when it has it."""
+    if tuple(image.shape[-2:]) == size:
+        return image
+    return F.interpolate(image, size=size, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+
+
+__all__ = [
+    "LATENT_MODES",
+    "LatentMode",
+    "VAETiling",
+    "crop_to",
+    "encode_moments",
+    "latent_scale",
+    "pad_to_multiple",
+    "resize_to",
+    "vae_decode",
+    "vae_encode",
+]

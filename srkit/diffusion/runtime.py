@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Literal
 
 import torch
@@ -103,6 +103,17 @@ def module_dtype(module: torch.nn.Module) -> torch.dtype:
     return next(p.dtype for p in module.parameters() if p.is_floating_point())
 
 
+def prepare_networks(
+    device: torch.device, dtype: torch.dtype, denoising: Iterable[torch.nn.Module], vae: torch.nn.Module
+) -> None:
+    """A diffusion engine's networks on the device: the denoising ones (UNet, ControlNet, hint encoder: part
+    "unet") in `dtype`, the VAE (part "vae") in the dtype it can run in (`vae_dtype`), each with the dtype and
+    kernels chosen for its part (`prepare_module`; on the CPU a part may stay fp32 in a bf16 engine)."""
+    for module in denoising:
+        prepare_module(module, device, dtype, part="unet")
+    prepare_module(vae, device, vae_dtype(vae, dtype), part="vae")
+
+
 def set_attention(module: torch.nn.Module, backend: str, device: torch.device) -> None:
     """Select the attention kernels of a diffusers model: PyTorch SDPA (default) or xformers (CUDA, opt-in)."""
     check_attention(backend, device)
@@ -150,6 +161,7 @@ __all__ = [
     "maybe_compile",
     "module_dtype",
     "prepare_module",
+    "prepare_networks",
     "set_attention",
     "vae_dtype",
 ]

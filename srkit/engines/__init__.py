@@ -17,3 +17,5 @@ declare(
 declare("srkit.engines.osediff", "osediff", "naosd", "gdpo")
 declare("srkit.engines.gendr", "gendr")
 declare("srkit.engines.s3diff", "s3diff")
+declare("srkit.engines.consissr", "consissr")
+declare("srkit.engines.seesr", "seesr")

@@ -7,6 +7,7 @@ bit depth, final resizing and writing are done around it by `srkit.api`, so no e
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
+
+from srkit import registry
 
 TilingSpace = Literal["pixel", "latent"]
 Progress = Callable[[str, int, int], None]
@@ -55,11 +58,17 @@ class EngineOptions:
 
 @dataclass(frozen=True)
 class WeightsSet:
-    """Local files for a model: registry key -> path (a file, or a folder for diffusers-style bases)."""
+    """Local files for a model: registry key -> path (a file, or a folder for diffusers-style bases).
+
+    `resolve` (the api passes the registry's, with its offline and log settings) fetches a key that was not
+    resolved up front: weights that only some checkpoints need (GenDR's checkpoint names its VAE)."""
 
     paths: dict[str, Path]
+    resolve: Callable[[str], Path] | None = None
 
     def __getitem__(self, key: str) -> Path:
+        if key not in self.paths and self.resolve is not None:
+            self.paths[key] = self.resolve(key)
         try:
             return self.paths[key]
         except KeyError:
@@ -76,6 +85,14 @@ class Engine:
         self.device = device
         self.dtype = dtype
         self.options = options
+        self.notices: list[str] = []
+        """One-line messages for the user about choices made while building (the api prints them)."""
+
+    @classmethod
+    def weights_for(cls, options: EngineOptions) -> tuple[str, ...]:
+        """Registry keys to resolve for these options: the spec's, plus any an option brings in (ConsisSR's
+        `--start gan` needs its GAN model's weights)."""
+        return cls.spec.weights
 
     @classmethod
     def from_weights(
@@ -123,20 +140,48 @@ def register(spec: EngineSpec):
 
 
 def model_names() -> list[str]:
+    """The built-in models (user models: `user_models`)."""
     return sorted(_MODULES)
 
 
+def user_models() -> list[str]:
+    """Your registry entries (not overrides of built-in ones) that name a model as their engine: each is a model
+    of its own (`--model NAME`)."""
+    reg = registry.load_registry()
+    builtin = reg.builtin_names | _MODULES.keys()
+    return sorted(n for n, e in reg.entries.items() if n not in builtin and e.engine in _MODULES)
+
+
 def get_engine(name: str) -> tuple[type[Engine], EngineSpec]:
-    """The engine class and spec of a model name; a clear error lists the known names."""
+    """The engine class and spec of a model name, or of a user model; a clear error lists the known names."""
     if name not in _ENGINES:
         module = _MODULES.get(name)
         if module is None:
-            known = ", ".join(model_names())
-            raise KeyError(f"unknown model '{name}'; known models: {known}")
+            return _user_model(name)
         importlib.import_module(module)
         if name not in _ENGINES:
             raise RuntimeError(f"module {module} did not register model '{name}'")
     return _ENGINES[name]
+
+
+def _user_model(name: str) -> tuple[type[Engine], EngineSpec]:
+    """A user entry run by the engine it names, with the entry as the main checkpoint (the engine's other weights
+    come from their own entries).  The engine class reads the main checkpoint under its own key; the api
+    resolves it from `spec.weights[0]`, the user's entry."""
+    reg = registry.load_registry()
+    entry = reg.entries.get(name)
+    if entry is None or name in reg.builtin_names:
+        known = ", ".join(model_names() + user_models())
+        raise KeyError(f"unknown model '{name}'; known models: {known}")
+    if entry.engine not in _MODULES:
+        raise KeyError(f"'{name}' ({entry.where}) names engine '{entry.engine}', which is not a model; "
+                       f"use one of: {', '.join(model_names())}")  # fmt: skip
+    engine_class, spec = get_engine(entry.engine)
+    description = f"your {entry.engine} model" + (f": {entry.notes}" if entry.notes else "")
+    user_spec = dataclasses.replace(
+        spec, name=name, weights=(name, *spec.weights[1:]), licence=entry.licence, description=description
+    )
+    return engine_class, user_spec
 
 
 __all__ = [
@@ -149,4 +194,5 @@ __all__ = [
     "get_engine",
     "model_names",
     "register",
+    "user_models",
 ]

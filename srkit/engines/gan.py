@@ -22,8 +22,20 @@ BSD = "BSD-3-Clause"
 
 @dataclass
 class GanOptions(EngineOptions):
+    """A feed-forward GAN has no options of its own (only the seed every engine accepts)."""
+
+
+@dataclass
+class DenoiseOptions(GanOptions):
+    """realesr-general-x4v3, the one GAN with a twin to blend with, so the only one that takes a strength."""
+
     denoise_strength: float = 0.5
-    """realesr-general-x4v3 only: 1 = the strong-denoise model, 0 = its weak-denoise (wdn) twin."""
+    """1 = the strong-denoise model, 0 = its weak-denoise (wdn) twin."""
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0.0 <= self.denoise_strength <= 1.0:
+            raise ValueError(f"--denoise-strength must be in [0, 1], got {self.denoise_strength}")
 
 
 def _spec(name: str, scale: int, description: str, weights: tuple[str, ...] | None = None) -> EngineSpec:
@@ -67,9 +79,7 @@ class GanEngine(Engine):
     @classmethod
     def from_weights(cls, weights: WeightsSet, device, dtype, options: GanOptions) -> GanEngine:
         state = load_state_dict(weights[cls.spec.weights[0]])
-        if len(cls.spec.weights) > 1 and options.denoise_strength != 1.0:
-            if not 0.0 <= options.denoise_strength <= 1.0:
-                raise ValueError(f"--denoise-strength must be in [0, 1], got {options.denoise_strength}")
+        if isinstance(options, DenoiseOptions) and options.denoise_strength != 1.0:
             twin = load_state_dict(weights[cls.spec.weights[1]])
             state = interpolate_state_dicts(state, twin, options.denoise_strength)
         return cls(ModelLoader().load_from_state_dict(state), device, dtype, options)
@@ -97,11 +107,12 @@ _MODELS = [
     (
         "realesr-general-x4v3",
         4,
-        "realesr-general-x4v3: small, fast general model; --option denoise_strength=0..1",
+        "realesr-general-x4v3: small, fast general model; --denoise-strength 0..1",
         ("realesr-general-x4v3", "realesr-general-wdn-x4v3"),
     ),
 ]
 
 for _name, _scale, _description, _weights in _MODELS:
     _spec_value = _spec(_name, _scale, _description, _weights)
-    register(_spec_value)(type(f"Gan_{_name.replace('-', '_')}", (GanEngine,), {"spec": _spec_value}))
+    _attributes = {"spec": _spec_value, "options_class": DenoiseOptions if _weights else GanOptions}
+    register(_spec_value)(type(f"Gan_{_name.replace('-', '_')}", (GanEngine,), _attributes))

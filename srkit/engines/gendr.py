@@ -1,10 +1,15 @@
 """GenDR: an SD2.1 UNet retrained on the 16-channel latent of ostris/vae-kl-f8-d16, distilled to one step.
 
 The authors publish neither code nor weights (notes/gendr-rfsr-consissr-seesr.md), so this engine runs
-checkpoints that srkit itself writes (`srkit distill --recipe cida`), in the srkit format defined here:
+checkpoints that srkit itself writes (`srkit distill --recipe cid|cida`), in the srkit format defined here:
 one safetensors file holding the UNet (`unet.*`), the fixed prompt embedding (`prompt_embeds`, so no text encoder
-is needed at inference, as the paper describes) and optionally fine-tuned VAE tensors (`vae.*`, overriding the
-registry's VAE), with a JSON config in the file's header (UNet architecture, α, β, t_s).
+is needed at inference, as the paper describes) and optionally fine-tuned VAE tensors (`vae.*`), with a JSON config
+in the file's header (UNet architecture, α, β, t_s, and the registry name of its VAE).
+
+`--weights` takes that file or a training export folder (`gendr.safetensors` plus the VAE it was trained with in
+`vae/`). The latent width is the UNet's: the paper's model reads the 16-channel VAE, a GenDR-style student
+distilled from SD2.1-base reads SD's 4-channel one; either VAE comes with the export, or from the registry entry
+the checkpoint names (`vae-kl-f8-d16` unless it says otherwise), fetched only when needed.
 
 The one step, as the paper states it: z_g = (z_l − β̄·ε̂(z_l, t_s))/ᾱ with ᾱ = β̄ = 0.5 and t_s = 500 by
 default.  ᾱ and β̄ are not schedule values (ᾱ² + β̄² ≠ 1), so this is not `NoiseSchedule.predict_x0`.
@@ -35,7 +40,15 @@ FORMAT_VERSION = 1
 CONFIG_KEY = "srkit_config"
 """safetensors header key holding the JSON config."""
 DEFAULTS = {"alpha": 0.5, "beta": 0.5, "timestep": 500}
-OBTAIN = "GenDR's weights are not published: train them with `srkit distill --recipe cida` or pass `--weights FILE`"
+DEFAULT_VAE = "vae-kl-f8-d16"
+"""The registry entry of the paper's VAE: what a checkpoint without a `vae` entry in its config runs on."""
+EXPORT_CHECKPOINT = "gendr.safetensors"
+EXPORT_VAE = "vae"
+"""An export folder: the checkpoint and the diffusers VAE folder it was trained with."""
+OBTAIN = (
+    "GenDR's weights are not published: train them with `srkit distill --recipe cida --data HR_DIR -o OUT` "
+    "(then `--weights OUT/export`) or pass `--weights FILE`"
+)
 
 
 @dataclass
@@ -93,10 +106,12 @@ def save_gendr(
     alpha: float = DEFAULTS["alpha"],
     beta: float = DEFAULTS["beta"],
     timestep: int = DEFAULTS["timestep"],
+    vae: str = DEFAULT_VAE,
 ) -> Path:
     """What a GenDR trainer calls to export: the UNet (weights + architecture), the fixed prompt, α/β/t_s.
 
-    `vae_state` holds only the VAE tensors the trainer changed (e.g. an encoder fine-tune), in diffusers keys.
+    `vae_state` holds only the VAE tensors the trainer changed (e.g. an encoder fine-tune), in diffusers keys;
+    `vae` names the registry entry of the VAE to run on when no `vae/` folder travels with the file.
     """
     tensors = {f"unet.{key}": value for key, value in unet.state_dict().items()}
     tensors["prompt_embeds"] = prompt_embeds.reshape(1, *prompt_embeds.shape[-2:])
@@ -109,6 +124,7 @@ def save_gendr(
         "alpha": alpha,
         "beta": beta,
         "timestep": timestep,
+        "vae": vae,
     }
     return save_checkpoint(path, tensors, config)
 
@@ -121,6 +137,8 @@ class GenDRCheckpoint:
     prompt_embeds: torch.Tensor
     settings: dict[str, float]
     """alpha, beta, timestep as trained."""
+    vae: str = DEFAULT_VAE
+    """Registry entry of the VAE the UNet was trained on."""
 
     @classmethod
     def load(cls, path: str | Path) -> GenDRCheckpoint:
@@ -137,6 +155,7 @@ class GenDRCheckpoint:
             vae_state={k.removeprefix("vae."): v for k, v in tensors.items() if k.startswith("vae.")},
             prompt_embeds=tensors["prompt_embeds"].float(),
             settings={key: config.get(key, default) for key, default in DEFAULTS.items()},
+            vae=config.get("vae") or DEFAULT_VAE,
         )
 
     def build_unet(self):
@@ -150,8 +169,21 @@ class GenDRCheckpoint:
 
 
 def load_vae16(folder: Path):
-    """The 16-channel VAE: a bare diffusers VAE folder (ostris layout) or a full model folder with vae/."""
+    """GenDR's VAE (16 channels for the paper's model): a bare diffusers VAE folder (ostris layout) or a full model
+    folder with vae/."""
     return load_vae(folder, subfolder="vae" if (Path(folder) / "vae" / "config.json").is_file() else "")
+
+
+def gendr_files(path: str | Path) -> tuple[Path, Path | None]:
+    """(checkpoint file, VAE folder or None) of what `--weights` points at: a checkpoint file, or an export folder
+    with `gendr.safetensors` and the VAE it was trained with in `vae/`."""
+    path = Path(path)
+    if not path.is_dir():
+        return path, None
+    checkpoint, vae = path / EXPORT_CHECKPOINT, path / EXPORT_VAE
+    if not checkpoint.is_file():
+        raise WeightsError(f"{path} is a folder without {EXPORT_CHECKPOINT}, so it is not a GenDR export; {OBTAIN}")
+    return checkpoint, vae if (vae / "config.json").is_file() else None
 
 
 def prepare_bicubic(batch: torch.Tensor, scale: int = 4) -> torch.Tensor:
@@ -165,9 +197,10 @@ def prepare_bicubic(batch: torch.Tensor, scale: int = 4) -> torch.Tensor:
 
 GENDR_SPEC = one_step_spec(
     "gendr",
-    ("gendr", "vae-kl-f8-d16"),
+    ("gendr",),  # the VAE travels with an export, or is the registry entry its checkpoint names (fetched then)
     "unreleased (yours if srkit-trained) + SD2.1 CreativeML-OpenRAIL++-M, VAE MIT",
-    "GenDR: one-step SD2.1 on a 16-channel VAE, no text encoder; weights unreleased, --weights FILE",
+    "GenDR: one-step SD2.1 on a 16-channel VAE (or 4-channel GenDR-style), no text encoder; weights unreleased: "
+    "train with `srkit distill --recipe cida`, then --weights OUT/export",
 )
 
 
@@ -189,9 +222,10 @@ class GenDREngine(OneStepEngine):
 
     @classmethod
     def from_weights(cls, weights: WeightsSet, device, dtype, options: GenDROptions) -> GenDREngine:
-        checkpoint = GenDRCheckpoint.load(weights["gendr"])
+        checkpoint_file, bundled_vae = gendr_files(weights["gendr"])
+        checkpoint = GenDRCheckpoint.load(checkpoint_file)
         unet = checkpoint.build_unet()
-        vae = load_vae16(weights["vae-kl-f8-d16"])
+        vae = load_vae16(bundled_vae or weights[checkpoint.vae])
         if checkpoint.vae_state:
             unexpected = vae.load_state_dict(checkpoint.vae_state, strict=False).unexpected_keys
             if unexpected:
@@ -223,9 +257,13 @@ def check_shapes(unet, vae, prompt_embeds: torch.Tensor) -> None:
 
 
 __all__ = [
+    "DEFAULT_VAE",
+    "EXPORT_CHECKPOINT",
+    "EXPORT_VAE",
     "GenDRCheckpoint",
     "GenDREngine",
     "GenDROptions",
+    "gendr_files",
     "load_checkpoint",
     "prepare_bicubic",
     "save_checkpoint",

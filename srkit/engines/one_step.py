@@ -12,22 +12,29 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
-from srkit.colorfix import COLOR_FIXES, color_fix
+from srkit.colorfix import color_fix
 from srkit.diffusion.denoiser import Conditioning, Denoiser, UNetDenoiser, guided, tiled
-from srkit.diffusion.latents import LATENT_MODES, VAETiling, crop_to, pad_to_multiple, vae_decode, vae_encode
+from srkit.diffusion.latents import (
+    LATENT_MODES,
+    VAETiling,
+    crop_to,
+    pad_to_multiple,
+    resize_to,
+    vae_decode,
+    vae_encode,
+)
 from srkit.diffusion.runtime import (
-    check_attention,
     inference,
     maybe_compile,
     module_dtype,
-    prepare_module,
+    prepare_networks,
     set_attention,
-    vae_dtype,
 )
 from srkit.diffusion.schedule import NoiseSchedule
-from srkit.engines.base import Engine, EngineOptions, EngineSpec, Progress
+from srkit.engines.base import Engine, EngineSpec, Progress
+from srkit.engines.diffusion import DiffusionOptions
+from srkit.engines.prompting import check_tagger_choice
 
 Generator = torch.Generator | None
 Noise = torch.Tensor | None
@@ -35,42 +42,16 @@ Noise = torch.Tensor | None
 
 
 @dataclass
-class OneStepOptions(EngineOptions):
+class OneStepOptions(DiffusionOptions):
     """What every one-step SD engine accepts (CLI: `--color-fix`, `--name value`, `-O key=value`)."""
 
-    color_fix: str = "adain"
-    """adain (upstream default), wavelet or none; against the upsampled input."""
-    official_8bit: bool = True
-    """Truncate to 8 bits before and after the colour fix, as upstream does through PIL; false keeps float."""
     latent: str = "sample"
     """sample: the seeded VAE posterior sample (upstream); mode: its mean (deterministic, not upstream)."""
-    latent_tile: int = 96
-    """Latent tile side; tiling starts when the latent area exceeds latent_tile² (0 = never tile)."""
-    latent_overlap: int = 32
-    tile_batch: int = 1
-    """Latent tiles per UNet call (more fills a GPU better; same result)."""
-    vae_encoder_tile: int = 1024
-    """Tiled VAE encoder above this many image pixels (+ padding); 0 = never."""
-    vae_decoder_tile: int = 224
-    """Tiled VAE decoder above this many latent pixels (+ padding); 0 = never."""
-    attention: str = "sdpa"
-    """sdpa or xformers (CUDA)."""
-    compile: bool = False
-    """torch.compile the UNet (pays off on many same-sized tiles)."""
 
     def validate(self) -> None:
         super().validate()
-        if self.color_fix not in COLOR_FIXES:
-            raise ValueError(
-                f"color_fix must be one of {', '.join(COLOR_FIXES)} (--color-fix), got '{self.color_fix}'"
-            )
         if self.latent not in LATENT_MODES:
             raise ValueError(f"latent must be 'sample' or 'mode', got '{self.latent}'")
-        if self.latent_tile and not 0 <= self.latent_overlap < self.latent_tile:
-            raise ValueError("latent_overlap must be at least 0 and smaller than latent_tile")
-        if self.tile_batch < 1:
-            raise ValueError("tile_batch must be at least 1")
-        check_attention(self.attention)
 
 
 @dataclass
@@ -79,18 +60,15 @@ class PromptedOptions(OneStepOptions):
 
     prompt: str = ""
     """User text; the model sees "{tags}, {prompt}," as upstream composes it."""
-    tagger: str = "none"
-    """Image tagger for the tags part of the prompt; only `none` exists so far."""
+    tagger: str = "auto"
+    """dape | ram | none: the image tagger whose tags start the prompt (upstream: DAPE on the ×4 input);
+    auto = dape when its weights are cached, else none (with a notice)."""
     prompt_embeds: str | None = None
     """A .safetensors file with a precomputed `prompt` embedding (1, 77, D): used instead of the text encoder."""
 
     def validate(self) -> None:
         super().validate()
-        if self.tagger not in TAGGERS:
-            raise ValueError(f"tagger '{self.tagger}' is not available; choose one of: {', '.join(TAGGERS)}")
-
-
-TAGGERS = ("none",)
+        check_tagger_choice(self.tagger)
 
 
 def one_step_spec(
@@ -103,7 +81,7 @@ def one_step_spec(
 class OneStepEngine(Engine):
     """The shared procedure; subclasses provide `from_weights`, `prepare` and `denoise` (and maybe `condition`)."""
 
-    options_class: ClassVar[type[EngineOptions]] = OneStepOptions
+    options_class: ClassVar[type[OneStepOptions]] = OneStepOptions
     pad_multiple: ClassVar[int] = 8
     """The encoder input is reflect-padded to this multiple (and the output cropped back)."""
 
@@ -135,9 +113,7 @@ class OneStepEngine(Engine):
         self._unet_call = maybe_compile(self.unet, options.compile)
 
     def to_dtype(self, dtype: torch.dtype) -> None:
-        # Each part gets the dtype and kernels chosen for it (on the CPU a part may stay fp32 in a bf16 engine).
-        prepare_module(self.unet, self.device, dtype, part="unet")
-        prepare_module(self.vae, self.device, vae_dtype(self.vae, dtype), part="vae")
+        prepare_networks(self.device, dtype, [self.unet], self.vae)
         self.dtype = dtype
 
     # -----------------------------------------------------------------------------------------------------------
@@ -147,17 +123,18 @@ class OneStepEngine(Engine):
         self, batch: torch.Tensor, *, generator: torch.Generator | None = None, progress: Progress | None = None
     ) -> torch.Tensor:
         height, width = batch.shape[-2:]
-        # 1. Per-image conditioning from the raw LR (S3Diff's degradation-guided LoRA; nothing for the others).
-        self.condition(batch)
-        # 2. The engine's input preparation: the model input in [0, 1], about scale× the LR.
+        # 1. The engine's input preparation: the model input in [0, 1], about scale× the LR.
         prepared = self.prepare(batch)
+        # 2. Per-image conditioning (S3Diff: degradation-guided LoRA from the raw LR; the tag-prompted engines:
+        #    the prompt of each image's tags).
+        self.condition(batch, prepared)
         # 3-6. Encode, one update, decode, colour fix against the prepared input.
         enhanced = self.enhance(prepared, generator=generator, progress=progress)
         # 7. Exactly scale× the input (a no-op where the preparation already made it so).
         return resize_to(enhanced, (height * self.spec.scale, width * self.spec.scale))
 
-    def condition(self, batch: torch.Tensor) -> None:
-        """Per-image conditioning computed from the raw LR before anything else (default: none)."""
+    def condition(self, batch: torch.Tensor, prepared: torch.Tensor) -> None:
+        """Per-image conditioning from the raw LR or the prepared input, before encoding (default: none)."""
 
     def prepare(self, batch: torch.Tensor) -> torch.Tensor:
         """Tensor[B,3,h,w] in [0,1] -> the model input Tensor[B,3,H,W] in [0,1] (the colour-fix reference)."""
@@ -216,25 +193,9 @@ class OneStepEngine(Engine):
         )
 
 
-def draw_noise(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Standard normal noise shaped like `like`, drawn on the generator's device (the api seeds it per image)."""
-    device = generator.device if generator is not None else like.device
-    return torch.randn(like.shape, generator=generator, device=device, dtype=torch.float32).to(like.device)
-
-
-def resize_to(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bicubic (antialiased, like PIL's) resize, only when the size differs: the resize upstream meant to do."""
-    if tuple(image.shape[-2:]) == size:
-        return image
-    return F.interpolate(image, size=size, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
-
-
 __all__ = [
-    "TAGGERS",
     "OneStepEngine",
     "OneStepOptions",
     "PromptedOptions",
-    "draw_noise",
     "one_step_spec",
-    "resize_to",
 ]

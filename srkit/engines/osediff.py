@@ -14,8 +14,8 @@ Deliberate differences from the official scripts (notes/osediff-naosd-gdpo.md), 
 - GDPO/NAOSD tile the latent like OSEDiff for large inputs (upstream GDPO never tiles and runs out of memory).
 Upstream's 8-bit truncation before and after the colour fix is kept by default (`official_8bit`, as in the
 S3Diff engine); `official_8bit=false` keeps the output float until it is written.
-Prompts: upstream builds them from DAPE (RAM) tags of each image.  Only `--tagger none` exists so far, which
-gives upstream's text for an image with no tags; see the README for what that costs.
+Prompts: upstream builds them from DAPE (RAM) tags of each ×4 input; so does srkit (`--tagger auto|dape|ram|none`,
+srkit/engines/prompting.py), then each image's prompt is embedded by the SD2.1 text encoder.
 
 The input preparation (`prepare_official`) is the family's own step; the NAOSD/GDPO recipes train on it too.
 """
@@ -30,13 +30,16 @@ import torch
 from PIL import Image
 
 from srkit.diffusion.loading import load_noise_schedule, load_unet, load_vae
-from srkit.diffusion.samplers.one_step import noise_injected_x0, x0_at
-from srkit.diffusion.text import PROMPT_KEY, QUALITY_PROMPT, compose_prompt, prompt_embeddings
+from srkit.diffusion.samplers.one_step import draw_noise, noise_injected_x0, x0_at
+from srkit.diffusion.text import PROMPT_KEY, QUALITY_PROMPT
 from srkit.engines.base import WeightsSet, register
-from srkit.engines.one_step import OneStepEngine, PromptedOptions, draw_noise, one_step_spec
+from srkit.engines.one_step import OneStepEngine, PromptedOptions, one_step_spec
+from srkit.engines.preprocess import enlarge_then_upscale, through_8bit
+from srkit.engines.prompting import TagPrompter, chosen_tagger, tag_notice
 from srkit.nn.lora_merge import merge_peft_state
 from srkit.nn.lora_sites import PEFT_DEFAULT_ALPHA
 from srkit.registry import WeightsError
+from srkit.taggers import TAGGER_WEIGHTS, build_tagger
 
 SD21_LICENCE = "SD2.1 CreativeML-OpenRAIL++-M"
 GDPO_LICENCE = "Apache-2.0 (README only, no LICENSE file) + " + SD21_LICENCE
@@ -63,30 +66,14 @@ class NoiseInjectionOptions(PromptedOptions):
 
 
 def prepare_official(image: np.ndarray, scale: int = 4, process_size: int = PROCESS_SIZE) -> np.ndarray:
-    """uint8 H×W×3 LR -> uint8 model input: min side to process_size/scale, ×scale, multiple of 8.
-
-    PIL's default filter (bicubic) for the enlargement and the ×scale; Lanczos for the multiple-of-8 fix, which
-    upstream does by resizing, not cropping.  The enlargement uses int() of the scaled sides, as upstream.
-    `process_size` 0 skips the enlargement (training crops have a fixed size).
-    """
-    pil = Image.fromarray(image)
-    width, height = pil.size
-    min_side = process_size // scale
-    if width < min_side or height < min_side:
-        factor = min_side / min(width, height)
-        pil = pil.resize((int(factor * width), int(factor * height)), Image.Resampling.BICUBIC)
-    pil = pil.resize((pil.width * scale, pil.height * scale), Image.Resampling.BICUBIC)
-    pil = pil.resize((pil.width - pil.width % 8, pil.height - pil.height % 8), Image.Resampling.LANCZOS)
-    return np.array(pil)
+    """uint8 H×W×3 LR -> uint8 model input: min side to process_size/scale, ×scale, Lanczos to a multiple of 8
+    (upstream fits by resizing, not cropping)."""
+    return enlarge_then_upscale(image, scale, process_size, Image.Resampling.LANCZOS)
 
 
 def prepare_batch(batch: torch.Tensor, scale: int = 4, process_size: int = PROCESS_SIZE) -> torch.Tensor:
     """Tensor[B,3,h,w] in [0,1] -> the prepared model input Tensor[B,3,H,W] in [0,1] (via 8-bit, as upstream)."""
-    prepared = []
-    for image in batch:
-        pixels = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-        prepared.append(torch.from_numpy(prepare_official(pixels, scale, process_size)).permute(2, 0, 1))
-    return torch.stack(prepared).float().div(255).to(batch.device)
+    return through_8bit(batch, lambda pixels: prepare_official(pixels, scale, process_size))
 
 
 def training_input(lr: torch.Tensor, scale: int = 4) -> torch.Tensor:
@@ -96,10 +83,33 @@ def training_input(lr: torch.Tensor, scale: int = 4) -> torch.Tensor:
 
 
 class OSEDiffFamily(OneStepEngine):
-    """What OSEDiff and NAOSD/GDPO-SR share: the PIL preparation and the fixed prompt."""
+    """What OSEDiff and NAOSD/GDPO-SR share: the PIL preparation and the tag prompt of the ×4 input."""
+
+    prompter: TagPrompter
+
+    @classmethod
+    def weights_for(cls, options: PromptedOptions) -> tuple[str, ...]:
+        return cls.spec.weights + TAGGER_WEIGHTS[chosen_tagger(options.tagger, options.prompt_embeds)]
+
+    @classmethod
+    def with_prompter(cls, weights: WeightsSet, options: PromptedOptions, device, build) -> OSEDiffFamily:
+        """`build(prompt_embeds)` makes the engine; the prompter decides that embedding (fixed, or per image)."""
+        tagger = chosen_tagger(options.tagger, options.prompt_embeds)
+        prompter = TagPrompter.build(build_tagger(tagger, weights, torch.device(device)), Path(weights["sd21-text"]),
+                                     options.prompt, precomputed=options.prompt_embeds, precomputed_key=PROMPT_KEY)  # fmt: skip
+        engine = build(prompter.fixed)
+        engine.prompter = prompter
+        engine.notices += tag_notice(options.tagger, tagger, options.prompt_embeds)
+        return engine
 
     def prepare(self, batch: torch.Tensor) -> torch.Tensor:
         return prepare_batch(batch, self.spec.scale)
+
+    def condition(self, batch: torch.Tensor, prepared: torch.Tensor) -> None:
+        # Upstream tags the ×4 input it restores (DAPE on the prepared image) and prompts "{tags}, {prompt},".
+        if self.prompter.tagger is not None:
+            with torch.inference_mode():
+                self.prompt_embeds = self.prompter(prepared.to(self.device))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -148,13 +158,6 @@ class OSEDiffCheckpoint:
                 raise WeightsError(f"the OSEDiff checkpoint lists {part} LoRA modules without weights: {absent}")
 
 
-def fixed_prompt(options: PromptedOptions, text_folder: Path) -> torch.Tensor:
-    """The prompt embedding (1, 77, D), computed once: tags from the tagger (`none`: no tags) + the user text."""
-    text = compose_prompt("", options.prompt)
-    table = prompt_embeddings({PROMPT_KEY: text}, folder=text_folder, precomputed=options.prompt_embeds)
-    return table[PROMPT_KEY]
-
-
 OSEDIFF_SPEC = one_step_spec(
     "osediff",
     ("osediff", "sd21-base", "sd21-text"),
@@ -176,8 +179,8 @@ class OSEDiffEngine(OSEDiffFamily):
         checkpoint = OSEDiffCheckpoint.load(weights["osediff"])
         unet, vae = load_unet(base), load_vae(base)
         checkpoint.apply(unet, vae)
-        prompt = fixed_prompt(options, weights["sd21-text"])
-        return cls(unet, vae, prompt, device, dtype, options, schedule)
+        return cls.with_prompter(weights, options, device,
+                                 lambda prompt: cls(unet, vae, prompt, device, dtype, options, schedule))  # fmt: skip
 
     def denoise(self, latents, *, generator=None, noise=None, progress=None):
         # x0 at t=999 from the LR latent itself: ẑ = (z − √(1−ᾱ)·ε)/√ᾱ.
@@ -202,7 +205,8 @@ class NoiseInjectionEngine(OSEDiffFamily):
         for t in (options.t_add, options.t_diff):
             schedule.alpha_bar(t)  # range check before the heavy loads
         unet, vae = load_unet(merged), load_vae(merged)
-        return cls(unet, vae, fixed_prompt(options, text), device, dtype, options, schedule)
+        return cls.with_prompter(weights, options, device,
+                                 lambda prompt: cls(unet, vae, prompt, device, dtype, options, schedule))  # fmt: skip
 
     def denoise(self, latents, *, generator=None, noise=None, progress=None):
         # Noise to t_add with seeded noise (or replayed noise), then x0 as if the UNet saw t_diff.

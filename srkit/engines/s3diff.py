@@ -285,7 +285,7 @@ class S3DiffEngine(OneStepEngine):
         )
         return cls(networks, embeddings, torch.device(device), dtype, options)
 
-    def condition(self, batch: torch.Tensor) -> None:
+    def condition(self, batch: torch.Tensor, prepared: torch.Tensor) -> None:
         # Degradation scores of the raw LR (or the user's override) -> modulation of every DG-LoRA layer.
         with torch.inference_mode():
             self.networks.set_degradation(self.degradation_scores(batch.to(self.device, torch.float32)))

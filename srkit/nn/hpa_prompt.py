@@ -50,6 +50,19 @@ def image_token_mlp(dim: int) -> nn.Sequential:
     )
 
 
+def clip_pixels(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] (B, 3, H, W) → the visual tower's input: [0, 1], bicubic to 224² (when not already),
+    OpenAI CLIP mean/std."""
+    from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    x = (images + 1) / 2
+    if x.shape[-2:] != (CLIP_IMAGE_SIZE, CLIP_IMAGE_SIZE):
+        x = F.interpolate(x, size=(CLIP_IMAGE_SIZE, CLIP_IMAGE_SIZE), mode="bicubic", align_corners=False)
+    mean = x.new_tensor(OPENAI_DATASET_MEAN).view(3, 1, 1)
+    std = x.new_tensor(OPENAI_DATASET_STD).view(3, 1, 1)
+    return (x - mean) / std
+
+
 class HybridPrompt(nn.Module):
     """OpenCLIP text embeddings and the HPA image token, for the cross-attention context of ConsisSR."""
 
@@ -74,14 +87,7 @@ class HybridPrompt(nn.Module):
 
     def image_embedding(self, images: torch.Tensor) -> torch.Tensor:
         """Pooled CLIP embedding (B, embed_dim) of images in [-1, 1] (B, 3, H, W); not L2-normalised."""
-        from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-
-        x = (images + 1) / 2
-        if x.shape[-2:] != (CLIP_IMAGE_SIZE, CLIP_IMAGE_SIZE):
-            x = F.interpolate(x, size=(CLIP_IMAGE_SIZE, CLIP_IMAGE_SIZE), mode="bicubic", align_corners=False)
-        mean = x.new_tensor(OPENAI_DATASET_MEAN).view(3, 1, 1)
-        std = x.new_tensor(OPENAI_DATASET_STD).view(3, 1, 1)
-        return self.clip.encode_image((x - mean) / std)
+        return self.clip.encode_image(clip_pixels(images))
 
     def image_token(self, images: torch.Tensor) -> torch.Tensor:
         """The HPA image token (B, 1, embed_dim) of images in [-1, 1]: first token of the context."""

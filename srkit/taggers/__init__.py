@@ -7,9 +7,24 @@ tags are composed by `srkit.diffusion.text.compose_prompt`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Protocol
 
 import torch
+
+TAGGER_CHOICES = ("auto", "dape", "ram", "none")
+"""`--tagger`: auto = dape when its weights are cached (as upstream), else none with a notice."""
+TAGGER_WEIGHTS: dict[str, tuple[str, ...]] = {
+    "dape": ("ram-swin-large-14m", "ram-tag-list", "ram-tag-thresholds", "dape"),
+    "ram": ("ram-swin-large-14m", "ram-tag-list", "ram-tag-thresholds"),
+    "none": (),
+}
+"""Registry entries each tagger reads."""
+NO_TAGS_NOTICE = (
+    "no tagger weights cached: prompting without image tags (the model was trained with DAPE tags, so expect "
+    "fewer object-specific details); `srkit weights pull dape` enables them"
+)
 
 
 class Tagger(Protocol):
@@ -24,3 +39,20 @@ class Tagger(Protocol):
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """(B, num_classes) class logits before the thresholds, for inspection and tests."""
         ...
+
+
+def build_tagger(kind: str, weights: Mapping[str, Path], device: torch.device) -> Tagger | None:
+    """The tagger `kind` (dape or ram) from its resolved registry files, on `device`; None for none."""
+    if kind == "none":
+        return None
+    if kind not in TAGGER_WEIGHTS:
+        raise ValueError(f"tagger must be one of {', '.join(TAGGER_CHOICES)}, got '{kind}'")
+    from srkit.taggers.ram_weights import load_ram_tagger
+
+    return load_ram_tagger(
+        weights["ram-swin-large-14m"],
+        weights["ram-tag-list"],
+        weights["ram-tag-thresholds"],
+        weights["dape"] if kind == "dape" else None,
+        device=device,
+    )

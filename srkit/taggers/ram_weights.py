@@ -239,14 +239,48 @@ def _adapter_delta(
     return delta
 
 
+_STAGE_BLOCK = re.compile(r"^visual_encoder\.layers\.(\d+)\.blocks\.(\d+)\.")
+_HEAD_LAYER = re.compile(r"^tagging_head\.encoder\.layer\.(\d+)\.")
+
+
+def infer_configs(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The Swin and tagging-head sizes of a RAM checkpoint's tagging state, from its tensor shapes (the way
+    spandrel recognises architectures): stage depths and head counts from the blocks' relative-position tables,
+    widths from the patch embedding and the head's layers.  What shapes cannot tell (image size, window, head
+    count of the tagging head) stays at the released model's values, which every known RAM checkpoint shares."""
+    try:
+        blocks = [tuple(map(int, m.groups())) for key in state if (m := _STAGE_BLOCK.match(key))]
+        stages = max(stage for stage, _ in blocks) + 1
+        swin = {
+            **RAM_SWIN_L_384,
+            "embed_dim": int(state["visual_encoder.patch_embed.proj.weight"].shape[0]),
+            "depths": [max(block for stage, block in blocks if stage == i) + 1 for i in range(stages)],
+            "num_heads": [
+                int(state[f"visual_encoder.layers.{i}.blocks.0.attn.relative_position_bias_table"].shape[1])
+                for i in range(stages)
+            ],
+            "vision_width": int(state["image_proj.weight"].shape[1]),
+        }
+        layers = {int(m.group(1)) for key in state if (m := _HEAD_LAYER.match(key))}
+        q2l = {
+            **RAM_Q2L,
+            "hidden_size": int(state["tagging_head.encoder.layer.0.crossattention.self.query.weight"].shape[0]),
+            "intermediate_size": int(state["tagging_head.encoder.layer.0.intermediate.dense.weight"].shape[0]),
+            "num_hidden_layers": max(layers) + 1,
+        }
+    except (KeyError, ValueError) as exc:
+        raise WeightsError(f"not a RAM Swin checkpoint: cannot tell its sizes ({exc})") from exc
+    return swin, q2l
+
+
 def load_ram_tagger(
     ram_checkpoint: str | Path,
     tag_list: str | Path,
     thresholds: str | Path,
     dape_checkpoint: str | Path | None = None,
     *,
-    swin_config: Mapping[str, Any] = RAM_SWIN_L_384,
-    q2l_config: Mapping[str, Any] = RAM_Q2L,
+    swin_config: Mapping[str, Any] | None = None,
+    q2l_config: Mapping[str, Any] | None = None,
     antialias: bool = UPSTREAM_ANTIALIAS,
     separator: str = ", ",
     device: str | torch.device = "cpu",
@@ -255,7 +289,7 @@ def load_ram_tagger(
     """RAM (plus DAPE when `dape_checkpoint` is given) ready to tag; fp32 weights on `device`.
 
     `swin_config` / `q2l_config` are dicts in upstream's JSON format (`configs/swin/config_swinL_384.json`,
-    `configs/q2l_config.json`); the defaults are the real RAM Swin-L 384.
+    `configs/q2l_config.json`); by default they are read off the checkpoint's shapes (`infer_configs`).
     """
     tag_names = read_tag_list(tag_list)
     class_thresholds = read_thresholds(thresholds)
@@ -263,9 +297,11 @@ def load_ram_tagger(
         raise WeightsError(
             f"{thresholds} has {len(class_thresholds)} thresholds but {tag_list} {len(tag_names)} tags"
         )
-    model = RAM(len(tag_names), swin_config, q2l_config)
     source = str(ram_checkpoint)
-    load_ram_state(model, tagging_state(read_torch_file(ram_checkpoint, "RAM checkpoint"), source), source)
+    state = tagging_state(read_torch_file(ram_checkpoint, "RAM checkpoint"), source)
+    inferred_swin, inferred_q2l = infer_configs(state)
+    model = RAM(len(tag_names), swin_config or inferred_swin, q2l_config or inferred_q2l)
+    load_ram_state(model, state, source)
     if dape_checkpoint is not None:
         merge_dape(model, read_torch_file(dape_checkpoint, "DAPE checkpoint"), str(dape_checkpoint))
     return RAMTagger(

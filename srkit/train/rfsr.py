@@ -20,7 +20,8 @@ hinge of the batch mean, L1167) and ImageReward `w · mean_b relu(2 − r_b)` (t
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,17 @@ class LossWindow:
 
     def covers(self, index: int) -> bool:
         return self.weight > 0 and self.first <= index <= self.last
+
+    @classmethod
+    def from_text(cls, text: str, default: LossWindow) -> LossWindow:
+        """`-O structure=5e-4@0-19` (weight@first-last; `0` turns the loss off), other fields as `default`'s."""
+        weight, _, span = text.partition("@")
+        first, _, last = span.partition("-")
+        try:
+            return replace(default, weight=float(weight), first=int(first or default.first),
+                           last=int(last or default.last))  # fmt: skip
+        except ValueError:
+            raise ValueError(f"a loss window is weight@first-last (e.g. 5e-4@0-19), got '{text}'") from None
 
 
 @dataclass(frozen=True)
@@ -105,13 +117,8 @@ class RFSRLossSettings:
     """RFSR's stack (torch 2.0.1, torchvision 0.15) resized tensors for ImageReward without antialiasing;
     newer torchvision antialiases by default.  False reproduces the released training."""
     null_text_ratio: float = 0.5
-    """`--null_text_ratio 0.5`: the fraction of samples whose prompt (and ImageReward prompt) is ''."""
-    learning_rate: float = 5e-6
-    """`--learning_rate 5e-6`, constant."""
-    train_batch_size: int = 1
-    """`--train_batch_size 1`."""
-    gradient_accumulation_steps: int = 2
-    """`--gradient_accumulation_steps 2`."""
+    """`--null_text_ratio 0.5`: the fraction of samples whose prompt (and ImageReward prompt) is ''.
+    (The released optimisation, lr 5e-6 × batch 1 × accumulation 2 and EMA 0.999, is the recipe's trainer default.)"""
 
     def __post_init__(self) -> None:
         lo, hi = self.index_range
@@ -138,7 +145,7 @@ class RFSRLossSettings:
         """The enabled losses whose windows cover sampler-step `index`."""
         return tuple(name for name, window in self.windows().items() if window.covers(index))
 
-    def draw_step_index(self, rng: random.Random) -> int:
+    def draw_step_index(self, rng: random.Random | Any) -> int:
         """A step index in `index_range`, re-drawn until some enabled loss fires at it.
 
         The released loop (train_seesr_kl_ema.py) draws with Python's `random.randint`; an index no loss

@@ -1,4 +1,5 @@
-"""`srkit finetune`'s body: build a recipe from the table by name, the degraded-HR dataset and the trainer; train.
+"""`srkit finetune`'s and `srkit distill`'s body: build a recipe from the table by name, the degraded-HR dataset and
+the trainer; train.
 
 Kept out of the CLI (which only parses) so that Python users and tests call the same thing.
 """
@@ -10,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from srkit.common import build_options
 from srkit.train.data import DegradedHRDataset
-from srkit.train.recipes import RecipeInputs, recipe_module
+from srkit.train.recipes import RecipeInputs, recipe_module, training_setup
 from srkit.train.trainer import TrainConfig, Trainer
 
 
@@ -25,21 +27,27 @@ def finetune(
     base: str | Path | None = None,
     text: str | Path | None = None,
     prompt_embeds: str | Path | None = None,
-    crop: int = 512,
+    crop: int | None = None,
     config: dict[str, Any] | None = None,
     settings: dict[str, Any] | None = None,
     device: str = "auto",
     offline: bool = False,
     reward_metrics: Mapping[str, Callable[[np.ndarray, np.ndarray], float]] | None = None,
+    command: str | None = None,
 ) -> Path:
     """Train `recipe` on the HR images in `data`; returns the exported model folder (load with --weights).
 
-    `reward_metrics` (gdpo, Python only) replaces the metrics named by the `reward_metrics` setting.
+    `crop` and the `config` entries (TrainConfig fields) left out take the recipe's released values
+    (`TrainingSetup`), then the trainer's defaults.  `reward_metrics` (gdpo, Python only) replaces the metrics
+    named by the `reward_metrics` setting. `command` ("finetune" or "distill") refuses the other command's recipes.
     """
-    module = recipe_module(recipe)
+    module = recipe_module(recipe, command)
     values = build_options(module.SETTINGS, settings or {}, owner=f"recipe '{recipe}'")
-    train_config = TrainConfig(out=Path(out), **(config or {}))
-    dataset = DegradedHRDataset(data, crop=crop, scale=4, seed=train_config.seed)
+    setup = training_setup(recipe)
+    train_config = TrainConfig(out=Path(out), **{**setup.train, **(config or {})})
+    torch.manual_seed(train_config.seed)  # the same initial weights (LoRA, heads) in every process and every run
+    dataset = DegradedHRDataset(data, crop=crop or setup.crop, scale=4, seed=train_config.seed,
+                                config=setup.degradation, hflip=setup.hflip, degrade=setup.degrade)
     inputs = RecipeInputs(
         base=Path(base) if base else None,
         text=Path(text) if text else None,

@@ -4,15 +4,27 @@ checkpoints with resume, rich console logging and optional tensorboard.
 A recipe (see `Recipe`) owns the networks and the maths; the trainer owns everything around it.  A recipe names its
 optimiser groups (NAOSD: the generator and the VSD regulariser) and, for every batch, yields (group, loss, logs)
 pairs in the order they must be stepped — the official scripts update the regulariser after the generator in the
-same iteration, on the generator's detached output.
+same iteration, on the generator's detached output.  A recipe may also say `learning_rates()` ({group: lr}) for
+groups whose rate differs from the run's `lr`.
+
+Optional recipe features (general, read with getattr so simple recipes need none of them):
+- `step_each_loss = True`: every yielded loss is stepped before the next one is computed, so a later loss sees the
+  weights the earlier step produced (S3Diff: reconstruction step, then a second generator pass for the GAN step,
+  then the discriminator's real and fake steps).  With accumulation, the k-th losses of the micro-batches are
+  accumulated and stepped together before the (k+1)-th losses are computed.  Without it, all losses of an
+  iteration are back-propagated first and every group is stepped once (groups are disjoint).
+- `lr_factor(group, step) -> float`: a learning-rate schedule (and per-group rates), the AdamW rate of `group`
+  being `config.lr · lr_factor(group, step)` at optimiser step `step` (0-based).
+- `state_buffers() -> {name: tensor}`: tensors besides the trainable parameters that training changes in place
+  (a discriminator's spectral-norm vectors); saved in checkpoints and restored on resume.
 
 Gradients are averaged across processes explicitly (`accelerator.reduce`) rather than by wrapping the networks in
 DDP: recipes keep frozen copies and several trainable modules, LoRA gradients are small, and the checkpoint layout
 is then the same for one process and for many.
 
 Checkpoint layout (`OUT/checkpoints/step_0000010/`): `trainable.safetensors` (every trainable tensor by name),
-`ema.safetensors` (when EMA is on), `optim_<group>.pt` (optimiser states), `rank<i>.pt` (each process's RNG
-state), `state.json` (step, config).  `--resume` continues from the newest one with the same data order (the
+`ema.safetensors` (when EMA is on), `buffers.safetensors` (a recipe's `state_buffers`, when it has any),
+`optim_<group>.pt` (optimiser states), `rank<i>.pt` (each process's RNG state), `state.json` (step, config).  `--resume` continues from the newest one with the same data order (the
 sampler is seeded by the epoch) and, with the same process count, the same random draws: a resumed run ends
 with the same weights as an uninterrupted one.
 """
@@ -96,8 +108,9 @@ class Trainer:
         self.console = Console(stderr=True, quiet=not self.accelerator.is_main_process)
         recipe.to(self.accelerator.device)
         self.groups = recipe.parameter_groups()
+        rates = recipe.learning_rates() if hasattr(recipe, "learning_rates") else {}
         self.optimizers = {
-            group: torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=config.weight_decay)
+            group: torch.optim.AdamW(params.values(), lr=rates.get(group, config.lr), weight_decay=config.weight_decay)
             for group, params in self.groups.items()
         }
         self.ema = (
@@ -140,18 +153,10 @@ class Trainer:
         batches = self.batches()
         started, sums = time.perf_counter(), {}
         while self.step < config.steps:
-            sums = {}
-            for _ in range(config.grad_accum):
-                with self.accelerator.autocast():  # a no-op on the CPU and with mixed_precision "no"
-                    steps = list(self.recipe.losses(next(batches), self.step))
-                for group, loss, logs in steps:
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(f"{group} loss is {loss.item()} at step {self.step}")
-                    self.accelerator.backward(loss / config.grad_accum)
-                    for key, value in logs.items():
-                        sums[key] = sums.get(key, 0.0) + value / config.grad_accum
-            for group in self.optimizers:  # groups are disjoint, so stepping them together equals in turn
-                self._apply(group)
+            if getattr(self.recipe, "step_each_loss", False):
+                sums = self._iterate_stepping_each_loss(batches)
+            else:
+                sums = self._iterate(batches)
             self.step += 1
             self._update_ema()
             if self.step % config.log_every == 0 or self.step == config.steps:
@@ -168,8 +173,48 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         return exported
 
+    def _iterate(self, batches: Iterator[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """One optimiser step: every loss of every micro-batch back-propagated, then each group stepped once."""
+        sums: dict[str, float] = {}
+        for _ in range(self.config.grad_accum):
+            with self.accelerator.autocast():  # a no-op on the CPU and with mixed_precision "no"
+                steps = list(self.recipe.losses(next(batches), self.step))
+            for group, loss, logs in steps:
+                self._backward(group, loss, logs, sums)
+        for group in self.optimizers:  # groups are disjoint, so stepping them together equals in turn
+            self._apply(group)
+        return sums
+
+    def _iterate_stepping_each_loss(self, batches: Iterator[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """One iteration of a `step_each_loss` recipe: the micro-batches' k-th losses accumulated, then stepped,
+        before any (k+1)-th loss is computed."""
+        sums: dict[str, float] = {}
+        runs = [self.recipe.losses(next(batches), self.step) for _ in range(self.config.grad_accum)]
+        while True:
+            with self.accelerator.autocast():
+                pulled = [next(run, None) for run in runs]
+            if all(item is None for item in pulled):
+                return sums
+            groups = {item[0] if item is not None else None for item in pulled}
+            if len(groups) != 1:
+                raise RuntimeError(f"recipe '{self.recipe.name}' yielded different losses for the micro-batches")
+            for group, loss, logs in pulled:
+                self._backward(group, loss, logs, sums)
+            self._apply(groups.pop())
+
+    def _backward(self, group: str, loss: torch.Tensor, logs: dict[str, float], sums: dict[str, float]) -> None:
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{group} loss is {loss.item()} at step {self.step}")
+        self.accelerator.backward(loss / self.config.grad_accum)
+        for key, value in logs.items():
+            sums[key] = sums.get(key, 0.0) + value / self.config.grad_accum
+
     def _apply(self, group: str) -> None:
-        """Average the group's gradients over processes, clip, step, clear."""
+        """Average the group's gradients over processes, clip, step (at the recipe's rate), clear."""
+        lr_factor = getattr(self.recipe, "lr_factor", None)
+        if lr_factor is not None:
+            for settings in self.optimizers[group].param_groups:
+                settings["lr"] = self.config.lr * lr_factor(group, self.step)
         params = list(self.groups[group].values())
         grads = [p for p in params if p.grad is not None]
         if self.accelerator.num_processes > 1:
@@ -221,6 +266,8 @@ class Trainer:
         save_file(self.trainable_state(), str(partial / "trainable.safetensors"))
         if self.ema is not None:
             save_file({k: v.cpu().contiguous() for k, v in self.ema.items()}, str(partial / "ema.safetensors"))
+        if buffers := self._state_buffers():
+            save_file({k: v.detach().cpu().contiguous() for k, v in buffers.items()}, str(partial / "buffers.safetensors"))
         for group, optimizer in self.optimizers.items():
             torch.save(optimizer.state_dict(), partial / f"optim_{group}.pt")
         config = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self.config).items()}
@@ -248,6 +295,11 @@ class Trainer:
         if state["recipe"] != self.recipe.name:
             raise ValueError(f"{folder} was written by recipe '{state['recipe']}', not '{self.recipe.name}'")
         self._load_trainable(load_file(str(folder / "trainable.safetensors")))
+        if buffers := self._state_buffers():
+            stored = load_file(str(folder / "buffers.safetensors"))
+            with torch.no_grad():
+                for name, tensor in buffers.items():
+                    tensor.copy_(stored[name].to(tensor.device, tensor.dtype))
         if self.ema is not None and (folder / "ema.safetensors").is_file():
             self.ema = {k: v.to(self.accelerator.device) for k, v in load_file(str(folder / "ema.safetensors")).items()}
         for group, optimizer in self.optimizers.items():
@@ -257,6 +309,10 @@ class Trainer:
             _set_rng_state(torch.load(rng, weights_only=True))
         self.step = int(state["step"])
         self.console.print(f"resumed from {folder} at step {self.step}")
+
+    def _state_buffers(self) -> dict[str, torch.Tensor]:
+        state_buffers = getattr(self.recipe, "state_buffers", None)
+        return state_buffers() if state_buffers is not None else {}
 
     def log(self, values: dict[str, float], elapsed: float) -> None:
         text = "  ".join(f"{k} {v:.4g}" for k, v in sorted(values.items()))

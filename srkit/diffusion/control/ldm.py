@@ -26,6 +26,8 @@ from diffusers.models.autoencoders.vae import Encoder
 from diffusers.models.controlnets.controlnet import ControlNetConditioningEmbedding, ControlNetModel
 from torch import nn
 
+from srkit.diffusion.latents import VAETiling, encode_moments
+
 
 class LatentHintEmbedding(ControlNetConditioningEmbedding):
     """DiffBIR's `input_hint_block`: diffusers' conditioning embedding with every conv at stride 1.
@@ -85,7 +87,8 @@ class LatentHintEncoder(nn.Module):
         )
         self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1)
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [-1, 1] → (B, 4, H/8, W/8): posterior mean (= mode) times the scale factor."""
-        moments = self.quant_conv(self.encoder(image))
+    def forward(self, image: torch.Tensor, tiling: VAETiling | None = None) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] → (B, 4, H/8, W/8): posterior mean (= mode) times the scale factor; the tiled
+        encoder (shared GroupNorm statistics) when `tiling` says the image is large."""
+        moments = encode_moments(self.encoder, self.quant_conv, image, tiling)
         return self.scale_factor * moments[:, : moments.shape[1] // 2]

@@ -16,6 +16,13 @@ from srkit.diffusion.runtime import fp32_region
 from srkit.diffusion.schedule import NoiseSchedule, Timestep
 
 
+def draw_noise(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Standard normal noise shaped like `like`, drawn on the generator's device (the api seeds it per image), so
+    a seed gives the same noise on every device."""
+    device = generator.device if generator is not None else like.device
+    return torch.randn(like.shape, generator=generator, device=device, dtype=torch.float32).to(like.device)
+
+
 def x0_at(denoiser: Denoiser, schedule: NoiseSchedule, z: torch.Tensor, t: Timestep, cond: Conditioning) -> torch.Tensor:
     """x0 = (z − √(1−ᾱ_t)·ε̂(z, t))/√ᾱ_t (for ε-prediction; the schedule handles v and sample prediction)."""
     return schedule.predict_x0(z, denoiser(z, t, cond), t)
@@ -44,4 +51,4 @@ def gendr_update(
         return (z.float() - beta * eps.float()) / alpha
 
 
-__all__ = ["gendr_update", "noise_injected_x0", "x0_at"]
+__all__ = ["draw_noise", "gendr_update", "noise_injected_x0", "x0_at"]

@@ -13,6 +13,7 @@ Per batch, with z_g = G_θ(z_l) the generator's latent and z_h the HR latent of 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -35,6 +36,7 @@ class CiDSettings:
     xi: float = SID_ALPHA_LSG
     """ξ of Eq. 9, weight of L⁽¹⁾ (SiD's α) [proposal: SiD-LSG's 1.0; paper: not stated; SiD EDM uses 1.2]."""
     t_min: int = 20
+    """Lowest score timestep [paper §5.1: 20]."""
     t_max: int = 980
     """Score timesteps t ~ U{t_min, …, t_max − 1} [paper §5.1: t ∈ {20, …, 979}; code: SiD-LSG randint(20, 980)]."""
     weight_floor: float = WEIGHT_FLOOR
@@ -63,6 +65,13 @@ def sample_timesteps(
     return torch.randint(t_min, t_max, (batch,), generator=generator, device=gen_device).to(device)
 
 
+CiDForm = Literal["paper", "hr-weight", "sid"]
+"""Where the HR latent enters the generator loss:
+- "paper": in the inner product (Eq. 8) and in ω (§5.1), as the paper writes it (and the golden pins it);
+- "hr-weight": SiD's inner product ⟨f_ϕ − f_ψ, f_ϕ − z_g⟩ (it keeps SiD's direct gradient), z_h only in ω;
+- "sid": plain SiD-LSG, z_g in both (a baseline; the HR then enters only through ϕ and any regression term)."""
+
+
 def cid_generator_loss(
     generated: torch.Tensor,
     hr_latents: torch.Tensor,
@@ -73,12 +82,29 @@ def cid_generator_loss(
     alphas_cumprod: torch.Tensor,
     guidance: PromptGuidance,
     xi: float = SID_ALPHA_LSG,
+    form: CiDForm = "paper",
 ) -> ScoreIdentityTerms:
     """L_cid = L⁽³⁾ − ξ·L⁽¹⁾ (Eq. 9) elementwise, with `guidance` carrying κ for both scores; its weight_factor is
-    ω⁻¹ and its noisy latents are the z_t the discriminator of CiDA reuses."""
+    ω⁻¹ and its noisy latents are the z_t the discriminator of CiDA reuses. `form` says where z_h enters (CiDForm)."""
+    hr = hr_latents.detach()
+    if form == "paper":
+        reference, weight_reference = hr, hr
+    elif form == "hr-weight":
+        reference, weight_reference = generated, hr
+    elif form == "sid":
+        reference, weight_reference = generated, generated
+    else:
+        raise ValueError(f"unknown CiD form '{form}' (expected 'paper', 'hr-weight' or 'sid')")
     return sid_generator_loss_vp(
-        generated, real, fake, t, noise, alphas_cumprod, guidance, alpha=xi, reference=hr_latents.detach()
-    )
+        generated, real, fake, t, noise, alphas_cumprod, guidance, alpha=xi, reference=reference,
+        weight_reference=weight_reference,
+    )  # fmt: skip
 
 
-__all__ = ["CiDSettings", "cid_generator_loss", "sample_timesteps"]
+def regression_loss(generated: torch.Tensor, hr_latents: torch.Tensor) -> torch.Tensor:
+    """Eq. 6's L_mse = (z_g − z_h)² elementwise: the explicit SR term of earlier one-step methods (OSEDiff), which
+    the fact sheet (§1.5) says CiD adds and the CiD sheet (A.4) says Eq. 11 leaves out."""
+    return (generated - hr_latents.detach()) ** 2
+
+
+__all__ = ["CiDForm", "CiDSettings", "cid_generator_loss", "regression_loss", "sample_timesteps"]

@@ -29,7 +29,9 @@ class CiDASettings(CiDSettings):
     """CiDA's coefficients on top of CiD's, with their sources."""
 
     lambda_cid: float = 10.0
+    """λ₁ for the first lambda_cid_steps generator steps [paper §5.1: 10]."""
     lambda_cid_final: float = 1.0
+    """λ₁ afterwards [paper §5.1: 1]."""
     lambda_cid_steps: int = 10_000
     """λ₁ is `lambda_cid` for the first `lambda_cid_steps` generator steps, then `lambda_cid_final` [paper §5.1]."""
     lambda_adv: float = 0.01
@@ -39,9 +41,7 @@ class CiDASettings(CiDSettings):
     discriminator_width: int = 256
     """Channels of the discriminator head's hidden convolutions [proposal, notes §C]."""
     projector_width: int = 2048
-    """Hidden width of the REPA projector MLP [proposal: REPA's projector_dim]."""
-    repa_target_dim: int = 768
-    """Width of the target features: DINOv2 ViT-B/14 [proposal; the paper says "e.g. DINOv2"]."""
+    """Hidden width of the REPA projector MLP [proposal: REPA's projector_dim]; its output width is the encoder's."""
 
     def cid_weight(self, step: int) -> float:
         """λ₁ at generator step `step` (0-based)."""
@@ -86,8 +86,10 @@ class RepaProjector(nn.Sequential):
 
 def discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
     """The head's logistic loss per logit, softplus(−D_real) + softplus(D_fake) = −ln σ(D_real) − ln(1 − σ(D_fake)):
-    Eq. 1's value function, negated so that it is minimised. Logits of the fake are taken as data (detached)."""
-    return F.softplus(-logits_real) + F.softplus(logits_fake.detach())
+    Eq. 1's value function, negated so that it is minimised. Both logit maps must carry the head's graph (the head
+    learns from real and fake alike); the caller feeds the head detached features, so no gradient of this loss
+    reaches the generator."""
+    return F.softplus(-logits_real) + F.softplus(logits_fake)
 
 
 def generator_adversarial_loss(logits_fake: torch.Tensor) -> torch.Tensor:

@@ -82,9 +82,11 @@ def score_identity_loss(
     reference: torch.Tensor,
     alpha: float,
     floor: float = WEIGHT_FLOOR,
+    weight_reference: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ℓ, w): ℓ = (x0_real − x0_fake)·((x0_real − r) − α·(x0_real − x0_fake))/w, elementwise ("L2 − α·L1")."""
-    weight = sid_weight_factor(reference, x0_real, floor)
+    """(ℓ, w): ℓ = (x0_real − x0_fake)·((x0_real − r) − α·(x0_real − x0_fake))/w, elementwise ("L2 − α·L1").
+    w is measured from `weight_reference` (default r: SiD, and CiD as the paper states it)."""
+    weight = sid_weight_factor(reference if weight_reference is None else weight_reference, x0_real, floor)
     gap = x0_real - x0_fake
     elements = (
         gap * ((x0_real - reference) - alpha * gap) / weight.to(gap.dtype).view(-1, *([1] * (gap.dim() - 1)))
@@ -182,15 +184,17 @@ def sid_generator_loss_vp(
     guidance: PromptGuidance,
     alpha: float = SID_ALPHA_LSG,
     reference: torch.Tensor | None = None,
+    weight_reference: torch.Tensor | None = None,
 ) -> ScoreIdentityTerms:
     """SiD-LSG's generator loss: both scores give guided x0 estimates (the same κ, SiD-LSG's κ₂ = κ₄) at one z_t
-    built from y with its graph. `reference` r defaults to y (SiD); CiD passes the HR latent."""
+    built from y with its graph. `reference` r defaults to y (SiD); CiD passes the HR latent. `weight_reference`
+    (default r) is what w is measured from."""
     a, b = vp_coefficients(alphas_cumprod, t, generated)
     noisy = a * generated + b * noise.to(generated.dtype)
     x0_real = guided_x0(real, noisy, t, alphas_cumprod, guidance)
     x0_fake = guided_x0(fake, noisy, t, alphas_cumprod, guidance)
     elements, weight = score_identity_loss(
-        x0_real, x0_fake, generated if reference is None else reference, alpha
+        x0_real, x0_fake, generated if reference is None else reference, alpha, weight_reference=weight_reference
     )
     return ScoreIdentityTerms(elements, x0_real, x0_fake, weight, noisy)
 

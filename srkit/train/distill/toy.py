@@ -11,10 +11,12 @@ The procedure is SiD-LSG's, shrunk to points in the plane (task "generate"):
 
 Task "restore" is GenDR's setting in miniature: each ring point z_h is degraded to z_l = s·z_h + σ·n, the generator
 is GenDR's one-step update z_g = (z_l − 0.5·ε(z_l, 500))/0.5, the real score is trained on z_h and the fake score
-on z_g (Eq. 7, x0 targets), and the generator loss is SiD's ("sid") or CiD's ("cid", z_h in the inner product and
-ω). The paired distance ‖z_g − z_h‖ is reported too.
+on z_g (Eq. 7, x0 targets), and the generator loss is SiD's ("sid") or CiD's ("cid", with z_h where `cid_form`
+puts it, plus `regression`·‖z_g − z_h‖²). The paired distance ‖z_g − z_h‖ is reported too. `simultaneous` steps
+the generator against the scores of the start of the iteration, as srkit's trainer does.
 
-`benchmarks/toy_distill.py` prints the numbers; tests/test_sid_losses.py asserts that the distance falls.
+`benchmarks/toy_distill.py` prints the numbers (`--compare`: every CiD candidate); tests/test_sid_losses.py
+asserts that the distances fall for the recipe's default and that the paper's literal form diverges.
 """
 
 from __future__ import annotations
@@ -22,14 +24,12 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from srkit.train.distill.cid import cid_generator_loss, sample_timesteps
+from srkit.train.distill.cid import cid_generator_loss, regression_loss, sample_timesteps
 from srkit.train.distill.sid import (
     ScoreIdentityTerms,
     reduce_loss,
@@ -43,6 +43,7 @@ from srkit.train.distill.vp import (
     vp_coefficients,
     x0_from_eps,
 )
+from srkit.train.lora import frozen
 
 UNCONDITIONAL = PromptGuidance()
 
@@ -55,6 +56,13 @@ class ToySettings:
     """"generate": noise → ring with SiD-LSG's sampler; "restore": degraded point → ring with GenDR's update."""
     loss: str = "sid"
     """Generator loss: "sid", or "cid" (task "restore" only: it needs the HR point)."""
+    cid_form: str = "paper"
+    """Where "cid" puts the HR point (srkit.train.distill.cid.CiDForm)."""
+    regression: float = 0.0
+    """Task "restore": weight of Eq. 6's ‖z_g − z_h‖² added to the generator loss."""
+    simultaneous: bool = False
+    """Step the generator with the score networks of the start of the iteration, as srkit's trainer does (every
+    group steps after all forwards), instead of SiD's alternation (scores first)."""
     seed: int = 0
     modes: int = 8
     radius: float = 2.0
@@ -231,23 +239,9 @@ def generator_terms(
         )
     if settings.loss == "cid" and settings.task == "restore":
         return cid_generator_loss(
-            samples, hr, real, fake, t, noise, alphas_cumprod, UNCONDITIONAL, settings.alpha
+            samples, hr, real, fake, t, noise, alphas_cumprod, UNCONDITIONAL, settings.alpha, settings.cid_form
         )
     raise ValueError(f"toy loss '{settings.loss}' does not apply to task '{settings.task}'")
-
-
-@contextmanager
-def frozen(*modules: nn.Module) -> Iterator[None]:
-    """Score networks without weight gradients during the generator step (their inputs keep the graph)."""
-    flags = [[p.requires_grad for p in m.parameters()] for m in modules]
-    for module in modules:
-        module.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for module, module_flags in zip(modules, flags):
-            for parameter, flag in zip(module.parameters(), module_flags):
-                parameter.requires_grad_(flag)
 
 
 def distill(
@@ -265,20 +259,29 @@ def distill(
     real_optimiser = (
         torch.optim.Adam(real.parameters(), lr=settings.real_lr, betas=(0.0, 0.999)) if restore else None
     )
-    for _ in range(settings.distill_steps):
-        inputs, hr = draw_batch(settings, settings.batch, generator)
-        with torch.no_grad():
-            samples = generate(student, inputs, settings, alphas_cumprod)
+    def score_steps(samples: torch.Tensor, hr: torch.Tensor) -> None:
         score_step(fake, fake_optimiser, samples, score_target, t_range, alphas_cumprod, generator)
         if real_optimiser is not None:
             score_step(real, real_optimiser, hr, score_target, t_range, alphas_cumprod, generator)
 
-        with frozen(real, fake):
+    for _ in range(settings.distill_steps):
+        inputs, hr = draw_batch(settings, settings.batch, generator)
+        with torch.no_grad():
             samples = generate(student, inputs, settings, alphas_cumprod)
-            terms = generator_terms(samples, hr, real, fake, settings, alphas_cumprod, generator)
+        if not settings.simultaneous:
+            score_steps(samples, hr)
+
+        with frozen(real, fake):
+            generated = generate(student, inputs, settings, alphas_cumprod)
+            terms = generator_terms(generated, hr, real, fake, settings, alphas_cumprod, generator)
+            loss = reduce_loss(terms.elements, "mean")
+            if settings.regression and restore:
+                loss = loss + settings.regression * reduce_loss(regression_loss(generated, hr), "mean")
             student_optimiser.zero_grad(set_to_none=True)
-            reduce_loss(terms.elements, "mean").backward()
+            loss.backward()
         student_optimiser.step()
+        if settings.simultaneous:
+            score_steps(samples, hr)
     return student.requires_grad_(False)
 
 

@@ -32,7 +32,7 @@ from srkit.engines.osediff import training_input
 from srkit.nn.lora_sites import UNET_LORA_TARGETS
 from srkit.train.lora import add_lora, merged_copy, target_modules
 from srkit.train.losses import GDPO_OMEGA, gdpo_loss, per_sample_error
-from srkit.train.recipes import RecipeInputs, local_or_registry
+from srkit.train.recipes import RecipeInputs, TextSide
 from srkit.train.recipes.sd_recipe import SDRecipe
 from srkit.train.rewards import arf_rewards, attribute_ratios, group_advantages
 
@@ -43,18 +43,24 @@ FIDELITY_METRICS = frozenset({"psnr", "ssim"})
 
 @dataclass
 class GDPOSettings:
-    """Hyper-parameters with the paper's / official script's defaults."""
+    """Hyper-parameters with the paper's / official script's defaults (notes §4)."""
 
     group_size: int = 6
+    """Samples G per LR image from the frozen reference [paper and script: --groupsize=6]."""
     t_noise: int = 250
+    """Noise-injection timestep of the samples and of the preference loss [paper and script: 250]."""
     t_diff: int = 100
+    """Timestep the UNet is told [paper and script: --time_step=100]."""
     rank_unet: int = 4
+    """Rank of the policy's fresh LoRA [script: --lora_rank_unet=4]."""
     omega: float = GDPO_OMEGA
+    """ω of the Diffusion-DPO-style loss [script: 5000, hard-coded]."""
     reward_metrics: str = "psnr,musiq,maniqa"
-    """Comma-separated srkit metric names; psnr/ssim count as fidelity, the rest as detail (ARF)."""
+    """Comma-separated srkit metric names; psnr/ssim count as fidelity, the rest as detail (ARF) [paper]."""
     official_gray: bool = True
     """Smooth/texture split on OpenCV's BGR→gray of RGB data, as upstream (false: BT.601 on RGB)."""
     prompt: str = QUALITY_PROMPT
+    """Fixed positive prompt of every image [srkit: upstream uses RAM tags of the HR]."""
 
 
 SETTINGS = GDPOSettings
@@ -65,21 +71,21 @@ def build(settings: GDPOSettings, inputs: RecipeInputs) -> GDPORecipe:
     if inputs.base is None:
         raise ValueError("gdpo starts from a NAOSD model: pass --base DIR (the export of `srkit finetune "
                          "--recipe naosd`, or a merged NAOSD/GDPO diffusers folder)")
-    text = inputs.text if inputs.prompt_embeds else local_or_registry(inputs.text, "sd21-text", inputs.offline)
     metrics = inputs.extras.get("reward_metrics")
-    return GDPORecipe(inputs.base, settings, text_folder=text, prompt_embeds=inputs.prompt_embeds, metrics=metrics)
+    return GDPORecipe(inputs.base, settings, text=inputs.text_side("sd21-text"), metrics=metrics)
 
 
 class GDPORecipe(SDRecipe):
     name = "gdpo"
+    engine = "gdpo"
+    licence = "CreativeML-OpenRAIL++-M (tuned from a NAOSD model on SD2.1-base, whose terms apply)"
 
     def __init__(
         self,
         base: str | Path,
         settings: GDPOSettings | None = None,
         *,
-        text_folder: str | Path | None = None,
-        prompt_embeds: str | Path | None = None,
+        text: TextSide = TextSide(),
         metrics: Mapping[str, RewardMetric] | None = None,
     ) -> None:
         s = self.settings = settings or GDPOSettings()
@@ -92,7 +98,7 @@ class GDPORecipe(SDRecipe):
             raise ValueError(f"reward_metrics needs a fidelity metric (psnr, ssim) and a detail one, got {names}")
         self.metrics = dict(metrics) if metrics is not None else _create_metrics(names)
         super().__init__(
-            base, text_folder=text_folder, prompt_embeds=prompt_embeds,
+            base, text=text,
             prompts={PROMPT_KEY: compose_prompt("", s.prompt)}, timesteps=(s.t_noise, s.t_diff),
         )  # fmt: skip
         self.vae = load_vae(self.base)

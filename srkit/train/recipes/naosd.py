@@ -34,7 +34,7 @@ from srkit.engines.osediff import training_input
 from srkit.nn.lora_sites import UNET_LORA_TARGETS, VAE_ENCODER_LORA_TARGETS
 from srkit.train.lora import add_lora, merged_copy, target_modules
 from srkit.train.losses import vsd_loss
-from srkit.train.recipes import RecipeInputs, local_or_registry
+from srkit.train.recipes import RecipeInputs, TextSide, local_or_registry
 from srkit.train.recipes.sd_recipe import SDRecipe
 
 DEFAULT_NEGATIVE = "painting, oil painting, illustration, drawing, art, sketch, cartoon, CG Style, 3D render, unreal engine, blurring, dirty, messy, worst quality, low quality, frames, watermark, signature, jpeg artifacts, deformed, lowres, over-smooth"
@@ -42,23 +42,36 @@ DEFAULT_NEGATIVE = "painting, oil painting, illustration, drawing, art, sketch, 
 
 @dataclass
 class NAOSDSettings:
-    """Hyper-parameters with the paper's / official script's defaults."""
+    """Hyper-parameters with the paper's / official script's defaults (notes §3)."""
 
     rank_unet: int = 4
+    """LoRA rank of the generator's UNet [script: --lora_rank_unet=4; the parser's default is 8]."""
     rank_vae: int = 4
+    """LoRA rank of the VAE encoder [script: --lora_rank_vae=4]."""
     rank_fake: int = 4
+    """LoRA rank of the fake score (VSD regulariser) [script: 4]."""
     t_add: int = 250
+    """Noise-injection timestep of the LR latent [paper and script: 250]."""
     t_diff: int = 100
+    """Timestep the UNet is told [paper and script: 100]."""
     vsd_t_min: int = 20
+    """VSD timesteps from [vsd_t_min, vsd_t_max) [script: min_dm_step_ratio 0.02]."""
     vsd_t_max: int = 500
-    """VSD timesteps are drawn from [vsd_t_min, vsd_t_max) (NAOSD: 20..499; OSEDiff: 20..979)."""
+    """VSD timesteps below this [script: max_dm_step_ratio 0.50; OSEDiff: 980]."""
     cfg_vsd: float = 7.5
+    """Guidance of the frozen real score [script: --cfg_vsd 7.5]."""
     lambda_l2: float = 1.0
+    """Weight of the MSE to the HR [script: --lambda_l2 1]."""
     lambda_lpips: float = 2.0
+    """Weight of LPIPS-VGG [script: --lambda_lpips 2]."""
     lambda_vsd: float = 1.0
+    """Weight of the VSD term in the generator loss [script: --lambda_vsd 1]."""
     lambda_vsd_lora: float = 1.0
+    """Weight of the fake score's ε-MSE [script: --lambda_vsd_lora 1]."""
     prompt: str = QUALITY_PROMPT
+    """Fixed positive prompt of every image [srkit: upstream uses RAM tags of the HR]."""
     negative_prompt: str = DEFAULT_NEGATIVE
+    """Negative prompt of the real score's guidance [script: its long negative string]."""
 
 
 SETTINGS = NAOSDSettings
@@ -69,28 +82,28 @@ def build(settings: NAOSDSettings, inputs: RecipeInputs) -> NAOSDRecipe:
     from srkit.train.perceptual import lpips_vgg
 
     base = local_or_registry(inputs.base, "sd21-base", inputs.offline)
-    text = inputs.text if inputs.prompt_embeds else local_or_registry(inputs.text, "sd21-text", inputs.offline)
     perceptual = lpips_vgg() if settings.lambda_lpips > 0 else None
-    return NAOSDRecipe(base, settings, text_folder=text, prompt_embeds=inputs.prompt_embeds, perceptual=perceptual)
+    return NAOSDRecipe(base, settings, text=inputs.text_side("sd21-text"), perceptual=perceptual)
 
 
 class NAOSDRecipe(SDRecipe):
     name = "naosd"
+    engine = "naosd"
+    licence = "CreativeML-OpenRAIL++-M (trained from SD2.1-base, whose terms apply)"
 
     def __init__(
         self,
         base: str | Path,
         settings: NAOSDSettings | None = None,
         *,
-        text_folder: str | Path | None = None,
-        prompt_embeds: str | Path | None = None,
+        text: TextSide = TextSide(),
         perceptual: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         s = self.settings = settings or NAOSDSettings()
         if s.lambda_lpips > 0 and perceptual is None:
             raise ValueError("NAOSD's LPIPS term needs a perceptual loss (LPIPS-VGG); pass one or set lambda_lpips 0")
         super().__init__(
-            base, text_folder=text_folder, prompt_embeds=prompt_embeds,
+            base, text=text,
             prompts={PROMPT_KEY: compose_prompt("", s.prompt), NEGATIVE_KEY: s.negative_prompt},
             timesteps=(s.t_add, s.t_diff, s.vsd_t_min, s.vsd_t_max - 1),
         )  # fmt: skip
