@@ -43,6 +43,10 @@ def phase_kernels(weight: torch.Tensor) -> torch.Tensor:
     return both.to(weight.dtype)
 
 
+def _channels_last_only(tensor: torch.Tensor) -> bool:
+    return not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last)
+
+
 def upsample_conv(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kernels: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -52,8 +56,10 @@ def upsample_conv(
     c = weight.shape[0]
     kernels = phase_kernels(weight) if kernels is None else kernels
     padded = F.pad(x, (1, 1, 1, 1))
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        # Channels-last in, channels-last out: each phase writes its pixels of an (n, h, 2, w, 2, c) buffer.
+    if _channels_last_only(weight):
+        # A channels-last part (its weights were laid out so): channels-last out, each phase writing its pixels of
+        # an (n, h, 2, w, 2, c) buffer.  Decided by the weights, not by `x`: an fp32 part whose activation happens
+        # to be channels-last keeps the contiguous path, so `--dtype fp32` outputs do not move.
         pixels = x.new_empty(n, h, 2, w, 2, c)
         for a in (0, 1):
             for b in (0, 1):
