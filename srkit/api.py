@@ -37,6 +37,7 @@ from srkit.batch import (
     plan_batch,
 )
 from srkit.common import build_options, one_line, resolve_device
+from srkit.cpu_features import Kernels, check_cpu_dtype, cpu_auto_dtype, cpu_engine_dtype, kernels_for
 from srkit.cpu_memory import keep_freed_memory
 from srkit.engines.base import (
     Engine,
@@ -76,8 +77,13 @@ def _stderr(message: str) -> None:
 
 
 def resolve_dtype(dtype: str, device: torch.device, spec: EngineSpec) -> torch.dtype:
-    """`auto`: fp32 on the CPU (half is slow or unsupported there); bf16, else fp16, on CUDA."""
+    """`auto`: bf16, else fp16, on CUDA; on the CPU bf16 where this kind of CPU was measured faster in bf16
+    (srkit/cpu_features.py: AMX) and some part of the engine runs in bf16 there, else fp32.  The engine's parts
+    then take their own dtype from that choice (`kernels_for`): on the CPU the numerically sensitive or
+    unmeasured parts stay fp32.  `fp32` is fp32 in every part; `bf16` on the CPU needs native bf16."""
     if dtype == "auto":
+        if device.type == "cpu":
+            return cpu_engine_dtype(spec.parts, cpu_auto_dtype())
         if device.type != "cuda":
             return torch.float32
         if "bfloat16" in spec.cuda_dtypes and torch.cuda.is_bf16_supported():
@@ -87,9 +93,22 @@ def resolve_dtype(dtype: str, device: torch.device, spec: EngineSpec) -> torch.d
     name = names.get(dtype, dtype)
     if name not in ("float32", "float16", "bfloat16"):
         raise ValueError(f"unknown dtype '{dtype}'; use auto, fp32, fp16 or bf16")
-    if device.type != "cuda" and name != "float32":
-        raise ValueError(f"--dtype {dtype} is for CUDA; on the CPU srkit runs in fp32")
-    return getattr(torch, name)
+    chosen = getattr(torch, name)
+    if device.type == "cpu":
+        check_cpu_dtype(chosen)
+        return cpu_engine_dtype(spec.parts, chosen)
+    elif device.type != "cuda" and chosen != torch.float32:
+        raise ValueError(f"--dtype {dtype} is for CUDA or the CPU; on {device.type} srkit runs in fp32")
+    return chosen
+
+
+def precision_plan(model: str, device: str | torch.device = "cpu", dtype: str = "auto") -> dict[str, Kernels]:
+    """Network part of `model` -> the dtype and kernels it runs with on `device` under `--dtype dtype`: what
+    `srkit info` prints and benchmark reports record (the engines prepare their parts by the same rule)."""
+    _, spec = get_engine(model)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device, spec)
+    return {part: kernels_for(part, torch_device, torch_dtype) for part in spec.parts}
 
 
 def auto_tile(device: torch.device, scale: int) -> int:

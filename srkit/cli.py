@@ -139,7 +139,7 @@ def upscale(
     tile: Annotated[str, typer.Option("--tile", help="Pixel tile size: auto, a number, or 0 for none.")] = "auto",
     tile_overlap: Annotated[int, typer.Option("--tile-overlap", help="Tile overlap in input pixels.")] = api.DEFAULT_OVERLAP,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")] = "auto",
-    dtype: Annotated[str, typer.Option("--dtype", help="auto (fp32 on CPU, bf16/fp16 on CUDA), fp32, fp16, bf16.")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="auto (bf16/fp16 on CUDA; on the CPU what `srkit info` shows), fp32 (every part), fp16, bf16.")] = "auto",
     weights: Annotated[Path | None, typer.Option("--weights", help="Use this checkpoint instead of the registry's.")] = None,
     suffix: Annotated[str | None, typer.Option("--suffix", help="Appended to output names (default: '' in -o, else _x{scale}).")] = None,
     ext: Annotated[str, typer.Option("--ext", help="Output format: auto (as input), png, jpg, webp, tif.")] = "auto",
@@ -375,6 +375,54 @@ def models(name: Annotated[str | None, typer.Argument(help="Show one model's opt
         table.add_row(*fixed, description if len(description) <= room else description[: room - 1] + "…")
     console.print(table)
     out.print("`srkit models NAME`: a model's licence, weights and options", highlight=False)
+
+
+@app.command()
+def info(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """This machine's CPU features and, per model and network part, the precision and kernels it runs with."""
+    from srkit.cpu_features import cpu_auto_dtype, detect, dtype_name
+
+    cpu = detect()
+    plans: dict[str, dict[str, dict[str, str]]] = {}
+    for model_name in model_names():
+        try:
+            plan = {dtype: api.precision_plan(model_name, "cpu", dtype) for dtype in ("auto", "fp32")}
+        except ImportError as exc:  # an optional dependency of that engine is missing
+            plans[model_name] = {"unavailable": {"error": one_line(exc)}}
+            continue
+        plans[model_name] = {part: {d: k.describe() for d, k in (("auto", plan["auto"][part]), ("fp32", plan["fp32"][part]))}
+                             for part in plan["auto"]}  # fmt: skip
+    cuda = torch_cuda_summary()
+    if as_json:
+        print(json.dumps({"cpu": cpu.summary(), "cpu_auto_dtype": dtype_name(cpu_auto_dtype(cpu)), "cuda": cuda,
+                          "models": plans}, indent=2))  # fmt: skip
+        return
+    summary = cpu.summary()
+    out.print(f"CPU: {summary['name']} ({summary['machine']}, {summary['threads']} threads)", highlight=False)
+    out.print(
+        f"  kind {summary['kind']}; PyTorch kernels {summary['pytorch_capability']}; native bf16 "
+        f"{'yes' if summary['native_bf16'] else 'no'}; NNPACK {'yes' if summary['nnpack'] else 'no'}; oneDNN ISA "
+        f"limit {summary['onednn_isa_limit'] or 'none'}; flags: {' '.join(summary['flags']) or 'none'}",
+        highlight=False,
+    )
+    out.print(f"  --dtype auto on the CPU: {dtype_name(cpu_auto_dtype(cpu))}", highlight=False)
+    out.print(f"CUDA: {cuda or 'not available'}", highlight=False)
+    table = _table("model", "part", "CPU, --dtype auto", "CPU, --dtype fp32")
+    for model_name, parts in plans.items():
+        for part, choice in parts.items():
+            table.add_row(model_name, part, choice.get("auto", choice.get("error", "")), choice.get("fp32", ""))
+    out.print(table)
+
+
+def torch_cuda_summary() -> str | None:
+    """'NAME (bf16)' of the first CUDA device, or None."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return f"{torch.cuda.get_device_name(0)} ({'bf16' if torch.cuda.is_bf16_supported() else 'fp16'} under --dtype auto)"
 
 
 @weights_app.command("list")

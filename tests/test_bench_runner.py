@@ -12,10 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import smooth_image
 from PIL import Image
 
 import srkit.api
+from srkit import cpu_features
 from srkit.bench import BenchmarkConfig, BenchmarkError, BenchmarkResult, run_benchmark
 from srkit.bench.runner import RssSampler, measure
 
@@ -64,7 +66,11 @@ def test_model_run_writes_every_report(tiny_set, tmp_path):
     document = json.loads(result.files["json"].read_text())
     assert document["summary"][0]["images"] == 2 and document["run"]["config"]["models"] == [FAST]
     assert [m["name"] for m in document["metrics"]] == ["psnr_y", "ssim_y"]
+    assert document["run"]["cpu"]["kind"] == cpu_features.detect().kind  # what the numbers were measured on
+    gan = cpu_features.kernels_for("gan", torch.device("cpu"), cpu_features.cpu_auto_dtype()).describe()
+    assert document["run"]["precision"] == {FAST: {"gan": gan}}
     markdown = result.files["markdown"].read_text()
+    assert f"- {FAST}: gan: {gan}" in markdown
     assert "| model | PSNR-Y ↑ | SSIM-Y ↑ | s/image ↓ | peak RSS MiB ↓ |" in markdown
     assert f"| {FAST} | {result.summary[0]['psnr_y']:.4f} |" in markdown
     if has_matplotlib:

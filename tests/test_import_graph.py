@@ -15,8 +15,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "srkit"
 BUILDING_BLOCKS = ("diffusion", "nn", "taggers", "convert", "imageio.py", "tiling.py", "alpha.py", "colorfix.py",
-                   "common.py", "registry.py", "toml_text.py", "cpu_memory.py", "degrade", "batch.py",
-                   "distributed.py", "checkpoints.py")  # fmt: skip
+                   "common.py", "registry.py", "toml_text.py", "cpu_memory.py", "cpu_features.py", "degrade",
+                   "batch.py", "distributed.py", "checkpoints.py")  # fmt: skip
 FORBIDDEN = {
     "building block": ("srkit.engines", "srkit.train", "srkit.api", "srkit.cli", "srkit.bench"),
     "engine": ("srkit.cli", "srkit.train", "srkit.api"),

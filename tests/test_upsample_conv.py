@@ -101,3 +101,21 @@ def test_phase_kernels_are_kept_until_the_weight_changes() -> None:
     reference = _plain(x, upsampler.conv)
     torch.testing.assert_close(upsampler(x), reference, rtol=0, atol=1e-5)
     assert upsampler._phase_cache[1] is not kept
+
+
+@torch.no_grad()
+def test_phase_upsampling_follows_the_layout_of_the_weights_not_of_the_input() -> None:
+    """A channels-last part writes channels-last; a contiguous (fp32) part keeps its contiguous path even when an
+    activation arrives channels-last, so `--dtype fp32` outputs stay where they were."""
+    upsampler = _upsampler(8)
+    x = torch.randn(1, 8, 6, 7)
+    expected = upsampler(x)
+    use_phase_upsampling(upsampler)
+    contiguous_part = upsampler(x.to(memory_format=torch.channels_last))
+    assert contiguous_part.is_contiguous()
+    torch.testing.assert_close(contiguous_part, expected, rtol=0, atol=1e-5)
+    upsampler.to(memory_format=torch.channels_last)
+    channels_last_part = upsampler(x.to(memory_format=torch.channels_last))
+    assert not channels_last_part.is_contiguous()
+    assert channels_last_part.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(channels_last_part, expected, rtol=0, atol=1e-5)

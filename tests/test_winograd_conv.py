@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import platform
 import subprocess
 import sys
 
@@ -11,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from srkit import cpu_features
+from srkit.cpu_features import CpuFeatures
 from srkit.nn import winograd_conv
 from srkit.nn.dg_lora import DGLoRALayer, Modulation
 from srkit.nn.winograd_conv import (
@@ -120,13 +121,17 @@ def test_winograd_conv3x3_works_as_the_first_nnpack_call_of_a_process() -> None:
 
 
 def test_automatic_choice_follows_the_cpus_it_was_measured_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """AVX2 x86-64 only (srkit/cpu_features.py decides; its tests cover the other kinds)."""
     monkeypatch.delenv(ENV_SWITCH)
-    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+
+    def cpu(machine: str, capability: str, flags: frozenset[str] = frozenset({"avx2", "fma"})) -> CpuFeatures:
+        return CpuFeatures(machine, "test", capability, flags, nnpack=True)
+
+    monkeypatch.setattr(cpu_features, "detect", lambda: cpu("x86_64", "AVX2"))
     assert winograd_wanted()
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(cpu_features, "detect", lambda: cpu("x86_64", "AVX512", frozenset({"avx2", "avx512f"})))
     assert not winograd_wanted()
-    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    monkeypatch.setattr(cpu_features, "detect", lambda: cpu("aarch64", "SVE256", frozenset()))
     assert not winograd_wanted()
 
 

@@ -21,8 +21,10 @@ from typing import Any
 
 import torch
 
+from srkit import api
 from srkit.bench.metrics import MetricSpec
 from srkit.common import atomic_path
+from srkit.cpu_features import detect
 
 COST_COLUMNS = ("seconds", "peak_rss_sampled_mib", "peak_cuda_alloc_mib")
 COST_LABELS = {
@@ -74,11 +76,19 @@ def describe_run(config: Any, device: torch.device) -> dict[str, Any]:
             return None
 
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "log"}
+    cpu = detect()
     return {
         "config": json.loads(json.dumps(settings, default=str)),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})",
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({platform.machine()}, {cpu.kind}: {cpu.name})",
         "cpu_threads": torch.get_num_threads(),
+        "cpu": cpu.summary(),
+        "precision": {  # network part -> dtype and kernels, per model (`srkit info`)
+            model: {part: k.describe() for part, k in api.precision_plan(model, device, config.dtype).items()}
+            for model in getattr(config, "models", ())
+        },
         "versions": {name: version(name) for name in ("srkit", "torch", "pyiqa", "spandrel", "diffusers")},
     }
 
@@ -148,6 +158,8 @@ def markdown(summary: list[dict[str, Any]], specs: list[MetricSpec], skipped: di
         "Means over images (FID: over the folder); ↑ higher is better, ↓ lower is better; best in bold. Device: "
         + run["device"],
     ]
+    for model, parts in run.get("precision", {}).items():
+        lines.append(f"- {model}: " + "; ".join(f"{part}: {choice}" for part, choice in parts.items()))
     for set_name in dict.fromkeys(e["set"] for e in summary):
         entries = [e for e in summary if e["set"] == set_name]
         lines += ["", f"## {set_name} ({entries[0]['images']} images)", ""]

@@ -37,6 +37,9 @@ class EngineSpec:
     tiling: TilingSpace = "pixel"
     cuda_dtypes: tuple[str, ...] = ("float16", "bfloat16", "float32")
     stochastic: bool = False
+    parts: tuple[str, ...] = ("other",)
+    """Its network parts as `srkit.cpu_features` names them ("gan", "unet", "vae", ...): what `srkit info` lists
+    with the dtype and CPU kernels each gets (the engine prepares each part under that name)."""
 
 
 @dataclass

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from spandrel import ImageModelDescriptor, ModelLoader
 
+from srkit.diffusion.runtime import module_dtype, prepare_module
 from srkit.engines.base import Engine, EngineOptions, EngineSpec, Progress, WeightsSet, register
 
 BSD = "BSD-3-Clause"
@@ -45,6 +46,7 @@ def _spec(name: str, scale: int, description: str, weights: tuple[str, ...] | No
         weights=weights or (name,),
         licence=BSD,
         description=description,
+        parts=("gan",),
     )
 
 
@@ -71,7 +73,7 @@ class GanEngine(Engine):
             raise ValueError(
                 f"the checkpoint is a x{descriptor.scale} model, but '{self.spec.name}' is x{self.spec.scale}"
             )
-        self.descriptor = descriptor.eval().to(device)
+        self.descriptor = descriptor.eval()
         self.to_dtype(dtype)
 
     @classmethod
@@ -83,7 +85,8 @@ class GanEngine(Engine):
         return cls(ModelLoader().load_from_state_dict(state), device, dtype, options)
 
     def to_dtype(self, dtype: torch.dtype) -> None:
-        self.descriptor.model.to(dtype)
+        # The dtype and CPU kernels chosen for GAN nets (srkit/cpu_features.py): bf16 + channels-last where measured.
+        prepare_module(self.descriptor.model, self.device, dtype, part="gan")
         self.dtype = dtype
 
     @torch.inference_mode()
@@ -92,7 +95,7 @@ class GanEngine(Engine):
     ) -> torch.Tensor:
         # One network call: nothing to report (the api reports its pixel tiles).
         # The descriptor pads to the network's size rules (x2plus needs even sides), runs, clamps and crops.
-        return self.descriptor(batch.to(self.device, self.dtype))
+        return self.descriptor(batch.to(self.device, module_dtype(self.descriptor.model)))
 
 
 _MODELS = [

@@ -27,6 +27,7 @@ from srkit.diffusion.latents import (
 from srkit.diffusion.runtime import (
     inference,
     maybe_compile,
+    module_dtype,
     prepare_networks,
     set_attention,
 )
@@ -70,9 +71,11 @@ class PromptedOptions(OneStepOptions):
         check_tagger_choice(self.tagger)
 
 
-def one_step_spec(name: str, weights: tuple[str, ...], licence: str, description: str) -> EngineSpec:
-    """What every one-step diffusion SR engine is: ×4, one step, latent tiling, seeded draws."""
-    return EngineSpec(name, 4, 1, weights, licence, description, tiling="latent", stochastic=True)
+def one_step_spec(
+    name: str, weights: tuple[str, ...], licence: str, description: str, parts: tuple[str, ...] = ("unet", "vae")
+) -> EngineSpec:
+    """What every one-step diffusion SR engine is: ×4, one step, latent tiling, seeded draws, a UNet and a VAE."""
+    return EngineSpec(name, 4, 1, weights, licence, description, tiling="latent", stochastic=True, parts=parts)
 
 
 class OneStepEngine(Engine):
@@ -182,7 +185,7 @@ class OneStepEngine(Engine):
         uncond = None if self.negative_embeds is None else Conditioning({"text": self.negative_embeds})
         on_tile = (lambda done, total: progress("tiles", done, total)) if progress else None
         return tiled(
-            guided(UNetDenoiser(self._unet_call, self.dtype), uncond, self.guidance),
+            guided(UNetDenoiser(self._unet_call, module_dtype(self.unet)), uncond, self.guidance),
             options.latent_tile,
             options.latent_overlap,
             tile_batch=options.tile_batch,

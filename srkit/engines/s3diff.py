@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from srkit.common import atomic_path, one_line
 from srkit.diffusion.loading import load_noise_schedule, load_unet, load_vae
-from srkit.diffusion.runtime import fp32_region
+from srkit.diffusion.runtime import fp32_region, prepare_module
 from srkit.diffusion.samplers.one_step import x0_at
 from srkit.diffusion.schedule import NoiseSchedule
 from srkit.diffusion.text import NEGATIVE_KEY, prompt_embeddings
@@ -247,6 +247,7 @@ SPEC = one_step_spec(
     ("s3diff", "s3diff-de-net", "sd-turbo"),
     "Apache-2.0 (S3Diff); base SD-Turbo: Stability AI non-commercial research community licence",
     "S3Diff: one-step diffusion SR on SD-Turbo with degradation-guided LoRA (x4, seeded)",
+    parts=("unet", "vae", "estimator"),
 )
 
 
@@ -266,8 +267,8 @@ class S3DiffEngine(OneStepEngine):
     ) -> None:
         self.networks = networks
         networks.set_merge(options.lora_merge)
-        networks.guidance.to(device)
-        networks.estimator.to(device)
+        networks.guidance.to(device)  # float32 always: it computes the modulation matrices
+        prepare_module(networks.estimator, device, dtype, part="estimator")
         super().__init__(
             networks.unet, networks.vae, embeddings[POSITIVE_KEY], device, dtype, options, networks.schedule,
             negative_embeds=embeddings[NEGATIVE_KEY], guidance=options.guidance,

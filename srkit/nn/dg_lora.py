@@ -20,7 +20,6 @@ Two numerically equivalent forward paths:
 
 from __future__ import annotations
 
-import contextlib
 import math
 import re
 from collections.abc import Callable, Iterable
@@ -29,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from srkit.diffusion.runtime import fp32_region
 from srkit.nn.lora_sites import PEFT_DEFAULT_ALPHA
 
 LORA_ALPHA = float(PEFT_DEFAULT_ALPHA)
@@ -61,11 +61,6 @@ class Modulation:
         if self._matrices is None:
             raise RuntimeError("DG-LoRA modulation is not set; call set_degradation() before running the network")
         return self._matrices[:, block]
-
-
-def _fp32(device: torch.device) -> contextlib.AbstractContextManager:
-    """Disable CUDA autocast inside: the modulation NaNs/overflows in fp16/bf16.  A no-op on the CPU."""
-    return torch.autocast("cuda", enabled=False) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _fits(buffer: torch.Tensor | None, weight: torch.Tensor) -> bool:
@@ -120,7 +115,7 @@ class DGLoRALayer(nn.Module):
         a = self.down.weight.float().reshape(self.rank, -1)
         bc = self.up.weight.float().reshape(-1, self.rank) @ c.float().T
         flat_weight = weight.float().reshape(bc.shape[0], -1)
-        if out is None or out.dtype != torch.float32:
+        if out is None or out.dtype != torch.float32 or not out.is_contiguous():  # bf16 or channels-last
             merged = torch.addmm(flat_weight, bc, a, alpha=self.scaling).reshape(weight.shape)
             return merged if out is None else out.copy_(merged)
         torch.addmm(flat_weight, bc, a, alpha=self.scaling, out=out.view(bc.shape[0], -1))
@@ -143,7 +138,7 @@ class DGLoRALayer(nn.Module):
             return None
         weight = self.base_layer.weight
         if self._merged_version != self.modulation.version or not _fits(self._merged, weight):
-            with torch.inference_mode(), _fp32(weight.device):
+            with torch.inference_mode(), fp32_region(weight.device):  # the merge NaNs/overflows in fp16/bf16
                 buffer = self._merged if _fits(self._merged, weight) else torch.empty_like(weight)
                 self._merged = self.merged_weight(c[0], out=buffer)
             self._merged_version = self.modulation.version
@@ -170,7 +165,7 @@ class DGLoRALayer(nn.Module):
         if rest:
             raise ValueError(f"batch {t.shape[0]} is not a whole number of copies of the {c.shape[0]} images")
         c = c.repeat(copies, 1, 1)
-        with _fp32(x.device):
+        with fp32_region(x.device):
             if t.dim() == 4:  # conv: mix the rank channels at every pixel
                 t = torch.einsum("nkhw,nkj->njhw", t.float(), c.float())
             else:  # linear: (..., tokens, rank)

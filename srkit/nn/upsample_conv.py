@@ -43,19 +43,34 @@ def phase_kernels(weight: torch.Tensor) -> torch.Tensor:
     return both.to(weight.dtype)
 
 
+def _channels_last_only(tensor: torch.Tensor) -> bool:
+    return not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last)
+
+
 def upsample_conv(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kernels: torch.Tensor | None = None
 ) -> torch.Tensor:
     """conv3x3(nearest_upsample_2x(x)) with padding 1, computed as four 2×2 convolutions on `x` (`kernels`:
     `phase_kernels(weight)` when the caller keeps them)."""
     n, _, h, w = x.shape
+    c = weight.shape[0]
     kernels = phase_kernels(weight) if kernels is None else kernels
     padded = F.pad(x, (1, 1, 1, 1))
-    out = x.new_empty(n, weight.shape[0], h, 2, w, 2)
+    if _channels_last_only(weight):
+        # A channels-last part (its weights were laid out so): channels-last out, each phase writing its pixels of
+        # an (n, h, 2, w, 2, c) buffer.  Decided by the weights, not by `x`: an fp32 part whose activation happens
+        # to be channels-last keeps the contiguous path, so `--dtype fp32` outputs do not move.
+        pixels = x.new_empty(n, h, 2, w, 2, c)
+        for a in (0, 1):
+            for b in (0, 1):
+                phase = F.conv2d(padded[:, :, a : a + h + 1, b : b + w + 1], kernels[a, b], bias)
+                pixels[:, :, a, :, b] = phase.permute(0, 2, 3, 1)
+        return pixels.view(n, 2 * h, 2 * w, c).permute(0, 3, 1, 2)
+    out = x.new_empty(n, c, h, 2, w, 2)
     for a in (0, 1):
         for b in (0, 1):
             out[:, :, :, a, :, b] = F.conv2d(padded[:, :, a : a + h + 1, b : b + w + 1], kernels[a, b], bias)
-    return out.view(n, weight.shape[0], 2 * h, 2 * w)
+    return out.view(n, c, 2 * h, 2 * w)
 
 
 def _plain_3x3(conv: nn.Conv2d) -> bool:
@@ -134,8 +149,9 @@ def use_phase_upsampling(model: nn.Module, enabled: bool = True) -> int:
     switched = 0
     for module in model.modules():
         if isinstance(module, Upsample2D) and type(module) in (Upsample2D, PhaseUpsample2D):
-            module.__class__ = target
-            module.__dict__.pop("_phase_cache", None)
+            if type(module) is not target:
+                module.__class__ = target
+                module.__dict__.pop("_phase_cache", None)
             switched += 1
     return switched
 

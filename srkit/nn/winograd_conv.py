@@ -15,7 +15,8 @@ Accuracy: Winograd rounds differently, ~1e-5 relative error per convolution (one
 output moves by ~1e-5, far below one 8-bit level (3.9e-3); an SD-shaped VAE decoder given outlier channels
 (activations up to 5e3; trained SD VAEs are known for large activations) moves by ≤ 8e-5
 (`bench_cpu_convs.py --decoder`).  Used by default only on the CPUs it was measured on
-(see `winograd_wanted`); `SRKIT_CPU_WINOGRAD=0` keeps oneDNN everywhere, `=1` uses NNPACK wherever it exists.
+(`srkit.cpu_features.winograd_wanted`); `SRKIT_CPU_WINOGRAD=0` keeps oneDNN everywhere, `=1` uses NNPACK wherever
+it exists.
 NNPACK runs its own thread pool with one thread per core, which `torch.set_num_threads` does not limit.
 
 `use_winograd_convolutions(model)` swaps the class of every plain `nn.Conv2d` (parameters, state-dict keys and
@@ -26,36 +27,24 @@ keeps oneDNN.
 from __future__ import annotations
 
 import functools
-import os
-import platform
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from srkit.cpu_features import WINOGRAD_SWITCH as ENV_SWITCH
+from srkit.cpu_features import winograd_wanted
+
 MIN_CHANNELS = 64
 MIN_PIXELS = 64 * 64
 MAX_BAND_ELEMENTS = 1 << 25
 """Input values per NNPACK call (128 MiB in fp32): bounds its workspace on large maps (see winograd_conv3x3)."""
-ENV_SWITCH = "SRKIT_CPU_WINOGRAD"
 
 
 @functools.cache
 def nnpack_available() -> bool:
     """Whether this PyTorch build has NNPACK (the check also initialises it, which its kernels need)."""
     return bool(torch.backends.nnpack.is_available())
-
-
-def winograd_wanted() -> bool:
-    """SRKIT_CPU_WINOGRAD=0: never (oneDNN everywhere, e.g. for bit-for-bit comparisons); =1: wherever NNPACK
-    exists; unset: only on the CPUs it was measured on (x86-64 whose best PyTorch kernels are AVX2).  AVX-512
-    CPUs double oneDNN's throughput but not NNPACK's (AVX2 kernels), and ARM was not measured."""
-    setting = os.environ.get(ENV_SWITCH, "auto").strip().lower()
-    if setting in ("0", "false", "no", "off"):
-        return False
-    if setting in ("1", "true", "yes", "on"):
-        return True
-    return platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() == "AVX2"
 
 
 def winograd_applies(
