@@ -8,6 +8,7 @@ import platform
 
 import torch
 
+from srkit.cpu_features import detect
 from srkit.cpu_memory import keep_freed_memory
 
 
@@ -18,9 +19,11 @@ def start(doc: str) -> argparse.ArgumentParser:
 
 
 def machine() -> dict:
-    """Threads, PyTorch's CPU capability (AVX2, AVX512, ...) and the processor, for the results."""
+    """Threads, PyTorch's CPU capability (AVX2, AVX512, ...), the processor and the CPU features srkit's choice of
+    dtype and kernels follows (`srkit.cpu_features`), for the results."""
     return {
         "threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "processor": platform.processor() or platform.machine(),
+        "cpu": detect().summary(),
     }

@@ -15,8 +15,9 @@ Zero-initialised layers (zero convs, `to_out_ip`, the image-token MLP's last lay
 every branch contributes to the output that is compared.
 
 Also: `--start gan` (10 steps of the truncated schedule from the embedded Real-ESRGAN x4plus output) against a full
-`--full-steps` run of the normal start, end to end through the engine (the wall-time ratio the paper's fast start
-buys).  Peak RSS (sampled) of every run.
+`--full-steps` run of the normal start, end to end through the engine in `--dtype auto` (the wall-time ratio the
+paper's fast start buys).  Peak RSS (sampled) of every run.  Where `--dtype auto` is not fp32 on this CPU (bf16 on
+AMX, `srkit info`), the 5-step comparison also times srkit in that dtype against the same fp32 reference.
 
 Run:  .venv/bin/python benchmarks/bench_consissr.py [--size 128] [--steps 5] [--full-steps 50] [--json out.json]
 """
@@ -30,11 +31,13 @@ import bench_common
 import torch
 
 from srkit import registry
+from srkit.api import resolve_dtype
 from srkit.bench.runner import measure
 from srkit.colorfix import color_fix
+from srkit.cpu_features import dtype_name
 from srkit.diffusion.samplers.ancestral import AncestralSampler, respaced_timesteps
 from srkit.engines.base import WeightsSet, get_engine
-from srkit.engines.consissr import ConsisSREngine, ConsisSROptions, pad_zeros, prepare_batch
+from srkit.engines.consissr import SPEC, ConsisSREngine, ConsisSROptions, pad_zeros, prepare_batch
 from srkit.nn.consissr import ConsisSRNets
 
 CPU = torch.device("cpu")
@@ -111,17 +114,26 @@ def main() -> None:
         return finish(nets, latent, control)
 
     ours = timed(f"srkit, {args.steps} steps", srkit_run, results)
-    results["speed_ratio"] = round(results[f"official structure, {args.steps} steps"]["seconds"]
-                                   / results[f"srkit, {args.steps} steps"]["seconds"], 3)  # fmt: skip
+    reference_seconds = results[f"official structure, {args.steps} steps"]["seconds"]
+    results["speed_ratio"] = round(reference_seconds / results[f"srkit, {args.steps} steps"]["seconds"], 3)
     results["max_abs_output_diff"] = (ours - reference).abs().max().item()
     print(f"speed ratio {results['speed_ratio']}x, max |srkit - official| {results['max_abs_output_diff']:.2e}")
+    auto = resolve_dtype("auto", CPU, SPEC)
+    if auto != torch.float32:  # casts the shared networks in place: after every fp32 run of the comparison
+        engine = ConsisSREngine(nets, CPU, auto, options)
+        label = f"srkit --dtype auto ({dtype_name(auto)}), {args.steps} steps"
+        ours_auto = timed(label, srkit_run, results)
+        results["speed_ratio_auto"] = round(reference_seconds / results[label]["seconds"], 3)
+        results["max_abs_output_diff_auto"] = (ours_auto - reference).abs().max().item()
+        print(f"--dtype auto: speed ratio {results['speed_ratio_auto']}x, max |srkit - official| "
+              f"{results['max_abs_output_diff_auto']:.2e}")  # fmt: skip
 
     if args.full_steps:
         gan_class, gan_spec = get_engine("realesrgan-x4plus")
         gan = gan_class.from_weights(WeightsSet({gan_spec.name: registry.resolve(gan_spec.name)}), CPU,
                                      torch.float32, gan_class.options_class())  # fmt: skip
-        full = ConsisSREngine(nets, CPU, torch.float32, ConsisSROptions(steps=args.full_steps))
-        fast = ConsisSREngine(nets, CPU, torch.float32, ConsisSROptions(start="gan", steps=args.gan_steps), gan)
+        full = ConsisSREngine(nets, CPU, auto, ConsisSROptions(steps=args.full_steps))
+        fast = ConsisSREngine(nets, CPU, auto, ConsisSROptions(start="gan", steps=args.gan_steps), gan)
         lr_image = (lr * 255).round() / 255
         timed(f"srkit start gan, {args.gan_steps} steps", lambda: fast.upscale(lr_image, generator=torch.Generator().manual_seed(0)), results)
         timed(f"srkit normal, {args.full_steps} steps", lambda: full.upscale(lr_image, generator=torch.Generator().manual_seed(0)), results)

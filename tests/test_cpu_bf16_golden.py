@@ -1,4 +1,5 @@
-"""bf16 on the CPU keeps the one-step engines within the half-precision tolerance on the tiny golden models.
+"""bf16 on the CPU keeps the one-step engines and ConsisSR within the half-precision tolerance on the tiny golden
+models.
 
 The engines run as `--dtype auto` runs them on an AMX-BF16 CPU (srkit/cpu_features.py: UNet and VAE in bf16 with
 their measured layouts, estimator, x0 formula, modulation and colour fix in fp32) — on any CPU: the plan is
@@ -9,7 +10,7 @@ Half-precision tolerance (fp16/bf16 on CUDA alike): PSNR ≥ 45 dB against the f
 rms error below 1.5 8-bit levels) and no pixel off by more than 0.2 on the [-1, 1] scale.  These random tiny
 models are harsher than trained ones (x0 multiplies ε errors by ~15, random VAEs have no smooth latents): measured
 on the AMX machine 49–65 dB, max 0.12 (the VAE contributes most of it).  Where a part failed this, it would stay
-fp32 (`BF16_PARTS`).
+fp32 (`BF16_PARTS`), or the whole engine would (SeeSR: 44.9 dB in bf16, so its parts are "other" and fp32).
 """
 
 from __future__ import annotations
@@ -120,3 +121,24 @@ def test_noise_injection_bf16_on_the_cpu_within_half_precision(model: str, t_dif
     case = f"small.t{t_diff}_{t_add}"
     restored = engine.restore(read(folder / "prepared_small.png") * 2 - 1, noise=reference[f"{case}.noise"])
     assert_within_half_precision(restored, reference[f"{case}.sr"])
+
+
+def test_consissr_bf16_on_the_cpu_within_half_precision() -> None:
+    """The multi-step ControlNet engine: ControlNet, UNet, hint encoder and VAE in bf16, the sampler's maths and the
+    CLIP prompt in fp32, over every step of the fixture's trajectory with its recorded noises."""
+    import json
+
+    from test_golden_consissr import GOLDEN, build, pad_zeros, prepare_official, read_u8, replay, to_tensor
+
+    if not GOLDEN.is_dir():
+        pytest.skip(f"golden fixture {GOLDEN} is absent")
+    case = json.loads((GOLDEN / "cases.json").read_text())["sample"]
+    reference = expected(GOLDEN)
+    engine = build(case, "noise", resolve_dtype("auto", torch.device("cpu"), get_engine("consissr")[1]))
+    assert module_dtype(engine.nets.unet) == module_dtype(engine.nets.vae) == torch.bfloat16
+    control = pad_zeros(to_tensor(prepare_official(read_u8("input_lr.png"), case["sr_scale"])))
+    latent = engine.generate(control * 2 - 1, draw=replay(reference, "sample"), start_noise=reference["sample.x_T"])
+    with torch.inference_mode():
+        decoded = engine.nets.decode(latent).float()
+    assert_within_half_precision(decoded, reference["sample.decoded"])
+

@@ -46,7 +46,7 @@ cases = json_fixture(GOLDEN / "cases.json")
 expected = tensors_fixture(GOLDEN / "expected.safetensors")
 
 
-def build(case: dict, start: str):
+def build(case: dict, start: str, dtype: torch.dtype = torch.float32):
     """The engine through `from_weights`, with the fixture's settings; a GAN start needs no GAN model here
     (the fixture's GAN image is given), so `--start gan` is set after building."""
     engine_class, _ = get_engine("consissr")
@@ -66,8 +66,8 @@ def build(case: dict, start: str):
         from srkit.engines.consissr import load_export
 
         nets = load_export(weights["consissr"], options.model_config, options.clip_config)
-        return engine_class(nets, torch.device("cpu"), torch.float32, options)
-    return engine_class.from_weights(weights, torch.device("cpu"), torch.float32, options)
+        return engine_class(nets, torch.device("cpu"), dtype, options)
+    return engine_class.from_weights(weights, torch.device("cpu"), dtype, options)
 
 
 def replay(expected: dict, prefix: str):

@@ -203,6 +203,19 @@ def test_osediff_output_is_exactly_four_times_any_input(tiny):
     assert out.min() >= 0 and out.max() <= 1
 
 
+def test_an_engine_built_from_networks_and_a_prompt_embedding_upscales(tiny):
+    """The Python API without `from_weights` (as the benchmarks build engines): no tagger, the fixed prompt."""
+    from srkit.engines.osediff import OSEDiffEngine, OSEDiffOptions
+
+    loaded = build("osediff", {"osediff": tiny["pkl"], "sd21-base": tiny["base"], "sd21-text": tiny["text"]})
+    direct = OSEDiffEngine(loaded.unet, loaded.vae, loaded.prompt_embeds, torch.device("cpu"), torch.float32,
+                           OSEDiffOptions(), loaded.schedule)  # fmt: skip
+    assert direct.prompter is None
+    out = direct.upscale(image(16, 16), generator=torch.Generator().manual_seed(0))
+    expected = loaded.upscale(image(16, 16), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
 def test_large_inputs_use_latent_tiles_and_the_tiled_vae(tiny):
     """Small tile options force every tiled path (latent grid, VAE encoder and decoder) on a 512×640 input."""
     from srkit.tiling import plan_latent_tiles

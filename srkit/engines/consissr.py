@@ -131,6 +131,7 @@ SPEC = EngineSpec(
     "GAN-Embedding",
     tiling="latent",
     stochastic=True,
+    parts=("unet", "vae"),
 )
 
 
@@ -193,7 +194,9 @@ class ConsisSREngine(MultiStepEngine):
         return cls(nets, torch.device(device), dtype, options, start_engine)
 
     def to_dtype(self, dtype: torch.dtype) -> None:
-        """The ControlNet, UNet, hint encoder and VAE in `dtype` on the device (the CLIP prompt too on CUDA)."""
+        """The ControlNet, UNet, hint encoder (part "unet") and VAE (part "vae") in `dtype` on the device, each
+        as `srkit.cpu_features` chose on the CPU (bf16 weights on AMX); the CLIP prompt follows on CUDA only (on
+        the CPU its one pass per image stays fp32)."""
         nets = self.nets
         prepare_networks(self.device, dtype, [nets.unet, nets.controlnet, nets.hint_encoder], nets.vae)
         nets.prompt.to(self.device, dtype if self.device.type == "cuda" else torch.float32)

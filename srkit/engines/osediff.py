@@ -85,7 +85,8 @@ def training_input(lr: torch.Tensor, scale: int = 4) -> torch.Tensor:
 class OSEDiffFamily(OneStepEngine):
     """What OSEDiff and NAOSD/GDPO-SR share: the PIL preparation and the tag prompt of the ×4 input."""
 
-    prompter: TagPrompter
+    prompter: TagPrompter | None = None
+    """Set by `from_weights`; an engine built directly from networks and a prompt embedding has none."""
 
     @classmethod
     def weights_for(cls, options: PromptedOptions) -> tuple[str, ...]:
@@ -107,7 +108,7 @@ class OSEDiffFamily(OneStepEngine):
 
     def condition(self, batch: torch.Tensor, prepared: torch.Tensor) -> None:
         # Upstream tags the ×4 input it restores (DAPE on the prepared image) and prompts "{tags}, {prompt},".
-        if self.prompter.tagger is not None:
+        if self.prompter is not None and self.prompter.tagger is not None:
             with torch.inference_mode():
                 self.prompt_embeds = self.prompter(prepared.to(self.device))
 

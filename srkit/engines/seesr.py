@@ -94,6 +94,9 @@ SPEC = EngineSpec(
     tiling="latent",
     stochastic=True,
 )
+"""Its parts are "other" for `srkit.cpu_features`: fp32 on every CPU.  In bf16 (AMX) the tiny golden SeeSR missed
+the half-precision gate of tests/test_cpu_bf16_golden.py (44.9 dB; 45.4 dB with the VAE in fp32 — too close to
+call a pass), unlike ConsisSR (49.5 dB)."""
 
 
 def prepare_batch(batch: torch.Tensor, process_size: int = PROCESS_SIZE) -> torch.Tensor:
@@ -156,6 +159,8 @@ class SeeSREngine(MultiStepEngine):
         return cls(nets, load_vae(base), base, prompter, tagger, negative, device, dtype, options)
 
     def to_dtype(self, dtype: torch.dtype) -> None:
+        """UNet and ControlNet (part "unet") and VAE (part "vae") in `dtype` (fp32 on the CPU: see SPEC) with the
+        CPU kernels `srkit.cpu_features` chose; the RAM tagger keeps the dtype it was built in."""
         prepare_networks(self.device, dtype, [self.nets.unet, self.nets.controlnet], self.vae)
         self.dtype = dtype
 

@@ -90,5 +90,6 @@ class LatentHintEncoder(nn.Module):
     def forward(self, image: torch.Tensor, tiling: VAETiling | None = None) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] → (B, 4, H/8, W/8): posterior mean (= mode) times the scale factor; the tiled
         encoder (shared GroupNorm statistics) when `tiling` says the image is large."""
+        image = image.to(next(self.encoder.parameters()).dtype)
         moments = encode_moments(self.encoder, self.quant_conv, image, tiling)
         return self.scale_factor * moments[:, : moments.shape[1] // 2]
