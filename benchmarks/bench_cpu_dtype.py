@@ -209,7 +209,8 @@ def bench_sd(repeats: int) -> dict:
         return engines
 
     engines = run("osediff", lambda u, v, d: OSEDiffEngine(u, v, prompt, cpu, d, OSEDiffOptions(), schedule), 4)
-    gdpo = {d: GDPOEngine(e.unet, e.vae, prompt, cpu, d, NoiseInjectionOptions(), schedule) for d, e in engines.items()}
+    gdpo = {d: GDPOEngine(e.unet, e.vae, prompt, cpu, e.dtype, NoiseInjectionOptions(), schedule)
+            for d, e in engines.items()}  # fmt: skip
     print("gdpo (NAOSD's procedure), 128² -> 512²:", flush=True)
     outputs, seconds = interleaved(
         {d: (lambda e=e: e.upscale(lr, generator=torch.Generator().manual_seed(0))) for d, e in gdpo.items()}, repeats
