@@ -61,6 +61,10 @@ def process_group() -> Iterator[Ranks]:
     torch.distributed.init_process_group("gloo", rank=ranks.rank, world_size=ranks.world)
     try:
         yield ranks
+        # No rank tears its connections down while another still works (rank 0 writes the merged report after the
+        # last gather): a gloo peer closing early aborted the other rank ("terminate called without an active
+        # exception") once in a loaded CI run.  Not on errors: a failing rank must not wait for the others.
+        torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
 
