@@ -15,12 +15,12 @@ fp32 (`BF16_PARTS`), or the whole engine would (SeeSR: 44.9 dB in bf16, so its p
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from golden import fixture_dir, read_tensors
 from PIL import Image
 
 from srkit import cpu_features
@@ -29,7 +29,6 @@ from srkit.common import build_options
 from srkit.diffusion.runtime import module_dtype
 from srkit.engines.base import WeightsSet, get_engine
 
-GOLDEN_ROOT = Path(os.environ.get("SRKIT_GOLDEN_DIR", Path(__file__).resolve().parents[2] / "shared" / "golden"))
 HALF_PRECISION_PSNR_DB = 45.0
 HALF_PRECISION_MAX_ERROR = 0.2
 AMX = cpu_features.CpuFeatures(
@@ -44,7 +43,8 @@ def _amx_plan(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def fixture(name: str) -> Path:
-    folder = GOLDEN_ROOT / name
+    """The fixture folder under the golden root (SRKIT_GOLDEN_DIR), or a skip with the reason."""
+    folder = fixture_dir(name)
     if not folder.is_dir():
         pytest.skip(f"golden fixture {folder} is absent")
     return folder
@@ -56,9 +56,7 @@ def read(path: Path) -> torch.Tensor:
 
 
 def expected(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(folder / "expected.safetensors"))
+    return read_tensors(folder / "expected.safetensors")
 
 
 def build(model: str, weights: dict[str, Path], **options):
@@ -130,8 +128,7 @@ def test_consissr_bf16_on_the_cpu_within_half_precision() -> None:
 
     from test_golden_consissr import GOLDEN, build, pad_zeros, prepare_official, read_u8, replay, to_tensor
 
-    if not GOLDEN.is_dir():
-        pytest.skip(f"golden fixture {GOLDEN} is absent")
+    fixture(GOLDEN.name)
     case = json.loads((GOLDEN / "cases.json").read_text())["sample"]
     reference = expected(GOLDEN)
     engine = build(case, "noise", resolve_dtype("auto", torch.device("cpu"), get_engine("consissr")[1]))
