@@ -37,7 +37,7 @@ from srkit.colorfix import color_fix
 from srkit.cpu_features import dtype_name
 from srkit.diffusion.samplers.ancestral import AncestralSampler, respaced_timesteps
 from srkit.engines.base import WeightsSet, get_engine
-from srkit.engines.consissr import SPEC, ConsisSREngine, ConsisSROptions, pad_zeros, prepare_batch
+from srkit.engines.consissr import ConsisSREngine, ConsisSROptions, pad_zeros, prepare_batch
 from srkit.nn.consissr import ConsisSRNets
 
 CPU = torch.device("cpu")
@@ -118,7 +118,7 @@ def main() -> None:
     results["speed_ratio"] = round(reference_seconds / results[f"srkit, {args.steps} steps"]["seconds"], 3)
     results["max_abs_output_diff"] = (ours - reference).abs().max().item()
     print(f"speed ratio {results['speed_ratio']}x, max |srkit - official| {results['max_abs_output_diff']:.2e}")
-    auto = resolve_dtype("auto", CPU, SPEC)
+    auto = resolve_dtype("auto", CPU, ConsisSREngine.spec)
     if auto != torch.float32:  # casts the shared networks in place: after every fp32 run of the comparison
         engine = ConsisSREngine(nets, CPU, auto, options)
         label = f"srkit --dtype auto ({dtype_name(auto)}), {args.steps} steps"

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from srkit.degrade import DegradationPipeline
 from srkit.degrade.pairs import write_pairs
+from srkit.degrade.pipeline import DegradationPipeline
 
 
 def test_picture(size: int, seed: int) -> np.ndarray:

@@ -13,7 +13,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-import srkit.engines  # noqa: F401  (declares the model names)
 from srkit import distributed, registry
 from srkit.alpha import ALPHA_MODES, bleed_colour
 from srkit.batch import (
@@ -30,13 +29,10 @@ from srkit.batch import (
     PlannedFile,
     UpscaleSettings,
     check_alpha,
-    check_output_folders,
     check_resize_filter,
     check_scale,
-    parse_tile,
-    plan_batch,
 )
-from srkit.common import build_options, one_line, resolve_device
+from srkit.common import one_line, resolve_device
 from srkit.cpu_features import Kernels, check_cpu_dtype, cpu_auto_dtype, cpu_engine_dtype, kernels_for
 from srkit.cpu_memory import keep_freed_memory
 from srkit.engines.base import (
@@ -48,6 +44,7 @@ from srkit.engines.base import (
     get_engine,
     model_names,
 )
+from srkit.engines.catalogue import DEFAULT_MODEL
 from srkit.imageio import (
     ImageData,
     ImageReadError,
@@ -59,12 +56,19 @@ from srkit.imageio import (
     to_integer,
     write_image,
 )
+from srkit.report import BatchInterrupted, BatchReport, FileResult
+from srkit.request import (
+    DEFAULT_OVERLAP,
+    ModelRequest,
+    UpscaleRequest,
+    check_model_request,
+    dtype_name,
+    prepare_upscale,
+)
 from srkit.tiling import run_tiled
 
-DEFAULT_MODEL = "realesrgan-x4plus"
 CPU_AUTO_TILE = 384
 """Pixel tile for `--tile auto` on the CPU: bounded memory (~2 GB for RRDBNet) at ~15% overlap cost."""
-DEFAULT_OVERLAP = 32
 Log = Callable[[str], None]
 
 
@@ -89,11 +93,7 @@ def resolve_dtype(dtype: str, device: torch.device, spec: EngineSpec) -> torch.d
         if "bfloat16" in spec.cuda_dtypes and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return torch.float16 if "float16" in spec.cuda_dtypes else torch.float32
-    names = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-    name = names.get(dtype, dtype)
-    if name not in ("float32", "float16", "bfloat16"):
-        raise ValueError(f"unknown dtype '{dtype}'; use auto, fp32, fp16 or bf16")
-    chosen = getattr(torch, name)
+    chosen = getattr(torch, dtype_name(dtype))
     if device.type == "cpu":
         check_cpu_dtype(chosen)
         return cpu_engine_dtype(spec.parts, chosen)
@@ -187,14 +187,17 @@ def choose_engine(
     **options: Any,
 ) -> EngineChoice:
     """Check a model request (name, device, dtype, tile, the model's own options) in well under a second."""
-    engine_class, spec = get_engine(model)
-    tile_value = parse_tile(tile, tile_overlap)
-    if isinstance(tile_value, int) and spec.tiling != "pixel":
-        raise ValueError(f"--tile sets pixel tiles, but '{model}' tiles in latent space; use --latent-tile N")
+    request = check_model_request(model, dtype=dtype, tile=tile, tile_overlap=tile_overlap, **options)
+    return engine_choice(request, device)
+
+
+def engine_choice(request: ModelRequest, device: str | torch.device) -> EngineChoice:
+    """A checked model request on a device: what that device and precision allow is checked here (PyTorch)."""
+    engine_class, spec = get_engine(request.model)
     torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device, spec)
-    engine_options = build_options(engine_class.options_class, options, owner=f"this model ({model})")
-    return EngineChoice(engine_class, spec, torch_device, torch_dtype, engine_options, tile_value, tile_overlap)
+    torch_dtype = resolve_dtype(request.dtype, torch_device, spec)
+    return EngineChoice(engine_class, spec, torch_device, torch_dtype, request.options, request.tile,
+                        request.tile_overlap)  # fmt: skip
 
 
 def add_model(
@@ -372,55 +375,6 @@ def resize_array(array: np.ndarray, width: int, height: int, resize_filter: str)
 # Batches of files
 
 
-@dataclass
-class FileResult:
-    input: str
-    status: str
-    """ok | skipped | failed | not run (the batch was interrupted first)"""
-    outputs: list[str] = field(default_factory=list)
-    error: str | None = None
-    seconds: float = 0.0
-
-
-@dataclass
-class BatchReport:
-    model: str
-    results: list[FileResult] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    left_out: list[str] = field(default_factory=list)
-    """Earlier srkit outputs found among the inputs and not upscaled again (see srkit.batch)."""
-    error: str | None = None
-    """Why the batch stopped as a whole (an interruption); per-file errors live in `results`."""
-    processes: int = 1
-    """How many processes (torchrun ranks) shared the files."""
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None and all(r.status in ("ok", "skipped") for r in self.results)
-
-    def counts(self) -> dict[str, int]:
-        return {s: sum(r.status == s for r in self.results) for s in ("ok", "skipped", "failed", "not run")}
-
-    def to_json(self) -> dict:
-        document = {
-            "model": self.model,
-            "counts": self.counts(),
-            "files": [r.__dict__ for r in self.results],
-            "left_out": self.left_out,
-            "warnings": self.warnings,
-            "processes": self.processes,
-        }
-        return document | ({"error": self.error} if self.error is not None else {})
-
-
-class BatchInterrupted(KeyboardInterrupt):
-    """Ctrl-C during a batch: `report` says which files were written and which were not."""
-
-    def __init__(self, report: BatchReport) -> None:
-        super().__init__("interrupted")
-        self.report = report
-
-
 FileCallback = Callable[[FileResult, int, int], None]
 StartCallback = Callable[[str, int, int], None]
 
@@ -453,37 +407,50 @@ def upscale_paths(
 ) -> BatchReport:
     """Upscale files/folders/globs into `output`; each file succeeds or fails on its own.
 
-    Before any model loads, every option is checked and every output path planned (srkit.batch); a bad option
+    Before any model loads, every option is checked and every output path planned (srkit.request); a bad option
     or an impossible plan raises ValueError/KeyError.  `on_plan(plan)` then sees the plan, `on_start(input,
     done, total)` each file before it runs and `on_file(result, done, total)` each result (`total`: this
     process's files to run).  In a process group (torchrun) each rank runs its share and all get the merged
     report.  Ctrl-C raises BatchInterrupted with the report so far.
     """
-    ranks = distributed.current()
-    settings = UpscaleSettings(
-        output=Path(output).expanduser() if output else None, scale=scale, suffix=suffix, ext=ext,
-        recursive=recursive, skip_existing=skip_existing, alpha=alpha, resize_filter=resize_filter,
-        samples=samples, seed=seed, quality=quality,
+    is_main = distributed.current().is_main
+    request = prepare_upscale(
+        inputs, output, model=model, spec=upscaler.spec if upscaler is not None else None,
+        warn=warn if is_main else lambda message: None, scale=scale, suffix=suffix, ext=ext, recursive=recursive,
+        skip_existing=skip_existing, alpha=alpha, resize_filter=resize_filter, samples=samples, seed=seed,
+        quality=quality, **engine_kwargs,
     )  # fmt: skip
+    return run_upscale(request, upscaler=upscaler, on_plan=on_plan, on_start=on_start, on_file=on_file,
+                       progress=progress, warn=warn, weights=weights, offline=offline, device=device)  # fmt: skip
+
+
+def run_upscale(
+    request: UpscaleRequest,
+    *,
+    upscaler: Upscaler | None = None,
+    on_plan: Callable[[BatchPlan], None] | None = None,
+    on_start: StartCallback | None = None,
+    on_file: FileCallback | None = None,
+    progress: Progress | None = None,
+    warn: Log = _stderr,
+    weights: str | Path | None = None,
+    offline: bool | None = None,
+    device: str | torch.device = "auto",
+) -> BatchReport:
+    """Run a checked, planned batch (`srkit.request.prepare_upscale`); see `upscale_paths`."""
+    ranks = distributed.current()
+    plan, settings, spec = request.plan, request.settings, request.spec
     choice = None
     if upscaler is None:
-        device = distributed.rank_device(device, ranks)
-        choice = choose_engine(model, device=device, seed=seed, **engine_kwargs)
-    spec = upscaler.spec if upscaler is not None else choice.spec  # type: ignore[union-attr]
-    if samples > 1 and not spec.stochastic:
-        raise ValueError(f"--samples needs a stochastic model; '{spec.name}' always gives the same output")
-    report = BatchReport(spec.name, processes=ranks.world)
+        assert request.model is not None
+        choice = engine_choice(request.model, distributed.rank_device(device, ranks))  # device and dtype checked
+    report = BatchReport(spec.name, processes=ranks.world, warnings=list(request.warnings))
 
     def note(message: str) -> None:
         report.warnings.append(message)
         warn(message)
 
-    plan = plan_batch(inputs, settings, spec.scale, note if ranks.is_main else lambda message: None)
-    check_output_folders(plan)
     report.left_out = [str(path) for path in plan.left_out]
-    if plan.left_out and ranks.is_main:
-        note(f"left out {len(plan.left_out)} earlier srkit output(s) found among the inputs "
-             f"(e.g. {plan.left_out[0]}); their outputs are replaced, or kept with --skip-existing")  # fmt: skip
     if on_plan:
         on_plan(plan)
     distributed.barrier(ranks)  # every process has planned before any of them writes
@@ -494,8 +461,7 @@ def upscale_paths(
             if result.status == "failed":
                 on_file(result, 0, len(mine))
     results: dict[int, FileResult] = {}
-    if mine and upscaler is None:
-        assert choice is not None
+    if mine and choice is not None:
         upscaler = choice.load(weights, offline, warn)
     if upscaler is not None and progress is not None:
         upscaler.progress = progress
@@ -589,6 +555,8 @@ __all__ = [
     "FileResult",
     "Upscaler",
     "choose_engine",
+    "engine_choice",
     "load_engine",
+    "run_upscale",
     "upscale_paths",
 ]

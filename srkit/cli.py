@@ -1,4 +1,8 @@
-"""The `srkit` command line: parses options and calls srkit.api / srkit.registry; no model logic lives here."""
+"""The `srkit` command line: parses options and calls srkit.api / srkit.registry; no model logic lives here.
+
+Importing PyTorch takes seconds, so this module does not: every option of `srkit upscale` is checked and its batch
+planned (srkit.request) before a command imports srkit.api, and a typo is refused in a fraction of a second.
+"""
 
 from __future__ import annotations
 
@@ -30,18 +34,52 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from srkit import __version__, api, distributed, registry
+from srkit import __version__, registry
 from srkit.batch import BatchPlan
 from srkit.common import field_docs, one_line
 from srkit.degrade.cli import degrade
+from srkit.distributed import launched_ranks
 from srkit.engines.base import get_engine, model_names, user_models
+from srkit.engines.catalogue import DEFAULT_MODEL
+from srkit.report import BatchInterrupted, BatchReport, FileResult
+from srkit.request import DEFAULT_OVERLAP, prepare_upscale
 from srkit.train.recipes import RECIPES, built_recipes, describe_settings, describe_training
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Super-resolution: GAN and one-step diffusion models.")
-weights_app = typer.Typer(no_args_is_help=True, help="List, fetch, verify, import and add model weights.")
-app.add_typer(weights_app, name="weights")
 err = Console(stderr=True, soft_wrap=True)  # one message = one line, whatever the width
 out = Console(width=None if sys.stdout.isatty() else 200)  # pipes and files get whole lines
+PARSER_ERROR = next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "ClickException")
+"""The base of the option parser's own errors (an unknown option, a value of the wrong type, a missing value)."""
+
+
+class _Commands(typer.core.TyperGroup):
+    """srkit's command group: the parser's own errors are one line, `error: ...`, like srkit's checks (Typer would
+    frame them in a box under the usage), with the parser's exit code (2)."""
+
+    def main(self, args: Any = None, prog_name: Any = None, complete_var: Any = None, standalone_mode: bool = True,
+             **extra: Any) -> Any:  # fmt: skip
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except typer.Abort:
+            err.print("aborted", highlight=False)
+            sys.exit(1)
+        except PARSER_ERROR as exc:
+            message = exc.format_message().strip()
+            if "\n" in message:  # `no_args_is_help`: the message is the help text itself
+                exc.show()
+            elif message:  # (empty: the help was shown already)
+                context = getattr(exc, "ctx", None)
+                where = f" (see `{context.command_path} --help`)" if context is not None else ""
+                err.print(f"[bold red]error:[/] {escape(message)}{escape(where)}", highlight=False)
+            sys.exit(exc.exit_code)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = typer.Typer(cls=_Commands, add_completion=False, no_args_is_help=True,
+                  help="Super-resolution: GAN and one-step diffusion models.")  # fmt: skip
+weights_app = typer.Typer(no_args_is_help=True, help="List, fetch, verify, import and add model weights.")
+app.add_typer(weights_app, name="weights")
 
 
 MODELS_WIDTH = 80
@@ -133,11 +171,11 @@ ENGINE_OPTIONS_HELP = (
 def upscale(
     inputs: Annotated[list[str], typer.Argument(help=ENGINE_OPTIONS_HELP)],
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Output file (one input) or folder.")] = None,
-    model: Annotated[str, typer.Option("-m", "--model", help="Model name; see `srkit models`.")] = api.DEFAULT_MODEL,
+    model: Annotated[str, typer.Option("-m", "--model", help="Model name; see `srkit models`.")] = DEFAULT_MODEL,
     scale: Annotated[float | None, typer.Option("-s", "--scale", help="Output scale (default: the model's).")] = None,
     resize_filter: Annotated[str, typer.Option("--resize-filter", help="Filter for the final resize to --scale.")] = "lanczos",
     tile: Annotated[str, typer.Option("--tile", help="Pixel tile size: auto, a number, or 0 for none.")] = "auto",
-    tile_overlap: Annotated[int, typer.Option("--tile-overlap", help="Tile overlap in input pixels.")] = api.DEFAULT_OVERLAP,
+    tile_overlap: Annotated[int, typer.Option("--tile-overlap", help="Tile overlap in input pixels.")] = DEFAULT_OVERLAP,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="auto (bf16/fp16 on CUDA; on the CPU what `srkit info` shows), fp32 (every part), fp16, bf16.")] = "auto",
     weights: Annotated[Path | None, typer.Option("--weights", help="Use this checkpoint instead of the registry's.")] = None,
@@ -155,26 +193,29 @@ def upscale(
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No progress bars or messages.")] = False,
 ) -> None:
     """Upscale images with a model (default: Real-ESRGAN x4plus, embedded, works offline)."""
-    ranks = distributed.launched_ranks()
+    ranks = launched_ranks()
     log = (lambda message: None) if quiet or not ranks.is_main else (
         lambda message: err.print(message, highlight=False, markup=False))  # fmt: skip
-    stop = (lambda message, code: _json_stop(api.BatchReport(model, error=message), code)) if as_json else _fail
+    stop = (lambda message, code: _json_stop(BatchReport(model, error=message), code)) if as_json else _fail
     show_progress = not (quiet or as_json) and ranks.is_main and err.is_terminal
     try:
         paths, flags = split_engine_flags(inputs)
-        engine_options = _engine_options(option, flags)
+        request = prepare_upscale(
+            paths, output, model=model, warn=log, scale=scale, suffix=suffix, ext=ext, recursive=recursive,
+            skip_existing=skip_existing, alpha=alpha, resize_filter=resize_filter, samples=samples, seed=seed,
+            quality=quality, dtype=dtype, tile=tile, tile_overlap=tile_overlap, **_engine_options(option, flags),
+        )  # fmt: skip
+        from srkit import api, distributed  # PyTorch loads here, once every option has been checked
+
         with distributed.process_group(), _offline_env(offline), _file_progress(show_progress) as bar:
-            report = api.upscale_paths(
-                paths, output, model=model, scale=scale, suffix=suffix, ext=ext, recursive=recursive,
-                skip_existing=skip_existing, alpha=alpha, resize_filter=resize_filter, samples=samples, seed=seed,
-                quality=quality, on_plan=bar.plan, on_start=bar.start, on_file=bar.done, progress=bar.stage,
-                warn=log, device=device, dtype=dtype, weights=weights, tile=tile, tile_overlap=tile_overlap,
-                **engine_options,
+            report = api.run_upscale(
+                request, on_plan=bar.plan, on_start=bar.start, on_file=bar.done, progress=bar.stage, warn=log,
+                device=device, weights=weights,
             )  # fmt: skip
-    except api.BatchInterrupted as exc:
+    except BatchInterrupted as exc:
         _interrupted(exc.report, as_json)
     except KeyboardInterrupt:
-        _interrupted(api.BatchReport(model, error="interrupted"), as_json)
+        _interrupted(BatchReport(model, error="interrupted"), as_json)
     except (CliError, ValueError, KeyError, registry.WeightsError) as exc:
         stop(one_line(exc), 2)
     if not ranks.is_main:
@@ -191,20 +232,20 @@ def upscale(
         raise typer.Exit(1)
 
 
-def _json_stop(report: api.BatchReport, code: int) -> None:
+def _json_stop(report: BatchReport, code: int) -> None:
     """`--json` answers every run with one JSON object on stdout, a fatal one included (its `error` says why)."""
     print(json.dumps(report.to_json(), indent=2))
     raise typer.Exit(code)
 
 
-def _interrupted(report: api.BatchReport, as_json: bool) -> None:
+def _interrupted(report: BatchReport, as_json: bool) -> None:
     """Ctrl-C: what was written and what was not, exit code 130 (outputs are atomic: nothing is half-written)."""
     if as_json:
         _json_stop(report, 130)
     written = [r for r in report.results if r.status == "ok"]
     pending = [r for r in report.results if r.status == "not run"]
 
-    def names(results: list[api.FileResult]) -> str:
+    def names(results: list[FileResult]) -> str:
         shown = ", ".join(Path(r.input).name for r in results[:10])
         return shown + (f" and {len(results) - 10} more" if len(results) > 10 else "")
 
@@ -242,7 +283,7 @@ class _FileProgress:
     def start(self, name: str, done: int, total: int) -> None:
         self.progress.update(self.files, description=Path(name).name, completed=done, total=total)
 
-    def done(self, result: api.FileResult, done: int, total: int) -> None:
+    def done(self, result: FileResult, done: int, total: int) -> None:
         self.progress.update(self.files, completed=done, total=total)
         for task in self.stages.values():
             self.progress.update(task, visible=False)
@@ -382,6 +423,7 @@ def info(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """This machine's CPU features and, per model and network part, the precision and kernels it runs with."""
+    from srkit import api
     from srkit.cpu_features import cpu_auto_dtype, detect, dtype_name
 
     cpu = detect()
@@ -500,6 +542,8 @@ def weights_add(
     replace: Annotated[bool, typer.Option("--replace", help="Replace an entry of that name (yours, a team's, or a built-in one).")] = False,
 ) -> None:
     """Name your own weights (e.g. `srkit finetune`'s export) so that upscale, benchmark, models and verify use them."""
+    from srkit import api
+
     try:
         entry = api.add_model(name, path, engine=engine, sha256=sha256, licence=licence,
                               registry_file=registry_file, replace=replace)  # fmt: skip
@@ -567,6 +611,7 @@ def benchmark(
     quiet: Annotated[bool, typer.Option("-q", "--quiet")] = False,
 ) -> None:
     """Score models (or another tool's outputs) by the papers' protocol: quality, time and memory per image."""
+    from srkit import distributed
     from srkit.bench import datasets, runner
 
     if list_sets:
@@ -612,7 +657,7 @@ def tag(
 
     log = (lambda message: None) if quiet or as_json else (lambda message: err.print(message, highlight=False, markup=False))
 
-    def on_file(result: api.FileResult, done: int, total: int) -> None:
+    def on_file(result: FileResult, done: int, total: int) -> None:
         if result.status == "failed":
             err.print(f"[red]failed[/] {escape(result.input)}: {escape(result.error or '')}", highlight=False)
 
@@ -644,7 +689,16 @@ RECIPE_HELP = "; ".join(f"{name}: {spec.description}" for name, spec in RECIPES.
 DISTILL_HELP = "; ".join(f"{name}: {spec.description}" for name, spec in RECIPES.items() if spec.command == "distill")
 
 
-@app.command()
+class _RecipeCommand(typer.core.TyperCommand):
+    """`finetune` and `distill`: --help lists every built recipe's hyper-parameters, read from the recipe modules,
+    which import PyTorch; so they are read when the help is shown, not when the command line starts."""
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        self.help = (self.help or "") + _settings_help(self.name or "")
+        super().format_help(ctx, formatter)
+
+
+@app.command(cls=_RecipeCommand)
 def finetune(
     recipe: Annotated[str, typer.Option("--recipe", help=RECIPE_HELP)],
     data: Annotated[Path, typer.Option("--data", help="Folder of HR images (degraded on the fly).")],
@@ -712,9 +766,6 @@ def _settings_help(command: str) -> str:
     return "".join(f"\n\n{escape(text)}" for text in paragraphs)
 
 
-finetune.__doc__ = (finetune.__doc__ or "") + _settings_help("finetune")
-
-
 def distill(**arguments: Any) -> None:
     _train("distill", arguments)
 
@@ -732,8 +783,8 @@ distill.__doc__ = (
     "Distil a one-step GenDR model (CiD / CiDA) from a diffusion base; the result loads with "
     "`srkit upscale --model gendr --weights OUT/export`. --recipe: " + DISTILL_HELP + ". "
     "Same options as `finetune`; --lr defaults to the paper's 1e-5."
-) + _settings_help("distill")
-app.command()(distill)
+)
+app.command(cls=_RecipeCommand)(distill)
 
 
 def main() -> None:

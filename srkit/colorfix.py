@@ -18,8 +18,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from srkit.option_values import COLOR_FIXES
+
 ColorFix = Literal["wavelet", "adain", "none"]
-COLOR_FIXES: tuple[str, ...] = ("wavelet", "adain", "none")
 
 _BINOMIAL = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]) / 16
 

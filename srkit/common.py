@@ -15,9 +15,10 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 def _umask() -> int:
@@ -67,7 +68,10 @@ def one_line(exc: BaseException) -> str:
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """`auto` = CUDA when PyTorch sees a GPU, else the CPU; an unusable request is a clear ValueError."""
+    """`auto` = CUDA when PyTorch sees a GPU, else the CPU; an unusable request is a clear ValueError.  (PyTorch is
+    imported here, not with the module: the helpers above serve the command line before PyTorch loads.)"""
+    import torch
+
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

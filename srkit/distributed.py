@@ -5,6 +5,9 @@ sorted file list, takes every N-th item from its rank on, and the per-rank resul
 order, so N processes write exactly the files (and the report) one process would.  The launchers describe the
 group in the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT); a gloo group carries the small Python
 objects to gather on CPUs and GPUs alike.  Without a launcher everything here is a no-op for one process.
+
+PyTorch is imported by the functions that talk to the group, not with the module: the command line asks which rank
+it is (`launched_ranks`) while it checks options, before PyTorch loads.
 """
 
 from __future__ import annotations
@@ -13,9 +16,10 @@ import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 T = TypeVar("T")
 
@@ -46,6 +50,8 @@ def launched_ranks() -> Ranks:
 
 def current() -> Ranks:
     """The ranks of the initialised process group, else one process."""
+    import torch.distributed
+
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return Ranks(torch.distributed.get_rank(), torch.distributed.get_world_size(), launched_ranks().local_rank)
     return Ranks()
@@ -54,6 +60,8 @@ def current() -> Ranks:
 @contextmanager
 def process_group() -> Iterator[Ranks]:
     """Join the launcher's group for the duration of a command (nothing to join for one process)."""
+    import torch.distributed
+
     ranks = launched_ranks()
     if ranks.world == 1 or torch.distributed.is_initialized():
         yield current()
@@ -73,6 +81,8 @@ def all_gather(value: Any, ranks: Ranks) -> list[Any]:
     """Every rank's `value`, in rank order, on every rank."""
     if ranks.world == 1:
         return [value]
+    import torch.distributed
+
     gathered: list[Any] = [None] * ranks.world
     torch.distributed.all_gather_object(gathered, value)
     return gathered
@@ -81,11 +91,15 @@ def all_gather(value: Any, ranks: Ranks) -> list[Any]:
 def barrier(ranks: Ranks) -> None:
     """Wait until every rank got here (e.g. all have planned before any writes)."""
     if ranks.world > 1:
+        import torch.distributed
+
         torch.distributed.barrier()
 
 
 def rank_device(device: str | torch.device, ranks: Ranks) -> str | torch.device:
     """`auto` with several processes on a machine with GPUs: one GPU per process (by local rank)."""
+    import torch
+
     if str(device) == "auto" and ranks.world > 1 and torch.cuda.is_available():
         return f"cuda:{ranks.local_rank % torch.cuda.device_count()}"
     return device

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 
 from srkit import registry
-from srkit.api import BatchReport, FileResult
 from srkit.batch import InputFile, Log, collect_inputs
 from srkit.common import atomic_path, one_line, resolve_device
 from srkit.imageio import ImageReadError, read_image
+from srkit.report import BatchReport, FileResult
 from srkit.taggers import TAGGER_WEIGHTS, Tagger, build_tagger
 
 

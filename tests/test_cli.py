@@ -287,7 +287,7 @@ def test_library_warnings_become_one_srkit_line(tmp_path, monkeypatch):
         warnings.warn("TypedStorage is deprecated.\nIt will be removed in the future.", UserWarning, stacklevel=1)
         return api.BatchReport("m", [api.FileResult("a.png", "ok")])
 
-    monkeypatch.setattr(api, "upscale_paths", warn_like_a_library)
+    monkeypatch.setattr(api, "run_upscale", warn_like_a_library)
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         result = invoke("upscale", "a.png")

@@ -10,11 +10,11 @@ import pytest
 import torch
 from conftest import smooth_image
 
-from srkit.degrade import DegradationConfig, DegradationPipeline, StageConfig
-from srkit.degrade.config import MIXED_KERNELS
+from srkit.degrade.config import MIXED_KERNELS, DegradationConfig, StageConfig
 from srkit.degrade.filters import resize
 from srkit.degrade.jpeg import jpeg_compress
 from srkit.degrade.noise import gaussian_noise, poisson_noise
+from srkit.degrade.pipeline import DegradationPipeline
 from srkit.degrade.sampling import sample_seed
 
 

@@ -16,7 +16,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "srkit"
 BUILDING_BLOCKS = ("diffusion", "nn", "taggers", "convert", "imageio.py", "tiling.py", "alpha.py", "colorfix.py",
                    "common.py", "registry.py", "toml_text.py", "cpu_memory.py", "cpu_features.py", "degrade",
-                   "batch.py", "distributed.py", "checkpoints.py")  # fmt: skip
+                   "batch.py", "distributed.py", "checkpoints.py", "option_values.py", "report.py")  # fmt: skip
 FORBIDDEN = {
     "building block": ("srkit.engines", "srkit.train", "srkit.api", "srkit.cli", "srkit.bench"),
     "engine": ("srkit.cli", "srkit.train", "srkit.api"),

@@ -1,6 +1,5 @@
-"""Real-ESRGAN second-order degradation: synthesise LR images from HR ones, seeded per sample, CPU or CUDA."""
+"""Real-ESRGAN second-order degradation: synthesise LR images from HR ones, seeded per sample, CPU or CUDA.
 
-from srkit.degrade.config import DegradationConfig, StageConfig
-from srkit.degrade.pipeline import DegradationPipeline
-
-__all__ = ["DegradationConfig", "DegradationPipeline", "StageConfig"]
+`srkit.degrade.config` (the published settings, no PyTorch) and `srkit.degrade.pipeline` (the synthesis); the
+package imports neither, so reading a configuration never loads PyTorch.
+"""

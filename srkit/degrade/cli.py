@@ -1,19 +1,23 @@
-"""`srkit degrade`: the Typer command that builds LR/HR pairs; registered on the main app by srkit/cli.py."""
+"""`srkit degrade`: the Typer command that builds LR/HR pairs; registered on the main app by srkit/cli.py.
+
+The synthesis (PyTorch) is imported when the command runs, after its options were checked: the command line
+imports this module at start-up, and a typo should be refused in a fraction of a second.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
-import torch
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from srkit.common import resolve_device
-from srkit.degrade.config import DegradationConfig
-from srkit.degrade.pairs import CROP_MODES, write_pairs
-from srkit.degrade.pipeline import DegradationPipeline
+from srkit.degrade.config import CROP_MODES, DegradationConfig
+
+if TYPE_CHECKING:
+    import torch
 
 err = Console(stderr=True, soft_wrap=True)  # one message = one line, whatever the terminal width
 
@@ -51,6 +55,9 @@ def degrade(
         settings = DegradationConfig.from_toml(config) if config is not None else DegradationConfig()
     except ValueError as exc:
         _fail(str(exc))
+    from srkit.degrade.pairs import write_pairs
+    from srkit.degrade.pipeline import DegradationPipeline
+
     counts = write_pairs(hr_dir, out, DegradationPipeline(settings, scale), seed, crop=crop, crop_mode=crop_mode,
                          device=_device(device),
                          warn=lambda message: err.print(f"[yellow]warning:[/] {escape(message)}", highlight=False))

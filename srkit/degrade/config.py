@@ -24,8 +24,15 @@ from typing import Any
 
 import tomllib
 
-from srkit.degrade.kernels import KERNEL_KINDS
+GAUSSIAN_FAMILIES = {"iso": "gaussian", "aniso": "gaussian", "generalized_iso": "generalized",
+                     "generalized_aniso": "generalized", "plateau_iso": "plateau", "plateau_aniso": "plateau"}
+"""Kernel kinds of the published `kernel_list`, mapped to the formula they use."""
+KERNEL_KINDS = (*GAUSSIAN_FAMILIES, "sinc")
+"""Every kernel kind (listed here, not with the kernels, so that checking a configuration needs no PyTorch)."""
 
+
+CROP_MODES = ("center", "random")
+"""`srkit degrade --crop-mode`: where `--crop` cuts."""
 RESIZE_MODES = ("area", "bilinear", "bicubic")
 """Interpolation modes drawn uniformly for every resize, as in the reference."""
 MIXED_KERNELS = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso")

@@ -20,10 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-GAUSSIAN_FAMILIES = {"iso": "gaussian", "aniso": "gaussian", "generalized_iso": "generalized",
-                     "generalized_aniso": "generalized", "plateau_iso": "plateau", "plateau_aniso": "plateau"}
-"""Kernel kinds of the published `kernel_list`, mapped to the formula they use."""
-KERNEL_KINDS = (*GAUSSIAN_FAMILIES, "sinc")
+from srkit.degrade.config import GAUSSIAN_FAMILIES, KERNEL_KINDS
 
 
 def _grid(size: int) -> tuple[torch.Tensor, torch.Tensor]:

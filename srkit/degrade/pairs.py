@@ -16,11 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from srkit.degrade.config import CROP_MODES
 from srkit.degrade.pipeline import DegradationPipeline
 from srkit.degrade.sampling import CROP_STREAM, sample_generator
 from srkit.imageio import ImageData, is_image_path, read_image, write_image
-
-CROP_MODES = ("center", "random")
 
 
 @dataclass

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from srkit.nn.tiled_vae import VAETiling, tiled_decode, tiled_encode
+from srkit.option_values import LATENT_MODES
 
 LatentMode = Literal["sample", "mode"]
-LATENT_MODES: tuple[str, ...] = ("sample", "mode")
 
 
 def pad_to_multiple(image: torch.Tensor, multiple: int, mode: str = "reflect") -> tuple[torch.Tensor, tuple[int, int]]:

@@ -18,9 +18,9 @@ from typing import Literal
 import torch
 
 from srkit.cpu_features import Kernels, kernels_for
+from srkit.option_values import ATTENTION_BACKENDS, check_attention
 
 AttentionBackend = Literal["sdpa", "xformers"]
-ATTENTION_BACKENDS: tuple[str, ...] = ("sdpa", "xformers")
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
@@ -123,21 +123,6 @@ def set_attention(module: torch.nn.Module, backend: str, device: torch.device) -
         module.set_attn_processor(AttnProcessor2_0())
     else:
         module.enable_xformers_memory_efficient_attention()
-
-
-def check_attention(backend: str, device: torch.device | None = None) -> None:
-    """Refuse an unknown backend, and xformers without CUDA (on `device`, or on this machine when it is not known
-    yet) or without the package, with one clear line."""
-    if backend not in ATTENTION_BACKENDS:
-        raise ValueError(f"unknown attention backend '{backend}'; use {' or '.join(ATTENTION_BACKENDS)}")
-    if backend == "xformers":
-        on_cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
-        if not on_cuda:
-            raise ValueError("--attention xformers needs a CUDA device; use --attention sdpa")
-        try:
-            import xformers  # noqa: F401
-        except ImportError:
-            raise ValueError("--attention xformers needs the xformers package: pip install 'srkit[cuda]'") from None
 
 
 def maybe_compile(fn: Callable, enabled: bool) -> Callable:

@@ -11,14 +11,12 @@ from pathlib import Path
 import torch
 
 from srkit.diffusion.loading import SDLoadError, has_text_encoder, require_part
+from srkit.option_values import QUALITY_PROMPT
 
 PROMPT_KEY = "prompt"
 """Key of the positive prompt in a precomputed embeddings file of the OSEDiff family."""
 NEGATIVE_KEY = "neg"
 """Key of the negative prompt in a precomputed embeddings file."""
-QUALITY_PROMPT = "clean, high-resolution, 8k"
-"""The quality text of the SD2-based SR codebases: GDPO-SR's `--prompt`, SeeSR's `--added_prompt`, ConsisSR's
-positive prompt."""
 
 
 def compose_prompt(tags: str, prompt: str, added: str = "") -> str:

@@ -7,53 +7,20 @@ bit depth, final resizing and writing are done around it by `srkit.api`, so no e
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar
 
-import torch
+from srkit.engines.catalogue import CATALOGUE, EngineSpec, TilingSpace, describe, model_names, user_models
+from srkit.engines.options import EngineOptions
 
-from srkit import registry
+if TYPE_CHECKING:  # the contract is readable, and the catalogue usable, before PyTorch loads
+    import torch
 
-TilingSpace = Literal["pixel", "latent"]
 Progress = Callable[[str, int, int], None]
 """(what, done, total): engines report sampler "steps" and latent "tiles"; the api reports pixel "tiles"."""
-
-
-@dataclass(frozen=True)
-class EngineSpec:
-    """What a model is, independent of its weights: what `srkit models` prints and the api plans with."""
-
-    name: str
-    scale: int
-    steps: int
-    weights: tuple[str, ...]
-    """Registry keys (weights.toml) the model needs, main checkpoint first."""
-    licence: str
-    description: str
-    tiling: TilingSpace = "pixel"
-    cuda_dtypes: tuple[str, ...] = ("float16", "bfloat16", "float32")
-    stochastic: bool = False
-    parts: tuple[str, ...] = ("other",)
-    """Its network parts as `srkit.cpu_features` names them ("gan", "unet", "vae", ...): what `srkit info` lists
-    with the dtype and CPU kernels each gets (the engine prepares each part under that name)."""
-
-
-@dataclass
-class EngineOptions:
-    """Options every engine accepts; engines subclass this with their own typed fields (CLI `--name value` and
-    `-O name=value`).  Values are checked when the options are built, before any weights are read."""
-
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise ValueError (one line, naming the option) for a bad value; subclasses extend it."""
 
 
 @dataclass(frozen=True)
@@ -76,7 +43,8 @@ class WeightsSet:
 
 
 class Engine:
-    """Base class of every engine. Subclasses set `options_class` and implement the two methods below."""
+    """Base class of every engine.  Subclasses implement the two methods below; `register` gives each its spec and
+    options class from the catalogue."""
 
     spec: ClassVar[EngineSpec]
     options_class: ClassVar[type[EngineOptions]] = EngineOptions
@@ -115,73 +83,32 @@ class Engine:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Registry of model names.  Engine modules are imported lazily so that `import srkit` and the embedded GAN default
-# never import diffusers/transformers.
+# Model name -> engine class.  Engine modules are imported on first use, so that `import srkit` and the embedded GAN
+# default never import diffusers/transformers.
 
-_MODULES: dict[str, str] = {}
-"""model name -> module that registers it (filled by `declare`)."""
-_ENGINES: dict[str, tuple[type[Engine], EngineSpec]] = {}
+_ENGINES: dict[str, type[Engine]] = {}
 
 
-def declare(module: str, *names: str) -> None:
-    """Tell the registry which module registers which model names, without importing it."""
-    for name in names:
-        _MODULES[name] = module
-
-
-def register(spec: EngineSpec):
-    """Class decorator: register `cls` under `spec.name` (apply several times for several model names)."""
+def register(name: str):
+    """Class decorator: `cls` runs the catalogue's model `name`, with that model's spec and options class."""
 
     def wrap(cls: type[Engine]) -> type[Engine]:
-        _ENGINES[spec.name] = (cls, spec)
+        model = CATALOGUE[name]
+        cls.spec, cls.options_class = model.spec, model.options
+        _ENGINES[name] = cls
         return cls
 
     return wrap
 
 
-def model_names() -> list[str]:
-    """The built-in models (user models: `user_models`)."""
-    return sorted(_MODULES)
-
-
-def user_models() -> list[str]:
-    """Your registry entries (not overrides of built-in ones) that name a model as their engine: each is a model
-    of its own (`--model NAME`)."""
-    reg = registry.load_registry()
-    builtin = reg.builtin_names | _MODULES.keys()
-    return sorted(n for n, e in reg.entries.items() if n not in builtin and e.engine in _MODULES)
-
-
 def get_engine(name: str) -> tuple[type[Engine], EngineSpec]:
     """The engine class and spec of a model name, or of a user model; a clear error lists the known names."""
-    if name not in _ENGINES:
-        module = _MODULES.get(name)
-        if module is None:
-            return _user_model(name)
-        importlib.import_module(module)
-        if name not in _ENGINES:
-            raise RuntimeError(f"module {module} did not register model '{name}'")
-    return _ENGINES[name]
-
-
-def _user_model(name: str) -> tuple[type[Engine], EngineSpec]:
-    """A user entry run by the engine it names, with the entry as the main checkpoint (the engine's other weights
-    come from their own entries).  The engine class reads the main checkpoint under its own key; the api
-    resolves it from `spec.weights[0]`, the user's entry."""
-    reg = registry.load_registry()
-    entry = reg.entries.get(name)
-    if entry is None or name in reg.builtin_names:
-        known = ", ".join(model_names() + user_models())
-        raise KeyError(f"unknown model '{name}'; known models: {known}")
-    if entry.engine not in _MODULES:
-        raise KeyError(f"'{name}' ({entry.where}) names engine '{entry.engine}', which is not a model; "
-                       f"use one of: {', '.join(model_names())}")  # fmt: skip
-    engine_class, spec = get_engine(entry.engine)
-    description = f"your {entry.engine} model" + (f": {entry.notes}" if entry.notes else "")
-    user_spec = dataclasses.replace(
-        spec, name=name, weights=(name, *spec.weights[1:]), licence=entry.licence, description=description
-    )
-    return engine_class, user_spec
+    engine_name, model = describe(name)
+    if engine_name not in _ENGINES:
+        importlib.import_module(model.module)
+        if engine_name not in _ENGINES:
+            raise RuntimeError(f"module {model.module} did not register model '{engine_name}'")
+    return _ENGINES[engine_name], model.spec
 
 
 __all__ = [
@@ -189,8 +116,8 @@ __all__ = [
     "EngineOptions",
     "EngineSpec",
     "Progress",
+    "TilingSpace",
     "WeightsSet",
-    "declare",
     "get_engine",
     "model_names",
     "register",

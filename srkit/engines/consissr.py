@@ -24,7 +24,6 @@ guidance passes are one batched network call.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,63 +39,21 @@ from srkit.diffusion.samplers.ancestral import (
     generator_draw,
     respaced_timesteps,
 )
-from srkit.diffusion.text import QUALITY_PROMPT
-from srkit.engines.base import EngineSpec, Progress, WeightsSet, get_engine, register
-from srkit.engines.multi_step import MultiStepEngine, MultiStepOptions
+from srkit.engines.base import Progress, WeightsSet, get_engine, register
+from srkit.engines.multi_step import MultiStepEngine
+from srkit.engines.options import SD2_SR_NEGATIVE_PROMPT as NEGATIVE_PROMPT
+from srkit.engines.options import ConsisSROptions
 from srkit.engines.preprocess import through_8bit, upscale_then_auto_resize
 from srkit.registry import WeightsError
 from srkit.tiling import Box, run_tiled
 
-NEGATIVE_PROMPT = "dotted, noise, blur, lowres, smooth"
 SCALE = 4
 PROCESS_SIZE = 512
 """`auto_resize`: an input whose ×4 short side is below this is enlarged to it first (the trained image size:
 8 × the model's latent size)."""
 PAD_MULTIPLE = 64
-STARTS = ("noise", "gan")
-DEFAULT_STEPS = {"noise": 50, "gan": 10}
-DEFAULT_GUIDANCE = {"noise": 5.0, "gan": 4.0}
 GAN_INPUT_TILE = 256
 """The GAN start model runs on input tiles of this size (bounded memory for large inputs)."""
-
-
-@dataclass
-class ConsisSROptions(MultiStepOptions):
-    """steps: 50 (the README), 10 with --start gan (the paper's GAN-Embedding); guidance: 5.0 (the README), 4.0
-    with --start gan (the authors' scripts)."""
-
-    prompt: str = QUALITY_PROMPT
-    negative_prompt: str = NEGATIVE_PROMPT
-    start: str = "noise"
-    """noise: sample from x_T ~ N(0, I) (official inference); gan: GAN-Embedding from a GAN model's output."""
-    start_model: str = "realesrgan-x4plus"
-    """--start gan: the srkit GAN model whose output is the hint, image-token source and start latent."""
-    start_t: float = 0.6
-    """--start gan: t_max as a fraction of 999 (the official `starts`; 0.6 gives t_max = 599)."""
-    latent_tile: int = 64
-    """Fixed by the model: its positional embedding covers exactly a 64×64 latent (the checkpoint decides)."""
-    model_config: str | None = None
-    """An official-layout model yaml (configs/model/cldm.yaml) for a checkpoint of other sizes; default: the
-    released model (SD2.1-base + OpenCLIP ViT-H-14)."""
-    clip_config: str | None = None
-    """An OpenCLIP model config (json) to go with `model_config`; default ViT-H-14."""
-
-    def validate(self) -> None:
-        super().validate()
-        if self.start not in STARTS:
-            raise ValueError(f"start must be one of {', '.join(STARTS)}, got '{self.start}'")
-        if not 0 < self.start_t <= 1:
-            raise ValueError(f"start_t is a fraction of the schedule in (0, 1], got {self.start_t}")
-        if self.latent_tile <= 0:
-            raise ValueError("ConsisSR always runs on latent tiles of the model's size (latent_tile > 0)")
-
-    @property
-    def sampler_steps(self) -> int:
-        return self.steps if self.steps is not None else DEFAULT_STEPS[self.start]
-
-    @property
-    def guidance_scale(self) -> float:
-        return self.guidance if self.guidance is not None else DEFAULT_GUIDANCE[self.start]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -121,20 +78,6 @@ def pad_zeros(image: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------------
 # The engine
 
-SPEC = EngineSpec(
-    name="consissr",
-    scale=SCALE,
-    steps=DEFAULT_STEPS["noise"],
-    weights=("consissr",),
-    licence="Apache-2.0 (ConsisSR code and weights release) + SD2.1 CreativeML-OpenRAIL++-M + OpenCLIP ViT-H MIT",
-    description="ConsisSR: multi-step ControlNet SR on SD2.1 with a hybrid prompt adapter; --start gan: 10-step "
-    "GAN-Embedding",
-    tiling="latent",
-    stochastic=True,
-    parts=("unet", "vae"),
-)
-
-
 class ConsisSRDenoiser:
     """ε of the ControlNet + UNet for latent tiles: context = [image token, text], the hint embedding as a map."""
 
@@ -146,11 +89,8 @@ class ConsisSRDenoiser:
         return self.nets.eps(x, t, context, cond.maps["hint"])
 
 
-@register(SPEC)
+@register("consissr")
 class ConsisSREngine(MultiStepEngine):
-    spec = SPEC
-    options_class = ConsisSROptions
-
     def __init__(self, nets, device: torch.device, dtype: torch.dtype, options: ConsisSROptions, start_engine=None):
         super().__init__(device, dtype, options)
         self.nets = nets

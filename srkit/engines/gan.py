@@ -8,46 +8,15 @@ alpha, gray and bit depth are the api's job.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from spandrel import ImageModelDescriptor, ModelLoader
 
 from srkit.diffusion.runtime import module_dtype, prepare_module
-from srkit.engines.base import Engine, EngineOptions, EngineSpec, Progress, WeightsSet, register
-
-BSD = "BSD-3-Clause"
-
-
-@dataclass
-class GanOptions(EngineOptions):
-    """A feed-forward GAN has no options of its own (only the seed every engine accepts)."""
-
-
-@dataclass
-class DenoiseOptions(GanOptions):
-    """realesr-general-x4v3, the one GAN with a twin to blend with, so the only one that takes a strength."""
-
-    denoise_strength: float = 0.5
-    """1 = the strong-denoise model, 0 = its weak-denoise (wdn) twin."""
-
-    def validate(self) -> None:
-        super().validate()
-        if not 0.0 <= self.denoise_strength <= 1.0:
-            raise ValueError(f"--denoise-strength must be in [0, 1], got {self.denoise_strength}")
-
-
-def _spec(name: str, scale: int, description: str, weights: tuple[str, ...] | None = None) -> EngineSpec:
-    return EngineSpec(
-        name=name,
-        scale=scale,
-        steps=1,
-        weights=weights or (name,),
-        licence=BSD,
-        description=description,
-        parts=("gan",),
-    )
+from srkit.engines.base import Engine, Progress, WeightsSet, register
+from srkit.engines.catalogue import CATALOGUE
+from srkit.engines.options import DenoiseOptions, GanOptions
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -64,8 +33,6 @@ def interpolate_state_dicts(a: dict[str, torch.Tensor], b: dict[str, torch.Tenso
 
 class GanEngine(Engine):
     """Feed-forward SR network: one call per tile, no randomness."""
-
-    options_class = GanOptions
 
     def __init__(self, descriptor: ImageModelDescriptor, device, dtype, options: GanOptions) -> None:
         super().__init__(device, dtype, options)
@@ -98,21 +65,6 @@ class GanEngine(Engine):
         return self.descriptor(batch.to(self.device, module_dtype(self.descriptor.model)))
 
 
-_MODELS = [
-    ("realesrgan-x4plus", 4, "Real-ESRGAN x4plus: general photos (RRDBNet 23 blocks); the embedded default", None),
-    ("realesrnet-x4plus", 4, "RealESRNet x4plus: the L1-only stage, smoother and more faithful", None),
-    ("realesrgan-x4plus-anime-6b", 4, "Real-ESRGAN anime 6B: illustrations (RRDBNet 6 blocks)", None),
-    ("realesrgan-x2plus", 2, "Real-ESRGAN x2plus: general photos at 2x", None),
-    ("realesr-animevideov3", 4, "realesr-animevideov3: fast compact net for anime video frames", None),
-    (
-        "realesr-general-x4v3",
-        4,
-        "realesr-general-x4v3: small, fast general model; --denoise-strength 0..1",
-        ("realesr-general-x4v3", "realesr-general-wdn-x4v3"),
-    ),
-]
-
-for _name, _scale, _description, _weights in _MODELS:
-    _spec_value = _spec(_name, _scale, _description, _weights)
-    _attributes = {"spec": _spec_value, "options_class": DenoiseOptions if _weights else GanOptions}
-    register(_spec_value)(type(f"Gan_{_name.replace('-', '_')}", (GanEngine,), _attributes))
+for _name, _model in CATALOGUE.items():
+    if _model.module == __name__:
+        register(_name)(type(f"Gan_{_name.replace('-', '_')}", (GanEngine,), {}))

@@ -32,7 +32,8 @@ from srkit.common import atomic_path
 from srkit.diffusion.loading import load_vae
 from srkit.diffusion.samplers.one_step import gendr_update
 from srkit.engines.base import WeightsSet, register
-from srkit.engines.one_step import OneStepEngine, OneStepOptions, one_step_spec
+from srkit.engines.one_step import OneStepEngine
+from srkit.engines.options import GenDROptions
 from srkit.registry import WeightsError
 
 CHECKPOINT_FORMAT = "srkit-gendr"
@@ -49,18 +50,6 @@ OBTAIN = (
     "GenDR's weights are not published: train them with `srkit distill --recipe cida --data HR_DIR -o OUT` "
     "(then `--weights OUT/export`) or pass `--weights FILE`"
 )
-
-
-@dataclass
-class GenDROptions(OneStepOptions):
-    official_8bit: bool = False
-    """No upstream code to match, so the output stays float until it is written."""
-    alpha: float | None = None
-    """ᾱ of the one-step update; None: the checkpoint's value (0.5 unless it says otherwise)."""
-    beta: float | None = None
-    """β̄ of the one-step update; None: the checkpoint's value (0.5 unless it says otherwise)."""
-    timestep: int | None = None
-    """t_s given to the UNet; None: the checkpoint's value (500 unless it says otherwise)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -195,20 +184,8 @@ def prepare_bicubic(batch: torch.Tensor, scale: int = 4) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------------
 # The engine
 
-GENDR_SPEC = one_step_spec(
-    "gendr",
-    ("gendr",),  # the VAE travels with an export, or is the registry entry its checkpoint names (fetched then)
-    "unreleased (yours if srkit-trained) + SD2.1 CreativeML-OpenRAIL++-M, VAE MIT",
-    "GenDR: one-step SD2.1 on a 16-channel VAE (or 4-channel GenDR-style), no text encoder; weights unreleased: "
-    "train with `srkit distill --recipe cida`, then --weights OUT/export",
-)
-
-
-@register(GENDR_SPEC)
+@register("gendr")
 class GenDREngine(OneStepEngine):
-    spec = GENDR_SPEC
-    options_class = GenDROptions
-
     def __init__(self, unet, vae, prompt_embeds, settings: Mapping[str, float], device, dtype, options) -> None:
         super().__init__(unet, vae, prompt_embeds, device, dtype, options)
         # Options win over the checkpoint's trained values, which win over the paper's defaults.

@@ -8,29 +8,13 @@ and swaps only the text for the negative prompt's), and the loop with its progre
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from srkit.diffusion.denoiser import Conditioning, Denoiser, guided, tiled
 from srkit.diffusion.latents import VAETiling
 from srkit.diffusion.samplers.ancestral import AncestralSampler, NoiseDraw, sample
 from srkit.engines.base import Engine, Progress
-from srkit.engines.diffusion import DiffusionOptions
 from srkit.tiling import Box
-
-
-@dataclass
-class MultiStepOptions(DiffusionOptions):
-    steps: int | None = None
-    """Sampler steps; None: the model's default."""
-    guidance: float | None = None
-    """Classifier-free guidance scale; None: the model's default."""
-
-    def validate(self) -> None:
-        super().validate()
-        if self.steps is not None and self.steps < 1:
-            raise ValueError(f"steps must be at least 1, got {self.steps}")
 
 
 class MultiStepEngine(Engine):
@@ -67,4 +51,4 @@ class MultiStepEngine(Engine):
         return sample(self.denoiser(tile, progress), self.sampler, x, cond, draw, progress)
 
 
-__all__ = ["MultiStepEngine", "MultiStepOptions"]
+__all__ = ["MultiStepEngine"]

@@ -8,7 +8,6 @@ shared parts below and in `srkit.diffusion`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -16,7 +15,6 @@ import torch
 from srkit.colorfix import color_fix
 from srkit.diffusion.denoiser import Conditioning, Denoiser, UNetDenoiser, guided, tiled
 from srkit.diffusion.latents import (
-    LATENT_MODES,
     VAETiling,
     crop_to,
     pad_to_multiple,
@@ -32,56 +30,18 @@ from srkit.diffusion.runtime import (
     set_attention,
 )
 from srkit.diffusion.schedule import NoiseSchedule
-from srkit.engines.base import Engine, EngineSpec, Progress
-from srkit.engines.diffusion import DiffusionOptions
-from srkit.engines.prompting import check_tagger_choice
+from srkit.engines.base import Engine, Progress
+from srkit.engines.options import OneStepOptions
 
 Generator = torch.Generator | None
 Noise = torch.Tensor | None
 """Noise an engine would otherwise draw (tests replay upstream's recorded noise)."""
 
 
-@dataclass
-class OneStepOptions(DiffusionOptions):
-    """What every one-step SD engine accepts (CLI: `--color-fix`, `--name value`, `-O key=value`)."""
-
-    latent: str = "sample"
-    """sample: the seeded VAE posterior sample (upstream); mode: its mean (deterministic, not upstream)."""
-
-    def validate(self) -> None:
-        super().validate()
-        if self.latent not in LATENT_MODES:
-            raise ValueError(f"latent must be 'sample' or 'mode', got '{self.latent}'")
-
-
-@dataclass
-class PromptedOptions(OneStepOptions):
-    """Options of the text-conditioned engines of the OSEDiff family (OSEDiff, NAOSD, GDPO-SR)."""
-
-    prompt: str = ""
-    """User text; the model sees "{tags}, {prompt}," as upstream composes it."""
-    tagger: str = "auto"
-    """dape | ram | none: the image tagger whose tags start the prompt (upstream: DAPE on the ×4 input);
-    auto = dape when its weights are cached, else none (with a notice)."""
-    prompt_embeds: str | None = None
-    """A .safetensors file with a precomputed `prompt` embedding (1, 77, D): used instead of the text encoder."""
-
-    def validate(self) -> None:
-        super().validate()
-        check_tagger_choice(self.tagger)
-
-
-def one_step_spec(
-    name: str, weights: tuple[str, ...], licence: str, description: str, parts: tuple[str, ...] = ("unet", "vae")
-) -> EngineSpec:
-    """What every one-step diffusion SR engine is: ×4, one step, latent tiling, seeded draws, a UNet and a VAE."""
-    return EngineSpec(name, 4, 1, weights, licence, description, tiling="latent", stochastic=True, parts=parts)
-
-
 class OneStepEngine(Engine):
     """The shared procedure; subclasses provide `from_weights`, `prepare` and `denoise` (and maybe `condition`)."""
 
-    options_class: ClassVar[type[OneStepOptions]] = OneStepOptions
+    options_class: ClassVar[type[OneStepOptions]]
     pad_multiple: ClassVar[int] = 8
     """The encoder input is reflect-padded to this multiple (and the output cropped back)."""
 
@@ -195,7 +155,4 @@ class OneStepEngine(Engine):
 
 __all__ = [
     "OneStepEngine",
-    "OneStepOptions",
-    "PromptedOptions",
-    "one_step_spec",
 ]

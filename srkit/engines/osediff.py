@@ -31,9 +31,10 @@ from PIL import Image
 
 from srkit.diffusion.loading import load_noise_schedule, load_unet, load_vae
 from srkit.diffusion.samplers.one_step import draw_noise, noise_injected_x0, x0_at
-from srkit.diffusion.text import PROMPT_KEY, QUALITY_PROMPT
+from srkit.diffusion.text import PROMPT_KEY
 from srkit.engines.base import WeightsSet, register
-from srkit.engines.one_step import OneStepEngine, PromptedOptions, one_step_spec
+from srkit.engines.one_step import OneStepEngine
+from srkit.engines.options import NoiseInjectionOptions, OSEDiffOptions, PromptedOptions
 from srkit.engines.preprocess import enlarge_then_upscale, through_8bit
 from srkit.engines.prompting import TagPrompter, chosen_tagger, tag_notice
 from srkit.nn.lora_merge import merge_peft_state
@@ -41,24 +42,8 @@ from srkit.nn.lora_sites import PEFT_DEFAULT_ALPHA
 from srkit.registry import WeightsError
 from srkit.taggers import TAGGER_WEIGHTS, build_tagger
 
-SD21_LICENCE = "SD2.1 CreativeML-OpenRAIL++-M"
-GDPO_LICENCE = "Apache-2.0 (README only, no LICENSE file) + " + SD21_LICENCE
 PROCESS_SIZE = 512
 """Upstream's `--process_size`: inputs whose side is below process_size/scale are enlarged first."""
-
-
-@dataclass
-class OSEDiffOptions(PromptedOptions):
-    timestep: int = 999
-
-
-@dataclass
-class NoiseInjectionOptions(PromptedOptions):
-    prompt: str = QUALITY_PROMPT
-    t_add: int = 250
-    """Timestep the latent is noised to (seeded noise)."""
-    t_diff: int = 100
-    """Timestep the UNet is told, and whose ᾱ turns its ε into x0."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -159,19 +144,8 @@ class OSEDiffCheckpoint:
                 raise WeightsError(f"the OSEDiff checkpoint lists {part} LoRA modules without weights: {absent}")
 
 
-OSEDIFF_SPEC = one_step_spec(
-    "osediff",
-    ("osediff", "sd21-base", "sd21-text"),
-    "Apache-2.0 + " + SD21_LICENCE,
-    "OSEDiff: one-step SD2.1 with LoRA (t=999), faithful real-world SR; --prompt, AdaIN colour fix",
-)
-
-
-@register(OSEDIFF_SPEC)
+@register("osediff")
 class OSEDiffEngine(OSEDiffFamily):
-    spec = OSEDIFF_SPEC
-    options_class = OSEDiffOptions
-
     @classmethod
     def from_weights(cls, weights: WeightsSet, device, dtype, options: OSEDiffOptions) -> OSEDiffEngine:
         base = weights["sd21-base"]
@@ -195,8 +169,6 @@ class OSEDiffEngine(OSEDiffFamily):
 class NoiseInjectionEngine(OSEDiffFamily):
     """Merged diffusers UNet/VAE; latent noised to t_add, denoised in one step as if at t_diff."""
 
-    options_class = NoiseInjectionOptions
-
     @classmethod
     def from_weights(cls, weights: WeightsSet, device, dtype, options: NoiseInjectionOptions) -> NoiseInjectionEngine:
         merged, text = weights[cls.spec.weights[0]], weights["sd21-text"]
@@ -216,34 +188,22 @@ class NoiseInjectionEngine(OSEDiffFamily):
         return noise_injected_x0(self.denoiser(progress), self.schedule, latents, noise, o.t_add, o.t_diff, self.prompts)
 
 
-GDPO_SPEC = one_step_spec(
-    "gdpo", ("gdpo", "sd21-text"), GDPO_LICENCE,
-    "GDPO-SR: NAOSD tuned by group preference optimisation; seeded diverse outputs (--samples N)",
-)  # fmt: skip
-NAOSD_SPEC = one_step_spec(
-    "naosd", ("naosd", "sd21-text"), GDPO_LICENCE,
-    "NAOSD: noise-aware one-step SD2.1 (t_add 250, t_diff 100); weights unreleased, --weights DIR",
-)  # fmt: skip
-
-
-@register(GDPO_SPEC)
+@register("gdpo")
 class GDPOEngine(NoiseInjectionEngine):
-    spec = GDPO_SPEC
+    pass
 
 
-@register(NAOSD_SPEC)
+@register("naosd")
 class NAOSDEngine(NoiseInjectionEngine):
-    spec = NAOSD_SPEC
+    pass
 
 
 __all__ = [
     "GDPOEngine",
     "NAOSDEngine",
     "NoiseInjectionEngine",
-    "NoiseInjectionOptions",
     "OSEDiffCheckpoint",
     "OSEDiffEngine",
-    "OSEDiffOptions",
     "prepare_batch",
     "prepare_official",
     "training_input",

@@ -17,12 +17,8 @@ import torch
 
 from srkit import registry
 from srkit.diffusion.text import TextEncoder, compose_prompt, prompt_embeddings
-from srkit.taggers import NO_TAGS_NOTICE, TAGGER_CHOICES, TAGGER_WEIGHTS, Tagger
-
-
-def check_tagger_choice(tagger: str) -> None:
-    if tagger not in TAGGER_CHOICES:
-        raise ValueError(f"tagger must be one of {', '.join(TAGGER_CHOICES)}, got '{tagger}'")
+from srkit.option_values import check_tagger_choice
+from srkit.taggers import NO_TAGS_NOTICE, TAGGER_WEIGHTS, Tagger
 
 
 def chosen_tagger(tagger: str, prompt_embeds: str | None = None) -> str:

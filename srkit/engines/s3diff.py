@@ -30,7 +30,10 @@ from srkit.diffusion.samplers.one_step import x0_at
 from srkit.diffusion.schedule import NoiseSchedule
 from srkit.diffusion.text import NEGATIVE_KEY, prompt_embeddings
 from srkit.engines.base import WeightsSet, register
-from srkit.engines.one_step import OneStepEngine, OneStepOptions, one_step_spec
+from srkit.engines.one_step import OneStepEngine
+from srkit.engines.options import S3DIFF_NEGATIVE_PROMPT as NEGATIVE_PROMPT
+from srkit.engines.options import S3DIFF_POSITIVE_PROMPT as POSITIVE_PROMPT
+from srkit.engines.options import S3DiffOptions
 from srkit.nn.de_net import DegradationEstimator, load_degradation_estimator
 from srkit.nn.dg_lora import DegradationGuidance, DGLoRALayer, Modulation, inject, unet_block, vae_block
 from srkit.nn.lora_sites import UNET_LORA_TARGETS, encoder_regex
@@ -38,41 +41,11 @@ from srkit.nn.lora_sites import UNET_LORA_TARGETS, encoder_regex
 SCALE = 4
 TIMESTEP = 999
 PAD_MULTIPLE = 64
-POSITIVE_PROMPT = (
-    "A high-resolution, 8K, ultra-realistic image with sharp focus, vibrant colors, and natural lighting."
-)
-NEGATIVE_PROMPT = "oil painting, cartoon, blur, dirty, messy, low quality, deformation, low resolution, oversmooth"
 UNET_TARGETS = list(UNET_LORA_TARGETS)
 VAE_TARGETS = encoder_regex()
 UNET_ADAPTER, VAE_ADAPTER = "default", "vae_skip"
 POSITIVE_KEY = "pos"
 """Key of the positive prompt in a precomputed S3Diff embeddings file (the negative one is `neg`)."""
-
-
-@dataclass
-class S3DiffOptions(OneStepOptions):
-    color_fix: str = "wavelet"
-    """wavelet (S3Diff's default) | adain | none, against the bilinear-upsampled input."""
-    guidance: float = 1.07
-    """Classifier-free guidance scale between the positive and negative prompt (1 = positive prompt only)."""
-    blur: float | None = None
-    """Override the estimated blur degree (0 = sharp ... 1 = heavily blurred)."""
-    noise: float | None = None
-    """Override the estimated noise degree (0 = clean ... 1 = very noisy)."""
-    prompt: str = POSITIVE_PROMPT
-    negative_prompt: str = NEGATIVE_PROMPT
-    prompt_embeds: str | None = None
-    """A .safetensors file with `pos` and `neg` embeddings, used instead of the text encoder and the prompts."""
-    lora_merge: bool = True
-    """Merge each image's LoRA into a cached copy of the wrapped weights (faster; one extra copy of those weights
-    in memory, ~3.4 GB for SD-Turbo in fp32); false runs the peft-style unmerged branch (less memory)."""
-
-    def validate(self) -> None:
-        super().validate()
-        for name in ("blur", "noise"):
-            value = getattr(self, name)
-            if value is not None and not 0.0 <= value <= 1.0:
-                raise ValueError(f"--{name} must be a degree in [0, 1], got {value}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -242,19 +215,8 @@ def load_networks(base: str | Path, checkpoint: str | Path, de_net: str | Path) 
 # The engine
 
 
-SPEC = one_step_spec(
-    "s3diff",
-    ("s3diff", "s3diff-de-net", "sd-turbo"),
-    "Apache-2.0 (S3Diff); base SD-Turbo: Stability AI non-commercial research community licence",
-    "S3Diff: one-step diffusion SR on SD-Turbo with degradation-guided LoRA (x4, seeded)",
-    parts=("unet", "vae", "estimator"),
-)
-
-
-@register(SPEC)
+@register("s3diff")
 class S3DiffEngine(OneStepEngine):
-    spec = SPEC
-    options_class = S3DiffOptions
     pad_multiple = PAD_MULTIPLE
 
     def __init__(

@@ -18,7 +18,6 @@ turbo script: the SD-Turbo base, 2 steps, guidance 1.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,72 +30,19 @@ from srkit.diffusion.latents import VAETiling, resize_to, vae_encode
 from srkit.diffusion.loading import load_noise_schedule, load_vae, require_part
 from srkit.diffusion.runtime import inference, maybe_compile, prepare_networks, set_attention
 from srkit.diffusion.samplers.ancestral import AncestralSampler, NoiseDraw, generator_draw
-from srkit.diffusion.text import NEGATIVE_KEY, PROMPT_KEY, QUALITY_PROMPT, prompt_embeddings
-from srkit.engines.base import EngineSpec, Progress, WeightsSet, register
-from srkit.engines.multi_step import MultiStepEngine, MultiStepOptions
+from srkit.diffusion.text import NEGATIVE_KEY, PROMPT_KEY, prompt_embeddings
+from srkit.engines.base import Progress, WeightsSet, register
+from srkit.engines.multi_step import MultiStepEngine
+from srkit.engines.options import SEESR_DEFAULTS, SeeSROptions
 from srkit.engines.preprocess import enlarge_then_upscale, pil_resize, through_8bit
-from srkit.engines.prompting import TagPrompter, check_tagger_choice
+from srkit.engines.prompting import TagPrompter
 from srkit.taggers import TAGGER_WEIGHTS, Tagger, build_tagger
 from srkit.tiling import Box
 
 SCALE = 4
 PROCESS_SIZE = 512
-NEGATIVE_PROMPT = "dotted, noise, blur, lowres, smooth"
 START_TIMESTEP = 999
 """The LR latent is noised to t = 999, whatever the first sampler timestep (981 for 50 steps), as upstream."""
-DEFAULTS = {False: (50, 5.5), True: (2, 1.0)}
-"""turbo -> (steps, guidance)."""
-STARTS = ("lr", "noise")
-SD2_LICENCE = "SD2 CreativeML-OpenRAIL++-M"
-
-
-@dataclass
-class SeeSROptions(MultiStepOptions):
-    """steps: 50 (2 with turbo); guidance: 5.5 (1 with turbo)."""
-
-    prompt: str = ""
-    """User text after the tags: "{tags}, {prompt}," + added_prompt."""
-    added_prompt: str = QUALITY_PROMPT
-    negative_prompt: str = NEGATIVE_PROMPT
-    tagger: str = "dape"
-    """dape (upstream) | ram | none: the tags of the prompt; the image embeddings always come from the tagger model
-    (DAPE for none), which SeeSR cannot run without."""
-    start: str = "lr"
-    """lr: the LR latent noised to t=999 (upstream's default "LR embedding"); noise: pure Gaussian."""
-    conditioning_scale: float = 1.0
-    """ControlNet residual scale."""
-    turbo: bool = False
-    """SeeSR's turbo script: the SD-Turbo base (text encoder, VAE, schedule), 2 steps, guidance 1."""
-    latent_overlap: int = 32
-    """Latent tile overlap (upstream test_seesr.py: 4; RFSR's copy: 32, fewer visible seams)."""
-    prompt_embeds: str | None = None
-    """A .safetensors file with `prompt` and `neg` embeddings instead of the text encoder (no tags then)."""
-
-    def validate(self) -> None:
-        super().validate()
-        check_tagger_choice(self.tagger)
-        if self.start not in STARTS:
-            raise ValueError(f"start must be one of {', '.join(STARTS)}, got '{self.start}'")
-
-    @property
-    def tag_model(self) -> str:
-        """The tagger whose model runs: the one asked for, DAPE for none/auto (its embeddings are needed)."""
-        return "ram" if self.tagger == "ram" else "dape"
-
-
-SPEC = EngineSpec(
-    name="seesr",
-    scale=SCALE,
-    steps=DEFAULTS[False][0],
-    weights=("seesr", "sd2-base"),
-    licence="Apache-2.0 (SeeSR) + " + SD2_LICENCE + "; RAM/DAPE Apache-2.0",
-    description="SeeSR: multi-step ControlNet SR on SD2 prompted by DAPE tags and RAM image tokens; -O turbo=true",
-    tiling="latent",
-    stochastic=True,
-)
-"""Its parts are "other" for `srkit.cpu_features`: fp32 on every CPU.  In bf16 (AMX) the tiny golden SeeSR missed
-the half-precision gate of tests/test_cpu_bf16_golden.py (44.9 dB; 45.4 dB with the VAE in fp32 — too close to
-call a pass), unlike ConsisSR (49.5 dB)."""
 
 
 def prepare_batch(batch: torch.Tensor, process_size: int = PROCESS_SIZE) -> torch.Tensor:
@@ -118,17 +64,14 @@ class SeeSRDenoiser:
         return eps.float()
 
 
-@register(SPEC)
+@register("seesr")
 class SeeSREngine(MultiStepEngine):
-    spec = SPEC
-    options_class = SeeSROptions
-
     def __init__(self, nets, vae, base: Path, prompter: TagPrompter, tagger: Tagger,
                  negative: torch.Tensor, device: torch.device, dtype: torch.dtype, options: SeeSROptions) -> None:  # fmt: skip
         super().__init__(device, dtype, options)
         self.nets, self.vae, self.prompter, self.tagger = nets, vae, prompter, tagger
         self.text_negative = negative
-        steps, guidance = DEFAULTS[options.turbo]
+        steps, guidance = SEESR_DEFAULTS[options.turbo]
         self.guidance_scale = guidance if options.guidance is None else options.guidance
         self.sampler = ddpm_sampler(base, options.steps or steps)
         self.vae_tiling = VAETiling(encoder_tile=options.vae_encoder_tile, decoder_tile=options.vae_decoder_tile)
@@ -159,7 +102,7 @@ class SeeSREngine(MultiStepEngine):
         return cls(nets, load_vae(base), base, prompter, tagger, negative, device, dtype, options)
 
     def to_dtype(self, dtype: torch.dtype) -> None:
-        """UNet and ControlNet (part "unet") and VAE (part "vae") in `dtype` (fp32 on the CPU: see SPEC) with the
+        """UNet and ControlNet (part "unet") and VAE (part "vae") in `dtype` (fp32 on the CPU: see its catalogue entry) with the
         CPU kernels `srkit.cpu_features` chose; the RAM tagger keeps the dtype it was built in."""
         prepare_networks(self.device, dtype, [self.nets.unet, self.nets.controlnet], self.vae)
         self.dtype = dtype
@@ -245,4 +188,4 @@ def ddpm_sampler(base: Path, steps: int) -> AncestralSampler:
     return AncestralSampler.build(scheduler.timesteps.tolist(), load_noise_schedule(base).alphas_cumprod)
 
 
-__all__ = ["NEGATIVE_PROMPT", "SeeSREngine", "SeeSROptions", "prepare_batch"]
+__all__ = ["SeeSREngine", "prepare_batch"]

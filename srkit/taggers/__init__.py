@@ -13,8 +13,8 @@ from typing import Protocol
 
 import torch
 
-TAGGER_CHOICES = ("auto", "dape", "ram", "none")
-"""`--tagger`: auto = dape when its weights are cached (as upstream), else none with a notice."""
+from srkit.option_values import TAGGER_CHOICES
+
 TAGGER_WEIGHTS: dict[str, tuple[str, ...]] = {
     "dape": ("ram-swin-large-14m", "ram-tag-list", "ram-tag-thresholds", "dape"),
     "ram": ("ram-swin-large-14m", "ram-tag-list", "ram-tag-thresholds"),
