@@ -413,31 +413,42 @@ def upscale_paths(
     process's files to run).  In a process group (torchrun) each rank runs its share and all get the merged
     report.  Ctrl-C raises BatchInterrupted with the report so far.
     """
-    is_main = distributed.current().is_main
-    request = prepare_upscale(
-        inputs, output, model=model, spec=upscaler.spec if upscaler is not None else None,
-        warn=warn if is_main else lambda message: None, scale=scale, suffix=suffix, ext=ext, recursive=recursive,
-        skip_existing=skip_existing, alpha=alpha, resize_filter=resize_filter, samples=samples, seed=seed,
-        quality=quality, **engine_kwargs,
+    settings = UpscaleSettings(
+        output=Path(output).expanduser() if output else None, scale=scale, suffix=suffix, ext=ext,
+        recursive=recursive, skip_existing=skip_existing, alpha=alpha, resize_filter=resize_filter,
+        samples=samples, seed=seed, quality=quality,
     )  # fmt: skip
-    return run_upscale(request, upscaler=upscaler, on_plan=on_plan, on_start=on_start, on_file=on_file,
-                       progress=progress, warn=warn, weights=weights, offline=offline, device=device)  # fmt: skip
+    is_main = distributed.current().is_main
+    request = prepare_upscale(inputs, settings, model=model, spec=upscaler.spec if upscaler is not None else None,
+                              warn=warn if is_main else lambda message: None, **engine_kwargs)  # fmt: skip
+    hooks = BatchHooks(on_plan=on_plan, on_start=on_start, on_file=on_file, progress=progress, warn=warn)
+    return run_upscale(request, hooks, upscaler=upscaler, weights=weights, offline=offline, device=device)
+
+
+@dataclass(frozen=True)
+class BatchHooks:
+    """What a batch tells its caller: `on_plan(plan)` once, `on_start(input, done, total)` before and
+    `on_file(result, done, total)` after each file (`total`: this process's files to run), `progress(what, done,
+    total)` per tile and step, `warn(message)` for notes."""
+
+    on_plan: Callable[[BatchPlan], None] | None = None
+    on_start: StartCallback | None = None
+    on_file: FileCallback | None = None
+    progress: Progress | None = None
+    warn: Log = _stderr
 
 
 def run_upscale(
     request: UpscaleRequest,
+    hooks: BatchHooks = BatchHooks(),
     *,
     upscaler: Upscaler | None = None,
-    on_plan: Callable[[BatchPlan], None] | None = None,
-    on_start: StartCallback | None = None,
-    on_file: FileCallback | None = None,
-    progress: Progress | None = None,
-    warn: Log = _stderr,
     weights: str | Path | None = None,
     offline: bool | None = None,
     device: str | torch.device = "auto",
 ) -> BatchReport:
     """Run a checked, planned batch (`srkit.request.prepare_upscale`); see `upscale_paths`."""
+    on_plan, on_start, on_file, progress, warn = hooks.on_plan, hooks.on_start, hooks.on_file, hooks.progress, hooks.warn
     ranks = distributed.current()
     plan, settings, spec = request.plan, request.settings, request.spec
     choice = None
@@ -549,6 +560,7 @@ class _FileJob:
 __all__ = [
     "ALPHA_MODES",
     "RESIZE_FILTERS",
+    "BatchHooks",
     "BatchInterrupted",
     "BatchReport",
     "EngineChoice",

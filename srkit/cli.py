@@ -35,7 +35,7 @@ from rich.progress import (
 from rich.table import Table
 
 from srkit import __version__, registry
-from srkit.batch import BatchPlan
+from srkit.batch import BatchPlan, UpscaleSettings
 from srkit.common import field_docs, one_line
 from srkit.degrade.cli import degrade
 from srkit.distributed import launched_ranks
@@ -74,6 +74,17 @@ class _Commands(typer.core.TyperGroup):
                 err.print(f"[bold red]error:[/] {escape(message)}{escape(where)}", highlight=False)
             sys.exit(exc.exit_code)
         sys.exit(code if isinstance(code, int) else 0)
+
+    def invoke(self, ctx: Any) -> Any:
+        """From here on Ctrl-C is Python's KeyboardInterrupt, which a batch turns into its report (until here,
+        srkit.__main__'s handler ends the process with "interrupted").  Ctrl-C while a command's options are parsed,
+        or in a command with no report of its own: "interrupted", exit code 130 (Typer would exit silently)."""
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            err.print("interrupted", highlight=False)
+            raise typer.Exit(130) from None
 
 
 app = typer.Typer(cls=_Commands, add_completion=False, no_args_is_help=True,
@@ -200,18 +211,18 @@ def upscale(
     show_progress = not (quiet or as_json) and ranks.is_main and err.is_terminal
     try:
         paths, flags = split_engine_flags(inputs)
-        request = prepare_upscale(
-            paths, output, model=model, warn=log, scale=scale, suffix=suffix, ext=ext, recursive=recursive,
-            skip_existing=skip_existing, alpha=alpha, resize_filter=resize_filter, samples=samples, seed=seed,
-            quality=quality, dtype=dtype, tile=tile, tile_overlap=tile_overlap, **_engine_options(option, flags),
+        settings = UpscaleSettings(
+            output=output.expanduser() if output else None, scale=scale, suffix=suffix, ext=ext,
+            recursive=recursive, skip_existing=skip_existing, alpha=alpha, resize_filter=resize_filter,
+            samples=samples, seed=seed, quality=quality,
         )  # fmt: skip
+        request = prepare_upscale(paths, settings, model=model, warn=log, dtype=dtype, tile=tile,
+                                  tile_overlap=tile_overlap, **_engine_options(option, flags))  # fmt: skip
         from srkit import api, distributed  # PyTorch loads here, once every option has been checked
 
         with distributed.process_group(), _offline_env(offline), _file_progress(show_progress) as bar:
-            report = api.run_upscale(
-                request, on_plan=bar.plan, on_start=bar.start, on_file=bar.done, progress=bar.stage, warn=log,
-                device=device, weights=weights,
-            )  # fmt: skip
+            hooks = api.BatchHooks(on_plan=bar.plan, on_start=bar.start, on_file=bar.done, progress=bar.stage, warn=log)
+            report = api.run_upscale(request, hooks, device=device, weights=weights)
     except BatchInterrupted as exc:
         _interrupted(exc.report, as_json)
     except KeyboardInterrupt:
@@ -788,7 +799,6 @@ app.command(cls=_RecipeCommand)(distill)
 
 
 def main() -> None:
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # commands now turn Ctrl-C into their own report
     try:
         app()
     except KeyboardInterrupt:

@@ -83,34 +83,21 @@ class UpscaleRequest:
 
 def prepare_upscale(
     inputs: Iterable[str | Path],
-    output: str | Path | None = None,
+    settings: UpscaleSettings,
     *,
     model: str,
     spec: EngineSpec | None = None,
     warn: Log,
-    scale: float | None = None,
-    suffix: str | None = None,
-    ext: str = "auto",
-    recursive: bool = False,
-    skip_existing: bool = False,
-    alpha: str = "model",
-    resize_filter: str = "lanczos",
-    samples: int = 1,
-    seed: int = 0,
-    quality: int = 95,
     **model_kwargs: Any,
 ) -> UpscaleRequest:
-    """Check every option and plan every output (creating and probing the output folders), without PyTorch.
+    """Check the model request and plan every output (creating and probing the output folders), without PyTorch.
 
-    `spec` is that of an already loaded upscaler (then `model_kwargs` are not used); otherwise `model` and
-    `model_kwargs` (dtype, tile, tile_overlap and the model's own options) are checked as `check_model_request`.
+    `settings` were checked when built.  `spec` is that of an already loaded upscaler (then `model_kwargs` are
+    not used); otherwise `model` and `model_kwargs` (dtype, tile, tile_overlap and the model's own options) are
+    checked as `check_model_request`, with the settings' seed.
     """
-    settings = UpscaleSettings(
-        output=Path(output).expanduser() if output else None, scale=scale, suffix=suffix, ext=ext,
-        recursive=recursive, skip_existing=skip_existing, alpha=alpha, resize_filter=resize_filter,
-        samples=samples, seed=seed, quality=quality,
-    )  # fmt: skip
-    request = None if spec is not None else check_model_request(model, seed=seed, **model_kwargs)
+    samples = settings.samples
+    request = None if spec is not None else check_model_request(model, seed=settings.seed, **model_kwargs)
     spec = spec if request is None else request.spec
     if samples > 1 and not spec.stochastic:
         raise ValueError(f"--samples needs a stochastic model; '{spec.name}' always gives the same output")
