@@ -65,7 +65,7 @@ from srkit.train.distill.cid import regression_loss
 from srkit.train.distill.vp import vp_coefficients
 from srkit.train.lora import add_lora, frozen, target_modules, use_adapter
 from srkit.train.recipes import RecipeInputs, TextSide, TrainingSetup, local_or_registry
-from srkit.train.recipes.sd_recipe import SDRecipe
+from srkit.train.recipes.sd_recipe import REPA_NETWORK, SDRecipe, require_network
 from srkit.train.repa import REPA_ENCODER, RepaEncoder, load_repa_encoder, module_output
 
 GENDR_PROMPT = "realism photo, best quality, realistic detailed, clean, high-resolution"
@@ -191,8 +191,7 @@ class GenDRDistillRecipe(SDRecipe):
         """`name` ("cid" or "cida") is what checkpoints record; the settings decide which terms run."""
         s = self.settings = settings or CiDRecipeSettings()
         self.name = name
-        if s.lambda_repa > 0 and encoder is None:
-            raise ValueError("CiDA's REPA term needs an encoder (DINOv2); pass one or set lambda_repa 0")
+        require_network(s.lambda_repa, encoder, "CiDA's REPA term", REPA_NETWORK, "lambda_repa")
         if s.form not in ("paper", "hr-weight", "sid"):
             raise ValueError(f"form must be 'paper', 'hr-weight' or 'sid', got '{s.form}'")
         super().__init__(

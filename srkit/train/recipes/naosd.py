@@ -35,7 +35,7 @@ from srkit.nn.lora_sites import UNET_LORA_TARGETS, VAE_ENCODER_LORA_TARGETS
 from srkit.train.lora import add_lora, merged_copy, target_modules
 from srkit.train.losses import vsd_loss
 from srkit.train.recipes import RecipeInputs, TextSide, local_or_registry
-from srkit.train.recipes.sd_recipe import SDRecipe
+from srkit.train.recipes.sd_recipe import PERCEPTUAL_NETWORK, SDRecipe, require_network
 
 DEFAULT_NEGATIVE = "painting, oil painting, illustration, drawing, art, sketch, cartoon, CG Style, 3D render, unreal engine, blurring, dirty, messy, worst quality, low quality, frames, watermark, signature, jpeg artifacts, deformed, lowres, over-smooth"
 
@@ -100,8 +100,7 @@ class NAOSDRecipe(SDRecipe):
         perceptual: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         s = self.settings = settings or NAOSDSettings()
-        if s.lambda_lpips > 0 and perceptual is None:
-            raise ValueError("NAOSD's LPIPS term needs a perceptual loss (LPIPS-VGG); pass one or set lambda_lpips 0")
+        require_network(s.lambda_lpips, perceptual, "NAOSD's LPIPS term", PERCEPTUAL_NETWORK, "lambda_lpips")
         super().__init__(
             base, text=text,
             prompts={PROMPT_KEY: compose_prompt("", s.prompt), NEGATIVE_KEY: s.negative_prompt},

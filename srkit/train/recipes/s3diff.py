@@ -65,7 +65,7 @@ from srkit.nn.vit import VisionTransformer, load_dino_vit
 from srkit.train.diffaugment import POLICY
 from srkit.train.discriminator import REAL_LABEL, VisionAidedDiscriminator, multilevel_bce
 from srkit.train.recipes import RecipeInputs, TextSide, TrainingSetup, local_or_registry
-from srkit.train.recipes.sd_recipe import SDRecipe
+from srkit.train.recipes.sd_recipe import PERCEPTUAL_NETWORK, SDRecipe, require_network
 
 S3DIFF_DEGRADATION = DegradationConfig(
     usm_sharpen=False,
@@ -247,8 +247,7 @@ class S3DiffRecipe(SDRecipe):
     ) -> None:
         """`pretrained`: an official-layout s3diff.pkl to start from (its ranks win over the settings')."""
         s = self.settings = settings or S3DiffSettings()
-        if s.lambda_lpips > 0 and perceptual is None:
-            raise ValueError("S3Diff's LPIPS term needs a perceptual loss (LPIPS-VGG); pass one or set lambda_lpips 0")
+        require_network(s.lambda_lpips, perceptual, "S3Diff's LPIPS term", PERCEPTUAL_NETWORK, "lambda_lpips")
         super().__init__(
             base, text=text,
             prompts={POSITIVE_KEY: s.prompt, NEGATIVE_KEY: s.negative_prompt}, timesteps=(TIMESTEP,),

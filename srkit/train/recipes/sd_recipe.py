@@ -24,6 +24,16 @@ from srkit.diffusion.loading import load_noise_schedule
 from srkit.diffusion.text import prompt_embeddings
 from srkit.train.recipes import TextSide
 
+PERCEPTUAL_NETWORK = "a perceptual loss (LPIPS-VGG)"
+REPA_NETWORK = "an encoder (DINOv2)"
+
+
+def require_network(weight: float, network: object, term: str, network_name: str, setting: str) -> None:
+    """A loss term with a positive weight needs its network (passed in, so tests can give a small one): refuse
+    with one line, naming what to pass or which weight to zero, before any network loads."""
+    if weight > 0 and network is None:
+        raise ValueError(f"{term} needs {network_name}; pass one or set {setting} 0")
+
 
 class SDRecipe:
     name: ClassVar[str]
@@ -81,4 +91,4 @@ class SDRecipe:
             yield partial
 
 
-__all__ = ["SDRecipe"]
+__all__ = ["PERCEPTUAL_NETWORK", "REPA_NETWORK", "SDRecipe", "require_network"]

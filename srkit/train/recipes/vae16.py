@@ -40,7 +40,7 @@ from srkit.train.distill import (
 )
 from srkit.train.recipes import RecipeInputs, TextSide, TrainingSetup, local_or_registry
 from srkit.train.recipes.cid import BASE_ENTRY, GENDR_PROMPT, REPA_PROJECTOR_FILE, TEXT_ENTRY
-from srkit.train.recipes.sd_recipe import SDRecipe
+from srkit.train.recipes.sd_recipe import REPA_NETWORK, SDRecipe, require_network
 from srkit.train.repa import REPA_ENCODER, RepaEncoder, load_repa_encoder, module_output
 
 TRAINING = TrainingSetup(train={"lr": 1e-5}, degrade=False, source="GenDR §5.1: constant AdamW learning rate")
@@ -123,8 +123,7 @@ class VAE16Recipe(SDRecipe):
         encoder: RepaEncoder | None = None,
     ) -> None:
         s = self.settings = settings or VAE16Settings()
-        if s.lambda_repa > 0 and encoder is None:
-            raise ValueError("the REPA term needs an encoder (DINOv2); pass one or set lambda_repa 0")
+        require_network(s.lambda_repa, encoder, "the REPA term", REPA_NETWORK, "lambda_repa")
         super().__init__(
             base, text=text,
             prompts={PROMPT_KEY: s.prompt, NEGATIVE_KEY: ""}, timesteps=(s.t_min, s.t_max - 1),
