@@ -19,30 +19,35 @@ import torch.nn.functional as F
 from golden import fixture_dir, needs
 from torch import nn
 
-from srkit.train.distill import (
+from srkit.train.distill.cid import cid_generator_loss, regression_loss
+from srkit.train.distill.cida import (
     CiDASettings,
     DiscriminatorHead,
-    PromptGuidance,
     RepaProjector,
-    cid_generator_loss,
     cida_generator_loss,
     discriminator_loss,
-    drop_prompts,
-    edm_fake_score_loss,
     feature_tokens,
     generator_adversarial_loss,
-    reduce_loss,
     repa_alignment_loss,
+)
+from srkit.train.distill.sid import (
+    edm_fake_score_loss,
+    edm_loss_weight,
+    reduce_loss,
     score_identity_loss,
     score_matching_loss,
     sid_generator_loss_edm,
     sid_generator_loss_vp,
     sid_generator_sigma,
+)
+from srkit.train.distill.vp import (
+    PromptGuidance,
+    drop_prompts,
+    guided_eps,
+    scaled_linear_alphas_cumprod,
+    vp_coefficients,
     x0_from_eps,
 )
-from srkit.train.distill.cid import regression_loss
-from srkit.train.distill.sid import edm_loss_weight
-from srkit.train.distill.vp import guided_eps, scaled_linear_alphas_cumprod, vp_coefficients
 
 GOLDEN = fixture_dir("sid_losses")
 golden = needs(GOLDEN)

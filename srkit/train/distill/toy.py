@@ -211,7 +211,9 @@ def train_teacher(
     settings: ToySettings, alphas_cumprod: torch.Tensor, generator: torch.Generator
 ) -> ToyEpsNet:
     """Denoising score matching (ε-MSE, t uniform over the whole schedule) on fresh ring samples each step."""
-    teacher = ToyEpsNet(settings.width)
+    with torch.random.fork_rng(devices=[]):  # the initial weights are seeded too: a run repeats exactly
+        torch.manual_seed(settings.seed)
+        teacher = ToyEpsNet(settings.width)
     optimiser = torch.optim.Adam(teacher.parameters(), lr=settings.teacher_lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, settings.teacher_steps)
     for _ in range(settings.teacher_steps):

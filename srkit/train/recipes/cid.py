@@ -45,24 +45,19 @@ from srkit.engines.gendr import (
     prepare_bicubic,
     save_gendr,
 )
-from srkit.train.distill import (
+from srkit.train.distill.cid import cid_generator_loss, regression_loss, sample_timesteps
+from srkit.train.distill.cida import (
     CiDASettings,
     DiscriminatorHead,
-    PromptGuidance,
     RepaProjector,
-    cid_generator_loss,
     cida_generator_loss,
     discriminator_loss,
-    drop_prompts,
     feature_tokens,
     generator_adversarial_loss,
-    reduce_loss,
     repa_alignment_loss,
-    sample_timesteps,
-    score_matching_loss,
 )
-from srkit.train.distill.cid import regression_loss
-from srkit.train.distill.vp import vp_coefficients
+from srkit.train.distill.sid import reduce_loss, score_matching_loss
+from srkit.train.distill.vp import PromptGuidance, drop_prompts, vp_coefficients
 from srkit.train.lora import add_lora, frozen, target_modules, use_adapter
 from srkit.train.recipes import RecipeInputs, TextSide, TrainingSetup, local_or_registry
 from srkit.train.recipes.sd_recipe import REPA_NETWORK, SDRecipe, require_network

@@ -28,16 +28,10 @@ from srkit.diffusion.latents import vae_encode
 from srkit.diffusion.loading import load_unet
 from srkit.diffusion.text import NEGATIVE_KEY, PROMPT_KEY
 from srkit.engines.gendr import DEFAULT_VAE, load_vae16
-from srkit.train.distill import (
-    PromptGuidance,
-    RepaProjector,
-    drop_prompts,
-    feature_tokens,
-    reduce_loss,
-    repa_alignment_loss,
-    sample_timesteps,
-    score_matching_loss,
-)
+from srkit.train.distill.cid import sample_timesteps
+from srkit.train.distill.cida import RepaProjector, feature_tokens, repa_alignment_loss
+from srkit.train.distill.sid import reduce_loss, score_matching_loss
+from srkit.train.distill.vp import PromptGuidance, drop_prompts
 from srkit.train.recipes import RecipeInputs, TextSide, TrainingSetup, local_or_registry
 from srkit.train.recipes.cid import BASE_ENTRY, GENDR_PROMPT, REPA_PROJECTOR_FILE, TEXT_ENTRY
 from srkit.train.recipes.sd_recipe import REPA_NETWORK, SDRecipe, require_network
