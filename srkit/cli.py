@@ -39,8 +39,7 @@ from srkit.batch import BatchPlan, UpscaleSettings
 from srkit.common import field_docs, one_line
 from srkit.degrade.cli import degrade
 from srkit.distributed import launched_ranks
-from srkit.engines.base import get_engine, model_names, user_models
-from srkit.engines.catalogue import DEFAULT_MODEL
+from srkit.engines.catalogue import DEFAULT_MODEL, describe, model_names, user_models
 from srkit.report import BatchInterrupted, BatchReport, FileResult
 from srkit.request import DEFAULT_OVERLAP, prepare_upscale
 from srkit.train.recipes import RECIPES, built_recipes, describe_settings, describe_training
@@ -387,19 +386,20 @@ def models(name: Annotated[str | None, typer.Argument(help="Show one model's opt
     """List the models: native scale, steps, weights status and licence."""
     import dataclasses
 
-    if name is not None:
+    if name is not None:  # read from the catalogue: no engine module (and no PyTorch) is imported
         try:
-            engine_class, spec = get_engine(name)
-        except (KeyError, ImportError, registry.WeightsError) as exc:
+            _, model = describe(name)
+        except (KeyError, registry.WeightsError) as exc:
             _fail(one_line(exc))
+        spec, options_class = model.spec, model.options
         out.print(f"[bold]{spec.name}[/]: {spec.description}\nx{spec.scale}, {spec.steps} step(s), licence {spec.licence}")
         out.print("weights: " + ", ".join(f"{w} ({weights_status(w)})" for w in spec.weights))
         for key in spec.weights:
             if weights_status(key) in ("unreleased", "manual"):
                 out.print(f"{key}: {registry.load_registry().entry(key).obtain}", highlight=False)
         table = _table("option", "type", "default", "meaning")
-        docs = field_docs(engine_class.options_class)
-        for fld in dataclasses.fields(engine_class.options_class):
+        docs = field_docs(options_class)
+        for fld in dataclasses.fields(options_class):
             default = fld.default if fld.default is not dataclasses.MISSING else "(required)"
             table.add_row(f"--{fld.name.replace('_', '-')}", str(fld.type), repr(default), docs.get(fld.name, ""))
         out.print(table)
@@ -410,11 +410,7 @@ def models(name: Annotated[str | None, typer.Argument(help="Show one model's opt
         _fail(one_line(exc))
     rows = []
     for model_name in names:
-        try:
-            _, spec = get_engine(model_name)
-        except ImportError as exc:
-            rows.append((model_name, "?", "?", "?", f"unavailable: {exc}"))
-            continue
+        spec = describe(model_name)[1].spec
         rows.append((spec.name, f"x{spec.scale}", str(spec.steps), model_status(spec.weights), spec.description))
     headers = ("model", "scale", "steps", "weights", "description")
     widths = [max(len(row[index]) for row in [headers, *rows]) for index in range(len(headers) - 1)]
@@ -592,7 +588,7 @@ def _expand_names(names: list[str]) -> list[str]:
         if name in reg.entries:
             expanded.append(name)
         elif name in model_names():
-            expanded += list(get_engine(name)[1].weights)
+            expanded += list(describe(name)[1].spec.weights)
         else:
             _fail(f"'{name}' is neither a weights entry nor a model; see `srkit weights list`")
     return list(dict.fromkeys(expanded))

@@ -92,3 +92,10 @@ def test_the_command_line_starts_without_pytorch():
     result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("args", [("models",), ("models", "seesr")], ids=["list", "one model"])
+def test_models_are_listed_from_the_catalogue_without_pytorch(args, tmp_path):
+    result = run_without_torch(*args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "seesr" in result.stdout and "torch" not in result.stderr
