@@ -40,6 +40,7 @@ from srkit.common import field_docs, one_line
 from srkit.degrade.cli import degrade
 from srkit.distributed import launched_ranks
 from srkit.engines.catalogue import DEFAULT_MODEL, describe, model_names, user_models
+from srkit.option_values import check_tag_model
 from srkit.report import BatchInterrupted, BatchReport, FileResult
 from srkit.request import DEFAULT_OVERLAP, prepare_upscale
 from srkit.train.recipes import RECIPES, built_recipes, describe_settings, describe_training
@@ -660,6 +661,10 @@ def tag(
     quiet: Annotated[bool, typer.Option("-q", "--quiet")] = False,
 ) -> None:
     """Tag images with RAM / DAPE (the prompts' tags); one line per image, or .txt files with --write-txt."""
+    try:
+        check_tag_model(tagger)  # before PyTorch loads
+    except ValueError as exc:
+        _fail(one_line(exc))
     from srkit.tagging import load_tagger, tag_paths
 
     log = (lambda message: None) if quiet or as_json else (lambda message: err.print(message, highlight=False, markup=False))

@@ -17,6 +17,8 @@ ATTENTION_BACKENDS: tuple[str, ...] = ("sdpa", "xformers")
 """`--attention` (srkit.diffusion.runtime)."""
 TAGGER_CHOICES: tuple[str, ...] = ("auto", "dape", "ram", "none")
 """`--tagger`: auto = dape when its weights are cached (as upstream), else none with a notice (srkit.taggers)."""
+TAG_MODELS: tuple[str, ...] = ("dape", "ram")
+"""`srkit tag --tagger`: the tagger networks (srkit.tagging)."""
 QUALITY_PROMPT = "clean, high-resolution, 8k"
 """The quality text of the SD2-based SR codebases: GDPO-SR's `--prompt`, SeeSR's `--added_prompt`, ConsisSR's
 positive prompt."""
@@ -47,12 +49,19 @@ def check_tagger_choice(tagger: str) -> None:
         raise ValueError(f"tagger must be one of {', '.join(TAGGER_CHOICES)}, got '{tagger}'")
 
 
+def check_tag_model(kind: str) -> None:
+    if kind not in TAG_MODELS:
+        raise ValueError(f"--tagger must be {' or '.join(TAG_MODELS)}, got '{kind}'")
+
+
 __all__ = [
     "ATTENTION_BACKENDS",
     "COLOR_FIXES",
     "LATENT_MODES",
     "QUALITY_PROMPT",
     "TAGGER_CHOICES",
+    "TAG_MODELS",
     "check_attention",
+    "check_tag_model",
     "check_tagger_choice",
 ]

@@ -19,14 +19,14 @@ from srkit import registry
 from srkit.batch import InputFile, Log, collect_inputs
 from srkit.common import atomic_path, one_line, resolve_device
 from srkit.imageio import ImageReadError, read_image
+from srkit.option_values import check_tag_model
 from srkit.report import BatchReport, FileResult
 from srkit.taggers import TAGGER_WEIGHTS, Tagger, build_tagger
 
 
 def load_tagger(kind: str = "dape", *, device: str = "auto", offline: bool | None = None, log: Log = print) -> Tagger:
     """The tagger `kind` from the registry (pulled unless offline; a one-line error says what to pull)."""
-    if kind not in ("dape", "ram"):
-        raise ValueError(f"--tagger must be dape or ram, got '{kind}'")
+    check_tag_model(kind)
     weights = {name: registry.resolve(name, offline=offline, log=log) for name in TAGGER_WEIGHTS[kind]}
     tagger = build_tagger(kind, weights, resolve_device(device))
     assert tagger is not None

@@ -99,3 +99,8 @@ def test_models_are_listed_from_the_catalogue_without_pytorch(args, tmp_path):
     result = run_without_torch(*args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "seesr" in result.stdout and "torch" not in result.stderr
+
+
+def test_srkit_tag_refuses_an_unknown_tagger_without_pytorch(image, tmp_path):
+    result = run_without_torch("tag", str(image), "--tagger", "clip", cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.strip() == "error: --tagger must be dape or ram, got 'clip'"
