@@ -43,7 +43,7 @@ from srkit.engines.catalogue import DEFAULT_MODEL, describe, model_names, user_m
 from srkit.option_values import check_tag_model
 from srkit.report import BatchInterrupted, BatchReport, FileResult
 from srkit.request import DEFAULT_OVERLAP, prepare_upscale
-from srkit.train.recipes import RECIPES, built_recipes, describe_settings, describe_training
+from srkit.train.recipes import RECIPES, built_recipes, check_recipe, describe_settings, describe_training
 
 err = Console(stderr=True, soft_wrap=True)  # one message = one line, whatever the width
 out = Console(width=None if sys.stdout.isatty() else 200)  # pipes and files get whole lines
@@ -748,6 +748,10 @@ def _train(command: str, arguments: dict[str, Any]) -> None:
         ("checkpoint_every", "checkpoint_every"), ("ema_decay", "ema"), ("seed", "seed"), ("resume", "resume"),
         ("tensorboard", "tensorboard"),
     ) if arguments[name] is not None}  # fmt: skip
+    try:
+        check_recipe(arguments["recipe"], command)  # a wrong name is refused before PyTorch loads
+    except ValueError as exc:
+        _fail(one_line(exc), code=2)
     from srkit.train.run import finetune as run_recipe
 
     try:

@@ -104,3 +104,14 @@ def test_models_are_listed_from_the_catalogue_without_pytorch(args, tmp_path):
 def test_srkit_tag_refuses_an_unknown_tagger_without_pytorch(image, tmp_path):
     result = run_without_torch("tag", str(image), "--tagger", "clip", cwd=tmp_path)
     assert result.returncode == 2 and result.stderr.strip() == "error: --tagger must be dape or ram, got 'clip'"
+
+
+@pytest.mark.parametrize(("command", "recipe", "expected"), [
+    ("finetune", "nosuch", "unknown recipe 'nosuch'"),
+    ("finetune", "cid", "recipe 'cid' is run by `srkit distill`, not `srkit finetune`"),
+])  # fmt: skip
+def test_a_wrong_recipe_is_refused_without_pytorch(command, recipe, expected, tmp_path):
+    result = run_without_torch(command, "--recipe", recipe, "--data", str(tmp_path), "-o", str(tmp_path / "run"),
+                               cwd=tmp_path)  # fmt: skip
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and expected in lines[0], result.stderr

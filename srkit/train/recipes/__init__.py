@@ -135,6 +135,12 @@ def recipe_names(command: str) -> list[str]:
 def recipe_module(name: str, command: str | None = None) -> ModuleType:
     """The module of a built recipe; a clear error for planned and unknown names, and for a recipe of the other
     command (`command`: the one it is run from)."""
+    return importlib.import_module(check_recipe(name, command).module)
+
+
+def check_recipe(name: str, command: str | None = None) -> RecipeSpec:
+    """The spec of a built recipe run from `command`, or a one-line ValueError; no recipe module (and no PyTorch)
+    is imported, so the command line refuses a wrong name at once."""
     spec = RECIPES.get(name)
     if spec is None:
         raise ValueError(f"unknown recipe '{name}'; choose one of: {', '.join(RECIPES)}")
@@ -144,7 +150,7 @@ def recipe_module(name: str, command: str | None = None) -> ModuleType:
         raise ValueError(
             f"recipe '{name}' is not built yet in this version of srkit (built: {', '.join(built_recipes())})"
         )
-    return importlib.import_module(spec.module)
+    return spec
 
 
 def describe_settings(name: str) -> str:
@@ -198,6 +204,7 @@ __all__ = [
     "TextSide",
     "TrainingSetup",
     "built_recipes",
+    "check_recipe",
     "describe_settings",
     "describe_training",
     "local_or_registry",
