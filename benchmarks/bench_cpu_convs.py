@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import bench_common
 import torch
 import torch.nn.functional as F
 
@@ -105,16 +106,7 @@ def upsample_rows(repeats: int) -> list[dict]:
 
 def sd_vae_decoder(outlier_scale: float) -> torch.nn.Module:
     """An SD-shaped VAE decoder (random weights) whose resnets' second convs have two channels scaled up."""
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    decoder = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=2,
-    ).decoder.eval()
-    decoder.requires_grad_(False)
+    decoder = bench_common.sd_vae().decoder
     for name, module in decoder.named_modules():
         if isinstance(module, torch.nn.Conv2d) and name.endswith("conv2"):
             module.weight[:2] *= outlier_scale

@@ -39,6 +39,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import bench_common
 import numpy as np
 import torch
 from PIL import Image
@@ -160,31 +161,6 @@ def bench_s3diff(repeats: int) -> dict:
 # The one-step SD2.1 engines
 
 
-def sd21_unet(channels: int = 4):
-    """SD 2.1's UNet (865M parameters) with random weights."""
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=64, in_channels=channels, out_channels=channels, block_out_channels=(320, 640, 1280, 1280),
-        layers_per_block=2, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, attention_head_dim=(5, 10, 20, 20),
-        cross_attention_dim=1024, use_linear_projection=True,
-    ).eval().requires_grad_(False)  # fmt: skip
-
-
-def sd_vae(latent_channels: int = 4):
-    """The SD VAE (83M parameters; 16 latent channels: ostris/vae-kl-f8-d16's shape) with random weights."""
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(1)
-    return AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=latent_channels,
-        sample_size=768,
-    ).eval().requires_grad_(False)  # fmt: skip
-
-
 def bench_sd(repeats: int) -> dict:
     from srkit.diffusion.schedule import SD_TURBO_SCHEDULER, NoiseSchedule
     from srkit.engines.gendr import GenDREngine, GenDROptions
@@ -198,7 +174,7 @@ def bench_sd(repeats: int) -> dict:
     result = {}
 
     def run(name: str, build: Callable[[torch.nn.Module, torch.nn.Module, torch.dtype], object], channels: int):
-        unet, vae = sd21_unet(channels), sd_vae(channels)
+        unet, vae = bench_common.sd2_unet(channels), bench_common.sd_vae(channels)
         engines = {"fp32": build(unet, vae, torch.float32)}
         if auto != torch.float32:
             engines["auto"] = build(copy.deepcopy(unet), copy.deepcopy(vae), auto)
@@ -285,7 +261,7 @@ def bench_parts(repeats: int, groups: tuple[str, ...] = PART_GROUPS, bf16_only: 
         result[f"gan {model} 128²"] = time_candidates(
             f"gan {model}", network, lambda m, d: m(lr.to(d)), gan_candidates, repeats
         )
-    unet = sd21_unet() if "unet" in groups else None
+    unet = bench_common.sd2_unet() if "unet" in groups else None
     for batch in (1, 2) if unet is not None else ():  # 2: S3Diff's guided pair in one call
         latents = torch.randn(batch, 4, 64, 64, generator=torch.Generator().manual_seed(3))
         text = torch.randn(batch, 77, 1024, generator=torch.Generator().manual_seed(4))
@@ -299,7 +275,7 @@ def bench_parts(repeats: int, groups: tuple[str, ...] = PART_GROUPS, bf16_only: 
     gc.collect()
     if "vae" not in groups:
         return result
-    vae = sd_vae()
+    vae = bench_common.sd_vae()
     image = photo(512) * 2 - 1
     latents = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(5))
     result["vae encoder 512²"] = time_candidates(

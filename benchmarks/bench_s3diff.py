@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import bench_common
 import torch
 import torch.nn.functional as F
 
@@ -64,40 +65,9 @@ from srkit.nn.winograd_conv import use_winograd_convolutions
 
 def random_sd_turbo(workdir: Path) -> tuple[S3DiffNetworks, TextEncoder]:
     """SD-Turbo-shaped UNet/VAE/CLIP with random weights, S3Diff's DG-LoRA (r32 UNet, r16 VAE) attached."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=64,
-        block_out_channels=(320, 640, 1280, 1280),
-        layers_per_block=2,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        attention_head_dim=(5, 10, 20, 20),
-        cross_attention_dim=1024,
-        use_linear_projection=True,
-    ).eval()
-    vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=2,
-        latent_channels=4,
-        sample_size=768,
-    ).eval()
-    text = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=1024,
-            intermediate_size=4096,
-            num_hidden_layers=23,
-            num_attention_heads=16,
-            max_position_embeddings=77,
-            hidden_act="gelu",
-            projection_dim=512,
-        )
-    ).eval()
+    unet, vae, text = bench_common.sd2_unet(), bench_common.sd_vae(), bench_common.sd2_text_encoder()
     guidance, unet_mod, vae_mod = attach_dg_lora(unet, vae, rank_unet=32, rank_vae=16)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -116,7 +86,7 @@ def random_sd_turbo(workdir: Path) -> tuple[S3DiffNetworks, TextEncoder]:
         [],
         "",
     )
-    return networks, TextEncoder(_character_tokenizer(workdir, CLIPTokenizer), text.requires_grad_(False))
+    return networks, TextEncoder(_character_tokenizer(workdir, CLIPTokenizer), text)
 
 
 def _character_tokenizer(workdir: Path, tokenizer_class):

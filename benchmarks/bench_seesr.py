@@ -20,8 +20,7 @@ from pathlib import Path
 
 import bench_common
 import torch
-from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from diffusers import ControlNetModel
 
 from srkit.bench.runner import measure
 from srkit.colorfix import color_fix
@@ -34,16 +33,13 @@ from srkit.nn.seesr import SeeSRNets
 from srkit.taggers.ram import RAM, RAM_Q2L, RAM_SWIN_L_384, RAMTagger
 
 CPU = torch.device("cpu")
-SD2_UNET = {"sample_size": 64, "cross_attention_dim": 1024, "attention_head_dim": [5, 10, 20, 20],
-            "use_linear_projection": True, "block_out_channels": [320, 640, 1280, 1280]}  # fmt: skip
 SD2_SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
                  "prediction_type": "epsilon", "clip_sample": False, "steps_offset": 1, "_class_name": "DDPMScheduler"}  # fmt: skip
 
 
 def random_seesr(folder: Path):
     """SeeSR's networks, an SD2-shaped base folder (VAE, scheduler) and a RAM Swin-L tagger, random weights."""
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(**SD2_UNET)
+    unet = bench_common.sd2_unet()
     controlnet = ControlNetModel.from_unet(unet)
     with torch.no_grad():
         for param in controlnet.parameters():
@@ -51,13 +47,10 @@ def random_seesr(folder: Path):
                 param.normal_(0, 1e-3)
     nets = SeeSRNets(add_image_cross_attention(unet).eval(), add_image_cross_attention(controlnet).eval())
     nets.unet.requires_grad_(False), nets.controlnet.requires_grad_(False)
-    vae = AutoencoderKL(block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
-                        up_block_types=["UpDecoderBlock2D"] * 4, layers_per_block=2, latent_channels=4,
-                        scaling_factor=0.18215).eval().requires_grad_(False)  # fmt: skip
+    vae = bench_common.sd_vae()
     (folder / "scheduler").mkdir(parents=True, exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD2_SCHEDULER))
-    text = CLIPTextModel(CLIPTextConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
-                                        num_attention_heads=16, projection_dim=1024, hidden_act="gelu")).eval()  # fmt: skip
+    text = bench_common.sd2_text_encoder()
     ram = RAM(4585, RAM_SWIN_L_384, RAM_Q2L).eval().requires_grad_(False)
     tagger = RAMTagger(ram, [f"tag{i}" for i in range(4585)], torch.full((4585,), 0.5))
     return nets, vae, text, tagger

@@ -147,8 +147,11 @@ class Fixture:
         return PromptGuidance(self.input("ctx.cond"), self.input("ctx.uncond"), scale)
 
     def cases(self, pattern: str) -> list[str]:
-        """The case names whose scalar `<case>.L` matches the regex `pattern`, e.g. the α values present."""
-        return sorted({k[:-2] for k in self.expected if k.endswith(".L") and re.fullmatch(pattern, k[:-2])})
+        """The case names whose scalar `<case>.L` matches the regex `pattern`, e.g. the α values present; a fixture
+        without any fails the test (a loop over no cases would check nothing)."""
+        names = sorted({k[:-2] for k in self.expected if k.endswith(".L") and re.fullmatch(pattern, k[:-2])})
+        assert names, f"the fixture has no case matching {pattern}"
+        return names
 
     def check(self, key: str, got: torch.Tensor) -> None:
         """The README's rule: scalars and whole tensors within `whole` relative to the largest expected value;
@@ -226,9 +229,7 @@ def test_golden_sid_edm_generator_sigma(fixture: Fixture) -> None:
 
 @golden
 def test_golden_sid_edm_generator(fixture: Fixture) -> None:
-    cases = fixture.cases(r"edm\.gen_a[\d.]+")
-    assert cases
-    for case in cases:
+    for case in fixture.cases(r"edm\.gen_a[\d.]+"):
         generator = trainable(fixture.net("edm_gen"))
         z = fixture.input("edm.z")
         y = generator(z, torch.full((z.shape[0],), fixture.constants["init_sigma"], dtype=DTYPE))
@@ -292,9 +293,7 @@ def lsg_generate(fixture: Fixture, generator: nn.Module) -> torch.Tensor:
 
 @golden
 def test_golden_sid_ddpm_generator(fixture: Fixture) -> None:
-    cases = fixture.cases(r"ddpm\.gen_k[\d.]+_a[\d.]+")
-    assert cases
-    for case in cases:
+    for case in fixture.cases(r"ddpm\.gen_k[\d.]+_a[\d.]+"):
         kappa, alpha = scale_of(case, "k"), scale_of(case, "a")
         generator = trainable(fixture.net("eps_gen"))
         y = lsg_generate(fixture, generator)
@@ -317,9 +316,7 @@ def test_golden_sid_ddpm_generator(fixture: Fixture) -> None:
 
 @golden
 def test_golden_sid_ddpm_fake_score(fixture: Fixture) -> None:
-    cases = fixture.cases(r"ddpm\.fake_k[\d.]+")
-    assert cases
-    for case in cases:
+    for case in fixture.cases(r"ddpm\.fake_k[\d.]+"):
         fake = trainable(fixture.net("eps_fake"))
         elements = score_matching_loss(
             fake,
@@ -353,9 +350,7 @@ def gendr_generate(fixture: Fixture, generator: nn.Module) -> torch.Tensor:
 
 @golden
 def test_golden_sid_cid_generator(fixture: Fixture) -> None:
-    cases = fixture.cases(r"cid\.gen_xi[\d.]+")
-    assert cases
-    for case in cases:
+    for case in fixture.cases(r"cid\.gen_xi[\d.]+"):
         generator = trainable(fixture.net("eps_gen"))
         z_g = gendr_generate(fixture, generator)
         z_g.retain_grad()

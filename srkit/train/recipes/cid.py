@@ -45,17 +45,8 @@ from srkit.engines.gendr import (
     prepare_bicubic,
     save_gendr,
 )
+from srkit.train.distill import cida
 from srkit.train.distill.cid import cid_generator_loss, regression_loss, sample_timesteps
-from srkit.train.distill.cida import (
-    CiDASettings,
-    DiscriminatorHead,
-    RepaProjector,
-    cida_generator_loss,
-    discriminator_loss,
-    feature_tokens,
-    generator_adversarial_loss,
-    repa_alignment_loss,
-)
 from srkit.train.distill.sid import reduce_loss, score_matching_loss
 from srkit.train.distill.vp import PromptGuidance, drop_prompts, vp_coefficients
 from srkit.train.lora import add_lora, frozen, target_modules, use_adapter
@@ -79,7 +70,7 @@ SCORE_ADAPTERS = ("real", "fake")
 
 
 @dataclass
-class GenDRDistillSettings(CiDASettings):
+class GenDRDistillSettings(cida.CiDASettings):
     """GenDR's distillation hyper-parameters with CiDA's weights (the paper's GenDR; `srkit distill --recipe cida`);
     each docstring says where its default comes from (--help shows the first sentence)."""
 
@@ -221,11 +212,11 @@ class GenDRDistillRecipe(SDRecipe):
         self.head = self.projector = None
         if s.lambda_adv > 0:
             width = self.scores.config.block_out_channels[-1]
-            self.head = DiscriminatorHead(width, s.discriminator_width)
+            self.head = cida.DiscriminatorHead(width, s.discriminator_width)
             self.groups["discriminator"] = {f"head.{k}": p for k, p in self.head.named_parameters()}
         self.encoder = encoder
         if encoder is not None:
-            self.projector = RepaProjector(self.generator.config.block_out_channels[0], s.projector_width, encoder.dim)
+            self.projector = cida.RepaProjector(self.generator.config.block_out_channels[0], s.projector_width, encoder.dim)
             self._start_projector(Path(self.base) / REPA_PROJECTOR_FILE)
             self.groups["generator"] |= {f"projector.{k}": p for k, p in self.projector.named_parameters()}
 
@@ -300,7 +291,7 @@ class GenDRDistillRecipe(SDRecipe):
             )
             if self.head is not None:
                 fake_features = self._conditional_half(real_features[-1], z_g.shape[0])
-                adversarial = generator_adversarial_loss(self.head(fake_features))
+                adversarial = cida.generator_adversarial_loss(self.head(fake_features))
         if self.head is not None:
             discriminator = self.discriminator_loss(z_h, fake_features.detach(), t, noise)
             yield "discriminator", discriminator, {"disc": discriminator.item()}
@@ -310,7 +301,7 @@ class GenDRDistillRecipe(SDRecipe):
             mse = regression_loss(z_g, z_h)
             cid, logs["mse"] = cid + s.lambda_mse * mse, mse.mean().item()
         repa = self.repa_loss(generator_features, batch["hr"]) if self.projector is not None else None
-        total = cida_generator_loss(cid, adversarial, repa, s, step)
+        total = cida.cida_generator_loss(cid, adversarial, repa, s, step)
         logs["cid"] = total.cid.item()
         logs |= {name: value.item() for name, value in (("adv", total.adversarial), ("repa", total.repa)) if value is not None}
         yield "generator", total.total, logs
@@ -329,13 +320,13 @@ class GenDRDistillRecipe(SDRecipe):
         embedding = self.embeddings[PROMPT_KEY].expand(z_h.shape[0], -1, -1)
         with torch.no_grad(), self.real.keeping_features() as real_features:
             self.real(a * z_h + b * noise, t, embedding)
-        elements = discriminator_loss(self.head(real_features[-1]), self.head(fake_features))
+        elements = cida.discriminator_loss(self.head(real_features[-1]), self.head(fake_features))
         return reduce_loss(elements, self.settings.normalisation)
 
     def repa_loss(self, features: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
         """Per-token −cos between the projected generator features and the encoder's HR tokens (elementwise)."""
         target = self.encoder(hr, tuple(features.shape[-2:]))
-        return repa_alignment_loss(self.projector(feature_tokens(features).float()), target)
+        return cida.repa_alignment_loss(self.projector(cida.feature_tokens(features).float()), target)
 
     # ------------------------------------------------------------------------------------------------------------
 
