@@ -4,7 +4,9 @@ about the machine every report must carry (a speed-up measured on one CPU kind i
 from __future__ import annotations
 
 import argparse
+import json
 import platform
+from pathlib import Path
 
 import torch
 
@@ -27,6 +29,14 @@ def machine() -> dict:
         "processor": platform.processor() or platform.machine(),
         "cpu": detect().summary(),
     }
+
+
+def report(results: dict | list, json_path: Path | None) -> None:
+    """Print the results as JSON, and write the same text to `--json` when given."""
+    text = json.dumps(results, indent=2)
+    print(text)
+    if json_path:
+        json_path.write_text(text)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -24,7 +24,6 @@ Run:  .venv/bin/python benchmarks/bench_consissr.py [--size 128] [--steps 5] [--
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import bench_common
@@ -139,9 +138,7 @@ def main() -> None:
         timed(f"srkit normal, {args.full_steps} steps", lambda: full.upscale(lr_image, generator=torch.Generator().manual_seed(0)), results)
         results["gan_start_time_ratio"] = round(results[f"srkit normal, {args.full_steps} steps"]["seconds"]
                                                 / results[f"srkit start gan, {args.gan_steps} steps"]["seconds"], 2)  # fmt: skip
-    print(json.dumps(results, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+    bench_common.report(results, args.json)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ Run:  .venv/bin/python benchmarks/bench_cpu_convs.py [--repeats 3] [--json out.j
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from collections.abc import Callable
@@ -166,8 +165,7 @@ def main() -> None:
         }
         if args.decoder:
             result["decoder"] = decoder_rows()
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+    bench_common.report(result, args.json)
 
 
 if __name__ == "__main__":

@@ -322,9 +322,7 @@ def main() -> None:
         sys.exit(f"unknown part group(s) in --parts; choose from {', '.join(PART_GROUPS)}")
     if groups:
         result["parts"] = bench_parts(args.repeats, groups, args.bf16_only)
-    print(json.dumps(result, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+    bench_common.report(result, args.json)
 
 
 if __name__ == "__main__":

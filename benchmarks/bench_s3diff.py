@@ -256,9 +256,7 @@ def main() -> None:
         "build_seconds": round(build_seconds, 1),
         "srkit_prompt_embedding_seconds_once": round(embed_seconds, 2),
     }
-    print(json.dumps(result, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+    bench_common.report(result, args.json)
 
 
 if __name__ == "__main__":

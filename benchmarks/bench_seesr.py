@@ -106,9 +106,7 @@ def main() -> None:
     results["srkit"] = {"seconds": round(stats["seconds"], 2), "peak_rss_mib": round(stats["peak_rss_sampled_mib"])}
     results["speed_ratio"] = round(results["official structure"]["seconds"] / results["srkit"]["seconds"], 3)
     results["max_abs_output_diff"] = (ours - reference).abs().max().item()
-    print(json.dumps(results, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+    bench_common.report(results, args.json)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from diffusers.models.upsampling import Upsample2D
 from torch import nn
 
-from srkit.nn.winograd_conv import WinogradConv2d
+from srkit.nn.winograd_conv import WinogradConv2d, plain_3x3
 
 
 def phase_kernels(weight: torch.Tensor) -> torch.Tensor:
@@ -73,17 +73,6 @@ def upsample_conv(
     return out.view(n, c, 2 * h, 2 * w)
 
 
-def _plain_3x3(conv: nn.Conv2d) -> bool:
-    return (
-        conv.kernel_size == (3, 3)
-        and conv.stride == (1, 1)
-        and conv.padding == (1, 1)
-        and conv.dilation == (1, 1)
-        and conv.groups == 1
-        and conv.padding_mode == "zeros"
-    )
-
-
 _Parameters = tuple[torch.Tensor, torch.Tensor | None, tuple | None]
 
 
@@ -94,10 +83,10 @@ def _conv_parameters(conv: nn.Module) -> _Parameters | None:
     if callable(getattr(conv, "inference_weight", None)):  # a wrapper merging a per-image weight (DG-LoRA)
         weight = conv.inference_weight()
         base = conv.base_layer
-        if weight is None or not _plain_3x3(base):
+        if weight is None or not plain_3x3(base):
             return None
         return weight, base.bias, (weight.data_ptr(), conv.weight_version)  # re-merged once per image
-    if type(conv) in (nn.Conv2d, WinogradConv2d) and _plain_3x3(conv):
+    if type(conv) in (nn.Conv2d, WinogradConv2d) and plain_3x3(conv):
         weight = conv.weight
         frozen = not (torch.is_grad_enabled() and weight.requires_grad)
         key = (

@@ -47,6 +47,19 @@ def nnpack_available() -> bool:
     return bool(torch.backends.nnpack.is_available())
 
 
+def plain_3x3(conv: nn.Conv2d) -> bool:
+    """A 3×3 convolution with stride 1, zero padding 1, no dilation or groups: the one both of srkit's CPU
+    rewrites (Winograd here, the 2×2-phase upsampling in upsample_conv.py) compute exactly."""
+    return (
+        conv.kernel_size == (3, 3)
+        and conv.stride == (1, 1)
+        and conv.padding == (1, 1)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+    )
+
+
 def winograd_applies(
     conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> bool:
@@ -55,12 +68,7 @@ def winograd_applies(
         x.device.type == "cpu"
         and x.dtype == weight.dtype == torch.float32
         and x.dim() == 4
-        and conv.kernel_size == (3, 3)
-        and conv.stride == (1, 1)
-        and conv.padding == (1, 1)
-        and conv.dilation == (1, 1)
-        and conv.groups == 1
-        and conv.padding_mode == "zeros"
+        and plain_3x3(conv)
         and min(weight.shape[0], weight.shape[1]) >= MIN_CHANNELS
         and x.shape[2] * x.shape[3] >= MIN_PIXELS
         and not (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
@@ -116,6 +124,7 @@ def use_winograd_convolutions(model: nn.Module, enabled: bool = True) -> int:
 __all__ = [
     "ENV_SWITCH",
     "WinogradConv2d",
+    "plain_3x3",
     "use_winograd_convolutions",
     "winograd_applies",
     "winograd_conv3x3",
