@@ -69,11 +69,20 @@ class _Commands(typer.core.TyperGroup):
             if "\n" in message:  # `no_args_is_help`: the message is the help text itself
                 exc.show()
             elif message:  # (empty: the help was shown already)
-                context = getattr(exc, "ctx", None)
-                where = f" (see `{context.command_path} --help`)" if context is not None else ""
+                where = f" (see `{self._command_path(exc, args)} --help`)"
                 err.print(f"[bold red]error:[/] {escape(message)}{escape(where)}", highlight=False)
             sys.exit(exc.exit_code)
         sys.exit(code if isinstance(code, int) else 0)
+
+    def _command_path(self, exc: Exception, args: Any) -> str:
+        """The command whose options failed to parse ("srkit upscale"): the error's context where it has one (a
+        missing option value has none; then the first word of the command line that names a command)."""
+        context = getattr(exc, "ctx", None)
+        if context is not None:
+            return context.command_path
+        words = list(sys.argv[1:] if args is None else args)
+        command = next((word for word in words if word in self.commands), None)
+        return "srkit" if command is None else f"srkit {command}"
 
     def invoke(self, ctx: Any) -> Any:
         """From here on Ctrl-C is Python's KeyboardInterrupt, which a batch turns into its report (until here,

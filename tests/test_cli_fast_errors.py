@@ -70,6 +70,15 @@ def test_a_bad_option_is_one_line_and_exit_2_without_pytorch(case, image, tmp_pa
     assert not list(tmp_path.glob("in_x*")), "nothing may be written"
 
 
+@pytest.mark.parametrize("args", [("--quality", "high"), ("--samples",)], ids=["a value of the wrong type", "a missing value"])
+def test_a_parser_error_points_to_the_commands_help(args, image, tmp_path):
+    """The parser's own errors end with where to read the options, also when the parser gives no context (a
+    missing value)."""
+    result = run_without_torch("upscale", str(image), *args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith("(see `srkit upscale --help`)"), result.stderr
+
+
 def test_json_answers_a_bad_option_with_one_object_without_pytorch(image, tmp_path):
     result = run_without_torch("upscale", str(image), "--json", "--ext", "bmp", cwd=tmp_path)
     assert result.returncode == 2
