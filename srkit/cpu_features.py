@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-PARTS = ("gan", "unet", "vae", "estimator", "tagger", "other")
+PARTS = ("gan", "unet", "vae", "estimator", "tagger", "prompt", "other")
 KINDS = ("amx-bf16", "avx512-bf16", "avx512", "avx2", "arm", "other")
 WINOGRAD_SWITCH = "SRKIT_CPU_WINOGRAD"
 """0: never NNPACK (oneDNN everywhere, e.g. for bit-for-bit comparisons); 1: wherever NNPACK exists."""
@@ -246,15 +246,17 @@ MEASURED: dict[str, dict[str, dict[str, Layout]]] = {
     },
 }
 """What bench_cpu_dtype.py measured fastest per kind of CPU (numbers in its docstring and in README.md)."""
-_DEFAULT = {"gan": _PLAIN, "estimator": _PLAIN, "tagger": _PLAIN, "unet": _PHASE, "vae": _PHASE, "other": _PHASE}
+_DEFAULT = {"gan": _PLAIN, "estimator": _PLAIN, "tagger": _PLAIN, "prompt": _PLAIN, "unet": _PHASE, "vae": _PHASE,
+            "other": _PHASE}  # fmt: skip
 """Unmeasured kinds: PyTorch's kernels in fp32, plus the phase upsampling of diffusers models (it only removes
 FLOPs; srkit's default on every CPU before this table)."""
 BF16_PARTS = frozenset({"gan", "unet", "vae"})
 """Parts that keep their quality gates in bf16 on the CPU (RealSR row of the embedded default; golden one-step
-outputs).  The tagger stays fp32 there: its tags are thresholded decisions, one encoder pass per image."""
-ALWAYS_FP32 = frozenset({"estimator"})
+outputs).  A text tower that embeds a prompt once per image ("prompt": ConsisSR's CLIP) stays fp32 on the CPU."""
+ALWAYS_FP32 = frozenset({"estimator", "tagger"})
 """fp32 on every device: S3Diff's degradation estimator, whose two scores set every DG-LoRA modulation (and which
-costs ~1% of an S3Diff run)."""
+costs ~1% of an S3Diff run), and the RAM/DAPE tagger, whose tags are thresholded decisions (one encoder pass per
+image; srkit.taggers builds it in fp32 without autocast)."""
 
 
 def _winograd_switch() -> bool | None:

@@ -85,7 +85,8 @@ def test_amx_runs_the_measured_parts_in_bf16_and_keeps_the_others_fp32(on_cpu) -
     assert cpu_features.cpu_auto_dtype() == torch.bfloat16
     dtypes = {part: kernels_for(part, CPU, torch.bfloat16).dtype for part in cpu_features.PARTS}
     assert dtypes == {"gan": torch.bfloat16, "unet": torch.bfloat16, "vae": torch.bfloat16,
-                      "estimator": torch.float32, "tagger": torch.float32, "other": torch.float32}  # fmt: skip
+                      "estimator": torch.float32, "tagger": torch.float32, "prompt": torch.float32,
+                      "other": torch.float32}  # fmt: skip
     assert kernels_for("gan", CPU, torch.bfloat16).channels_last
     assert not any(kernels_for(part, CPU, dtype).winograd for part in cpu_features.PARTS
                    for dtype in (torch.float32, torch.bfloat16))  # fmt: skip
@@ -226,10 +227,16 @@ def test_dtype_auto_on_amx_runs_the_chosen_parts_in_bf16(name: str, tmp_path, on
             assert {p.dtype for p in net.parameters()} <= {torch.float32}, label
         assert run_recording_dtypes(engine, spec) == {torch.float32}
         return
-    held = {"gan": "model", "unet": "unet", "vae": "vae", "estimator": "estimator"}  # attribute names of each part
+    # where each part's network sits in an engine: the name of its attribute, or its dotted path
+    held = {"gan": "model", "unet": "unet", "vae": "vae", "estimator": "estimator", "tagger": "tagger.model",
+            "prompt": "prompt"}  # fmt: skip
+    optional = {"tagger"}  # a tag-prompted engine built with --tagger none holds no tagger
     assert set(plan) <= set(held)
     for part, kernels in plan.items():
-        (net,) = {id(m): m for label, m in modules.items() if label.split(".")[-1] == held[part]}.values()
+        found = {id(m): m for label, m in modules.items() if label.split(".")[-1] == held[part] or label == held[part]}
+        if not found and part in optional:
+            continue
+        (net,) = found.values()
         ends = {id(t) for end in conv_ends(net) for t in end.parameters()} if kernels.layout.fp32_ends else set()
         assert {p.dtype for p in net.parameters() if id(p) not in ends} == {kernels.dtype}, part
         assert {p.dtype for p in net.parameters() if id(p) in ends} <= {torch.float32}, part

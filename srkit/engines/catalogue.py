@@ -86,6 +86,9 @@ def one_step_spec(
     )
 
 
+TAG_PROMPTED_PARTS = ("unet", "vae", "tagger")
+"""A one-step SD2.1 engine prompted with DAPE tags (`--tagger`): its UNet, its VAE and the RAM/DAPE tagger."""
+
 BUILT_IN: tuple[Model, ...] = (
     gan(
         "realesrgan-x4plus", 4, "Real-ESRGAN x4plus: general photos (RRDBNet 23 blocks); the embedded default"
@@ -107,6 +110,7 @@ BUILT_IN: tuple[Model, ...] = (
             ("osediff", "sd21-base", "sd21-text"),
             "Apache-2.0 + " + SD21_LICENCE,
             "OSEDiff: one-step SD2.1 with LoRA (t=999), faithful real-world SR; --prompt, AdaIN colour fix",
+            parts=TAG_PROMPTED_PARTS,
         ),
         OSEDiffOptions,
     ),
@@ -117,6 +121,7 @@ BUILT_IN: tuple[Model, ...] = (
             ("gdpo", "sd21-text"),
             GDPO_LICENCE,
             "GDPO-SR: NAOSD tuned by group preference optimisation; seeded diverse outputs (--samples N)",
+            parts=TAG_PROMPTED_PARTS,
         ),
         NoiseInjectionOptions,
     ),
@@ -127,6 +132,7 @@ BUILT_IN: tuple[Model, ...] = (
             ("naosd", "sd21-text"),
             GDPO_LICENCE,
             "NAOSD: noise-aware one-step SD2.1 (t_add 250, t_diff 100); weights unreleased, --weights DIR",
+            parts=TAG_PROMPTED_PARTS,
         ),
         NoiseInjectionOptions,
     ),
@@ -166,13 +172,13 @@ BUILT_IN: tuple[Model, ...] = (
             "GAN-Embedding",
             tiling="latent",
             stochastic=True,
-            parts=("unet", "vae"),
+            parts=("unet", "vae", "prompt"),
         ),
         ConsisSROptions,
     ),
-    # SeeSR's parts are "other" for `srkit.cpu_features`: fp32 on every CPU.  In bf16 (AMX) the tiny golden SeeSR
-    # missed the half-precision gate of tests/test_cpu_bf16_golden.py (44.9 dB; 45.4 dB with the VAE in fp32 — too
-    # close to call a pass), unlike ConsisSR (49.5 dB).
+    # SeeSR's UNet, ControlNet and VAE are "other" for `srkit.cpu_features`: fp32 on every CPU.  In bf16 (AMX) the
+    # tiny golden SeeSR missed the half-precision gate of tests/test_cpu_bf16_golden.py (44.9 dB; 45.4 dB with the
+    # VAE in fp32 — too close to call a pass), unlike ConsisSR (49.5 dB).
     Model(
         "srkit.engines.seesr",
         EngineSpec(
@@ -185,6 +191,7 @@ BUILT_IN: tuple[Model, ...] = (
             "-O turbo=true",
             tiling="latent",
             stochastic=True,
+            parts=("other", "tagger"),
         ),
         SeeSROptions,
     ),
