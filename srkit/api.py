@@ -28,11 +28,9 @@ from srkit.batch import (
     BatchPlan,
     PlannedFile,
     UpscaleSettings,
-    check_alpha,
-    check_resize_filter,
     check_scale,
 )
-from srkit.common import one_line, resolve_device
+from srkit.common import check_choice, one_line, resolve_device
 from srkit.cpu_features import Kernels, check_cpu_dtype, cpu_auto_dtype, cpu_engine_dtype, kernels_for
 from srkit.cpu_memory import keep_freed_memory
 from srkit.engines.base import (
@@ -313,8 +311,8 @@ class Upscaler:
         seed: int | None = None,
     ) -> ImageData:
         """Upscale one decoded image: alpha (see srkit.alpha), gray kept gray, final resize to `scale`."""
-        check_alpha(alpha)
-        check_resize_filter(resize_filter)
+        check_choice(alpha, ALPHA_MODES, "--alpha")
+        check_choice(resize_filter, RESIZE_FILTERS, "--resize-filter")
         rgb = image.rgb()
         planes = [bleed_colour(rgb, image.alpha) if image.alpha is not None and alpha != "drop" else rgb]
         if image.alpha is not None and alpha == "model":
@@ -362,7 +360,7 @@ def target_size(width: int, height: int, scale: float) -> tuple[int, int]:
 
 def resize_array(array: np.ndarray, width: int, height: int, resize_filter: str) -> np.ndarray:
     """Float resize per channel (Pillow's 'F' mode keeps full precision for 16-bit data)."""
-    check_resize_filter(resize_filter)
+    check_choice(resize_filter, RESIZE_FILTERS, "--resize-filter")
     method = RESIZE_FILTERS[resize_filter]
     channels = [
         np.asarray(Image.fromarray(np.ascontiguousarray(array[:, :, c]), "F").resize((width, height), method))

@@ -35,7 +35,7 @@ from pathlib import Path
 from PIL import Image
 
 from srkit.alpha import ALPHA_MODES
-from srkit.common import one_line
+from srkit.common import check_choice, one_line
 from srkit.imageio import WRITE_FORMATS, is_image_path, is_srkit_output, max_pixels, output_format
 
 Log = Callable[[str], None]
@@ -79,16 +79,6 @@ def parse_tile(tile: int | str | None, overlap: int) -> int | str | None:
     return size
 
 
-def check_resize_filter(name: str) -> None:
-    if name not in RESIZE_FILTERS:
-        raise ValueError(f"unknown resize filter '{name}'; use one of {', '.join(RESIZE_FILTERS)}")
-
-
-def check_alpha(mode: str) -> None:
-    if mode not in ALPHA_MODES:
-        raise ValueError(f"--alpha must be one of {', '.join(ALPHA_MODES)}, got '{mode}'")
-
-
 def check_scale(scale: float | None) -> None:
     if scale is not None and not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"--scale must be a positive finite number, got {scale}")
@@ -115,8 +105,8 @@ class UpscaleSettings:
         if self.ext.lower().lstrip(".") not in ("auto", *EXTENSIONS):
             raise ValueError(f"--ext {self.ext} cannot be written; use auto or one of {', '.join(EXTENSIONS)}")
         check_scale(self.scale)
-        check_alpha(self.alpha)
-        check_resize_filter(self.resize_filter)
+        check_choice(self.alpha, ALPHA_MODES, "--alpha")
+        check_choice(self.resize_filter, RESIZE_FILTERS, "--resize-filter")
         if self.samples < 1:
             raise ValueError(f"--samples must be at least 1, got {self.samples}")
         if not 1 <= self.quality <= 100:

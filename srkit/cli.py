@@ -36,11 +36,11 @@ from rich.table import Table
 
 from srkit import __version__, registry
 from srkit.batch import BatchPlan, UpscaleSettings
-from srkit.common import field_docs, one_line
+from srkit.common import check_choice, field_docs, one_line
 from srkit.degrade.cli import degrade
 from srkit.distributed import launched_ranks
 from srkit.engines.catalogue import DEFAULT_MODEL, describe, model_names, user_models
-from srkit.option_values import check_tag_model
+from srkit.option_values import TAG_MODELS
 from srkit.report import BatchInterrupted, BatchReport, FileResult
 from srkit.request import DEFAULT_OVERLAP, prepare_upscale
 from srkit.train.recipes import RECIPES, built_recipes, check_recipe, describe_settings, describe_training
@@ -671,7 +671,7 @@ def tag(
 ) -> None:
     """Tag images with RAM / DAPE (the prompts' tags); one line per image, or .txt files with --write-txt."""
     try:
-        check_tag_model(tagger)  # before PyTorch loads
+        check_choice(tagger, TAG_MODELS, "--tagger")  # before PyTorch loads
     except ValueError as exc:
         _fail(one_line(exc))
     from srkit.tagging import load_tagger, tag_paths

@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from srkit.common import check_choice
 from srkit.option_values import COLOR_FIXES
 
 ColorFix = Literal["wavelet", "adain", "none"]
@@ -75,8 +76,7 @@ def color_fix(
     `official_8bit` truncates both inputs and the result to 8 bits, as the official inference scripts do when
     they pass images through PIL.
     """
-    if method not in COLOR_FIXES:
-        raise ValueError(f"unknown colour fix '{method}'; use {', '.join(COLOR_FIXES)}")
+    check_choice(method, COLOR_FIXES, "color_fix")
     content, reference = content.float(), reference.float()
     if official_8bit:
         content, reference = truncate_8bit(content), truncate_8bit(reference)

@@ -12,7 +12,7 @@ import itertools
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -65,6 +65,14 @@ def one_line(exc: BaseException) -> str:
     text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)  # KeyError quotes its message
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return lines[0].strip() if lines else type(exc).__name__
+
+
+def check_choice(value: object, choices: Iterable[object], name: str) -> None:
+    """Refuse a value that is not one of `choices`, in the one wording every such check uses:
+    "--alpha must be one of model, resize, drop, got 'keep'" (`name` as the user wrote the setting)."""
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}, got '{value}'")
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -145,4 +153,4 @@ def _coerce(value: Any, fld: dataclasses.Field) -> Any:
     return value
 
 
-__all__ = ["atomic_folder", "atomic_path", "build_options", "field_docs", "one_line", "resolve_device"]
+__all__ = ["atomic_folder", "atomic_path", "build_options", "check_choice", "field_docs", "one_line", "resolve_device"]

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from srkit.common import check_choice
+
 PARTS = ("gan", "unet", "vae", "estimator", "tagger", "prompt", "other")
 KINDS = ("amx-bf16", "avx512-bf16", "avx512", "avx2", "arm", "other")
 WINOGRAD_SWITCH = "SRKIT_CPU_WINOGRAD"
@@ -310,8 +312,7 @@ def kernels_for(part: str, device: torch.device, dtype: torch.dtype, cpu: CpuFea
     every part in fp32; a bf16 engine (`--dtype auto` where bf16 was measured, or `--dtype bf16`) runs a part in
     bf16 when it is in BF16_PARTS and this kind of CPU has a measured bf16 layout for it (where bf16 was never
     measured, `--dtype bf16` gets PyTorch's kernels), in fp32 otherwise.  Layouts are the measured ones."""
-    if part not in PARTS:
-        raise ValueError(f"unknown network part '{part}'; one of {', '.join(PARTS)}")
+    check_choice(part, PARTS, "network part")
     if part in ALWAYS_FP32:
         dtype = torch.float32
     if device.type != "cpu":

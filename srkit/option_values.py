@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from srkit.common import check_choice
+
 COLOR_FIXES: tuple[str, ...] = ("wavelet", "adain", "none")
 """`--color-fix` (srkit.colorfix)."""
 LATENT_MODES: tuple[str, ...] = ("sample", "mode")
@@ -27,8 +29,7 @@ positive prompt."""
 def check_attention(backend: str, device: Any = None) -> None:
     """Refuse an unknown backend, and xformers without CUDA (on `device`, or on this machine when it is not known
     yet) or without the package, with one clear line.  PyTorch is imported only to ask about CUDA for xformers."""
-    if backend not in ATTENTION_BACKENDS:
-        raise ValueError(f"unknown attention backend '{backend}'; use {' or '.join(ATTENTION_BACKENDS)}")
+    check_choice(backend, ATTENTION_BACKENDS, "attention")
     if backend == "xformers":
         if device is not None:
             on_cuda = device.type == "cuda"
@@ -44,16 +45,6 @@ def check_attention(backend: str, device: Any = None) -> None:
             raise ValueError("--attention xformers needs the xformers package: pip install 'srkit[cuda]'") from None
 
 
-def check_tagger_choice(tagger: str) -> None:
-    if tagger not in TAGGER_CHOICES:
-        raise ValueError(f"tagger must be one of {', '.join(TAGGER_CHOICES)}, got '{tagger}'")
-
-
-def check_tag_model(kind: str) -> None:
-    if kind not in TAG_MODELS:
-        raise ValueError(f"--tagger must be {' or '.join(TAG_MODELS)}, got '{kind}'")
-
-
 __all__ = [
     "ATTENTION_BACKENDS",
     "COLOR_FIXES",
@@ -62,6 +53,4 @@ __all__ = [
     "TAGGER_CHOICES",
     "TAG_MODELS",
     "check_attention",
-    "check_tag_model",
-    "check_tagger_choice",
 ]

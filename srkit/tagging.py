@@ -17,16 +17,16 @@ import torch
 
 from srkit import registry
 from srkit.batch import InputFile, Log, collect_inputs
-from srkit.common import atomic_path, one_line, resolve_device
+from srkit.common import atomic_path, check_choice, one_line, resolve_device
 from srkit.imageio import ImageReadError, read_image
-from srkit.option_values import check_tag_model
+from srkit.option_values import TAG_MODELS
 from srkit.report import BatchReport, FileResult
 from srkit.taggers import TAGGER_WEIGHTS, Tagger, build_tagger
 
 
 def load_tagger(kind: str = "dape", *, device: str = "auto", offline: bool | None = None, log: Log = print) -> Tagger:
     """The tagger `kind` from the registry (pulled unless offline; a one-line error says what to pull)."""
-    check_tag_model(kind)
+    check_choice(kind, TAG_MODELS, "--tagger")
     weights = {name: registry.resolve(name, offline=offline, log=log) for name in TAGGER_WEIGHTS[kind]}
     tagger = build_tagger(kind, weights, resolve_device(device))
     assert tagger is not None

@@ -30,7 +30,7 @@ def test_float_scale_uses_the_named_resize(fast_engine):
     image = smooth_image(20, 30)
     assert fast_engine.upscale(image, scale=2.5).shape == (50, 75, 3)
     assert target_size(101, 33, 1.5) == (152, 50)
-    with pytest.raises(ValueError, match="resize filter"):
+    with pytest.raises(ValueError, match="resize-filter must be one of"):
         fast_engine.upscale(image, scale=2, resize_filter="magic")
 
 

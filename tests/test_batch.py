@@ -129,7 +129,7 @@ def test_an_existing_file_srkit_did_not_write_is_not_replaced(tmp_path, engine):
         ({"tile": "abc"}, "--tile must be auto, 0 .no tiling. or a pixel size, got 'abc'"),
         ({"tile": 16}, "--tile 16 must be larger than --tile-overlap 32"),
         ({"alpha": "keep"}, "--alpha must be one of model, resize, drop"),
-        ({"resize_filter": "magic"}, "unknown resize filter 'magic'"),
+        ({"resize_filter": "magic"}, "--resize-filter must be one of .*, got 'magic'"),
         ({"quality": 101}, "--quality must be in 1..100"),
         ({"samples": 2}, "--samples needs a stochastic model"),
         ({"denoise_strength": 0.3}, r"option 'denoise_strength' is not known to this model \(realesr-animevideov3\)"),

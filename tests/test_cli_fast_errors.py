@@ -42,7 +42,7 @@ BAD_OPTIONS = {
     "--tile not a number": (["--tile", "abc"], "--tile must be auto, 0 (no tiling) or a pixel size"),
     "--tile below the overlap": (["--tile", "16"], "--tile 16 must be larger than --tile-overlap 32"),
     "unknown --alpha": (["--alpha", "keep"], "--alpha must be one of"),
-    "unknown --resize-filter": (["--resize-filter", "sinc"], "unknown resize filter 'sinc'"),
+    "unknown --resize-filter": (["--resize-filter", "sinc"], "--resize-filter must be one of lanczos"),
     "--quality out of range": (["--quality", "0"], "--quality must be in 1..100"),
     "--quality not a number": (["--quality", "high"], "Invalid value for '--quality'"),
     "--samples below 1": (["--samples", "0"], "--samples must be at least 1"),
@@ -112,7 +112,7 @@ def test_models_are_listed_from_the_catalogue_without_pytorch(args, tmp_path):
 
 def test_srkit_tag_refuses_an_unknown_tagger_without_pytorch(image, tmp_path):
     result = run_without_torch("tag", str(image), "--tagger", "clip", cwd=tmp_path)
-    assert result.returncode == 2 and result.stderr.strip() == "error: --tagger must be dape or ram, got 'clip'"
+    assert result.returncode == 2 and result.stderr.strip() == "error: --tagger must be one of dape, ram, got 'clip'"
 
 
 @pytest.mark.parametrize(("command", "recipe", "expected"), [

@@ -62,5 +62,5 @@ def test_colorfix_truncation_is_not_rounding() -> None:
 
 def test_colorfix_unknown_method() -> None:
     content, reference = images()
-    with pytest.raises(ValueError, match="unknown colour fix"):
+    with pytest.raises(ValueError, match="color_fix must be one of"):
         color_fix(content, reference, "histogram")

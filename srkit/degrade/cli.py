@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from srkit.common import resolve_device
+from srkit.common import check_choice, resolve_device
 from srkit.degrade.config import CROP_MODES, DegradationConfig
 
 if TYPE_CHECKING:
@@ -47,11 +47,10 @@ def degrade(
     """Synthesise LR/HR pairs with the Real-ESRGAN second-order degradation (blur, resize, noise, JPEG, twice)."""
     if not hr_dir.is_dir():
         _fail(f"{hr_dir} is not a folder; give the folder of HR images")
-    if crop_mode not in CROP_MODES:
-        _fail(f"--crop-mode must be one of {', '.join(CROP_MODES)}, got '{crop_mode}'")
     if hr_dir.resolve() in {(out / "HR").resolve(), (out / "LR").resolve()}:
         _fail(f"{out} would write into the input folder {hr_dir}; choose another --out")
     try:
+        check_choice(crop_mode, CROP_MODES, "--crop-mode")
         settings = DegradationConfig.from_toml(config) if config is not None else DegradationConfig()
     except ValueError as exc:
         _fail(str(exc))

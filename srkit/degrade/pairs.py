@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from srkit.common import check_choice
 from srkit.degrade.config import CROP_MODES
 from srkit.degrade.pipeline import DegradationPipeline
 from srkit.degrade.sampling import CROP_STREAM, sample_generator
@@ -57,8 +58,7 @@ def write_pairs(hr_dir: Path, out_dir: Path, pipeline: DegradationPipeline, seed
                 crop: int | None = None, crop_mode: str = "center", device: torch.device | str = "cpu",
                 warn: Callable[[str], None] = print) -> PairCounts:
     """Degrade every image of `hr_dir`; a file that cannot be used is reported through `warn` and skipped."""
-    if crop_mode not in CROP_MODES:
-        raise ValueError(f"crop mode must be one of {', '.join(CROP_MODES)}, got '{crop_mode}'")
+    check_choice(crop_mode, CROP_MODES, "crop_mode")
     images, others = list_hr_images(hr_dir)
     for path in others:
         warn(f"skipped {path.name}: not an image file")

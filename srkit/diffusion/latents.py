@@ -12,6 +12,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from srkit.common import check_choice
 from srkit.nn.tiled_vae import VAETiling, tiled_decode, tiled_encode
 from srkit.option_values import LATENT_MODES
 
@@ -66,8 +67,7 @@ def vae_encode(
     `noise` replaces the sample's standard normal draw (tests replay upstream's recorded draws)."""
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-    if latent not in LATENT_MODES:
-        raise ValueError(f"latent must be 'sample' or 'mode', got '{latent}'")
+    check_choice(latent, LATENT_MODES, "latent")
     image = image.to(next(vae.parameters()).dtype)
     posterior = DiagonalGaussianDistribution(encode_moments(vae.encoder, vae.quant_conv, image, tiling))
     if latent == "mode":

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from srkit.common import check_choice
 from srkit.option_values import (
     COLOR_FIXES,
     LATENT_MODES,
     QUALITY_PROMPT,
+    TAGGER_CHOICES,
     check_attention,
-    check_tagger_choice,
 )
 
 
@@ -81,20 +82,12 @@ class DiffusionOptions(EngineOptions):
 
     def validate(self) -> None:
         super().validate()
-        if self.color_fix not in COLOR_FIXES:
-            raise ValueError(
-                f"color_fix must be one of {', '.join(COLOR_FIXES)} (--color-fix), got '{self.color_fix}'"
-            )
+        check_choice(self.color_fix, COLOR_FIXES, "color_fix")
         if self.latent_tile and not 0 <= self.latent_overlap < self.latent_tile:
             raise ValueError("latent_overlap must be at least 0 and smaller than latent_tile")
         if self.tile_batch < 1:
             raise ValueError("tile_batch must be at least 1")
         check_attention(self.attention)
-
-
-def check_start(start: str, starts: tuple[str, ...]) -> None:
-    if start not in starts:
-        raise ValueError(f"start must be one of {', '.join(starts)}, got '{start}'")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -110,8 +103,7 @@ class OneStepOptions(DiffusionOptions):
 
     def validate(self) -> None:
         super().validate()
-        if self.latent not in LATENT_MODES:
-            raise ValueError(f"latent must be 'sample' or 'mode', got '{self.latent}'")
+        check_choice(self.latent, LATENT_MODES, "latent")
 
 
 @dataclass
@@ -128,7 +120,7 @@ class PromptedOptions(OneStepOptions):
 
     def validate(self) -> None:
         super().validate()
-        check_tagger_choice(self.tagger)
+        check_choice(self.tagger, TAGGER_CHOICES, "tagger")
 
 
 @dataclass
@@ -241,7 +233,7 @@ class ConsisSROptions(MultiStepOptions):
 
     def validate(self) -> None:
         super().validate()
-        check_start(self.start, CONSISSR_STARTS)
+        check_choice(self.start, CONSISSR_STARTS, "start")
         if not 0 < self.start_t <= 1:
             raise ValueError(f"start_t is a fraction of the schedule in (0, 1], got {self.start_t}")
         if self.latent_tile <= 0:
@@ -285,8 +277,8 @@ class SeeSROptions(MultiStepOptions):
 
     def validate(self) -> None:
         super().validate()
-        check_tagger_choice(self.tagger)
-        check_start(self.start, SEESR_STARTS)
+        check_choice(self.tagger, TAGGER_CHOICES, "tagger")
+        check_choice(self.start, SEESR_STARTS, "start")
 
     @property
     def tag_model(self) -> str:

@@ -17,7 +17,6 @@ import torch
 
 from srkit import registry
 from srkit.diffusion.text import TextEncoder, compose_prompt, prompt_embeddings
-from srkit.option_values import check_tagger_choice
 from srkit.taggers import NO_TAGS_NOTICE, TAGGER_WEIGHTS, Tagger
 
 
@@ -84,4 +83,4 @@ def tag_notice(requested: str, chosen: str, precomputed: str | None = None) -> l
     return [NO_TAGS_NOTICE] if requested == "auto" and chosen == "none" and precomputed is None else []
 
 
-__all__ = ["TagPrompter", "check_tagger_choice", "chosen_tagger", "tag_notice"]
+__all__ = ["TagPrompter", "chosen_tagger", "tag_notice"]

@@ -13,7 +13,7 @@ from typing import Protocol
 
 import torch
 
-from srkit.option_values import TAGGER_CHOICES
+from srkit.common import check_choice
 
 TAGGER_WEIGHTS: dict[str, tuple[str, ...]] = {
     "dape": ("ram-swin-large-14m", "ram-tag-list", "ram-tag-thresholds", "dape"),
@@ -43,10 +43,9 @@ class Tagger(Protocol):
 
 def build_tagger(kind: str, weights: Mapping[str, Path], device: torch.device) -> Tagger | None:
     """The tagger `kind` (dape or ram) from its resolved registry files, on `device`; None for none."""
+    check_choice(kind, ("none", *TAGGER_WEIGHTS), "tagger")
     if kind == "none":
         return None
-    if kind not in TAGGER_WEIGHTS:
-        raise ValueError(f"tagger must be one of {', '.join(TAGGER_CHOICES)}, got '{kind}'")
     from srkit.taggers.ram_weights import load_ram_tagger
 
     return load_ram_tagger(

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from srkit.common import check_choice
+
 POLICY = "color,translation,cutout"
 
 
@@ -61,8 +63,7 @@ AUGMENTATIONS = {"color": color, "translation": translation, "cutout": cutout}
 def diff_augment(images: torch.Tensor, policy: str = POLICY) -> torch.Tensor:
     """Apply the comma-separated augmentations of `policy` in order ("" = none)."""
     for name in filter(None, (part.strip() for part in policy.split(","))):
-        if name not in AUGMENTATIONS:
-            raise ValueError(f"unknown DiffAugment '{name}'; choose from {', '.join(AUGMENTATIONS)}")
+        check_choice(name, AUGMENTATIONS, "DiffAugment policy entry")
         images = AUGMENTATIONS[name](images)
     return images.contiguous()
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from srkit.common import check_choice
 from srkit.train.recipes import RecipeInputs, TrainingSetup, local_or_registry
 from srkit.train.reward_models import RewardModel
 from srkit.train.rfsr import CLIPIQA, GRAM_REGULARISER, IMAGE_REWARD, STRUCTURE, RFSRLossSettings
@@ -59,8 +60,7 @@ class RFSRSettings(RFSRLossSettings):
         super().__post_init__()
         for name, value, allowed in (("model", self.model, tuple(MODELS)), ("mode", self.mode, MODES),
                                      ("reference", self.reference, REFERENCES)):  # fmt: skip
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got '{value}'")
+            check_choice(value, allowed, name)
         if self.reference == "sd_base" and self.model != "seesr":
             raise ValueError("reference sd_base is the released SeeSR script's; use initial for ConsisSR")
 

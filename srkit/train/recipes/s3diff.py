@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from srkit import registry
-from srkit.common import atomic_folder, one_line
+from srkit.common import atomic_folder, check_choice, one_line
 from srkit.degrade.config import DegradationConfig, StageConfig
 from srkit.diffusion.denoiser import Conditioning, UNetDenoiser
 from srkit.diffusion.latents import vae_decode, vae_encode
@@ -137,8 +137,7 @@ class S3DiffSettings:
         for name in ("neg_prob", "no_degradation_prob", "real_label"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be within [0, 1], got {getattr(self, name)}")
-        if self.upsample not in UPSAMPLING:
-            raise ValueError(f"upsample must be one of {', '.join(UPSAMPLING)}, got '{self.upsample}'")
+        check_choice(self.upsample, UPSAMPLING, "upsample")
 
 
 SETTINGS = S3DiffSettings
