@@ -38,7 +38,7 @@ from srkit import __version__, registry
 from srkit.batch import BatchPlan, UpscaleSettings
 from srkit.common import check_choice, field_docs, one_line
 from srkit.degrade.cli import degrade
-from srkit.distributed import launched_ranks
+from srkit.distributed import exit_launched_process, launched_ranks
 from srkit.engines.catalogue import DEFAULT_MODEL, describe, model_names, user_models
 from srkit.option_values import TAG_MODELS
 from srkit.report import BatchInterrupted, BatchReport, FileResult
@@ -72,7 +72,10 @@ class _Commands(typer.core.TyperGroup):
                 where = f" (see `{self._command_path(exc, args)} --help`)"
                 err.print(f"[bold red]error:[/] {escape(message)}{escape(where)}", highlight=False)
             sys.exit(exc.exit_code)
-        sys.exit(code if isinstance(code, int) else 0)
+        code = code if isinstance(code, int) else 0
+        if launched_ranks().world > 1:
+            exit_launched_process(code)
+        sys.exit(code)
 
     def _command_path(self, exc: Exception, args: Any) -> str:
         """The command whose options failed to parse ("srkit upscale"): the error's context where it has one (a

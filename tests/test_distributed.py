@@ -149,3 +149,17 @@ def test_two_processes_write_one_merged_benchmark_report(tmp_path):
     assert sorted(timings) == [f"img{index}" for index in range(5)]
     for image in (tmp_path / "one" / "sr" / "lr" / FAST).glob("*.png"):
         assert image.read_bytes() == (tmp_path / "two" / "sr" / "lr" / FAST / image.name).read_bytes()
+
+
+@pytest.mark.parametrize("args,code", [(("models",), 0), (("models", "nosuch"), 2)], ids=["success", "failure"])
+def test_a_launched_process_ends_with_its_output_and_exit_code(args, code):
+    """A process of a multi-process launch leaves through `exit_launched_process` (no interpreter teardown, where
+    PyTorch's gloo teardown aborted a rank now and then): what it printed is flushed and its exit code kept."""
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}
+    result = subprocess.run([sys.executable, "-m", "srkit.cli", *args], capture_output=True, text=True, env=env,
+                            timeout=120, check=False)  # fmt: skip
+    assert result.returncode == code, result.stderr
+    if code == 0:
+        assert "realesrgan-x4plus" in result.stdout and result.stdout.endswith("\n")
+    else:
+        assert result.stderr.startswith("error: unknown model 'nosuch'")

@@ -226,7 +226,7 @@ def test_s3diff_compile_keeps_outputs_and_serves_new_images_without_recompiling(
 @pytest.mark.parametrize(
     "options,message",
     [
-        ({"color_fix": "sepia"}, "--color-fix"),
+        ({"color_fix": "sepia"}, "color_fix must be one of"),
         ({"latent": "mean"}, "latent"),
         ({"blur": "1.5"}, "--blur"),
         ({"latent_overlap": "96"}, "latent_overlap"),

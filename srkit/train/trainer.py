@@ -152,17 +152,21 @@ class Trainer:
             self.load_latest()
         batches = self.batches()
         started, sums = time.perf_counter(), {}
-        while self.step < config.steps:
-            if getattr(self.recipe, "step_each_loss", False):
-                sums = self._iterate_stepping_each_loss(batches)
-            else:
-                sums = self._iterate(batches)
-            self.step += 1
-            self._update_ema()
-            if self.step % config.log_every == 0 or self.step == config.steps:
-                self.log(sums, time.perf_counter() - started)
-            if self.step % config.checkpoint_every == 0 or self.step == config.steps:
-                self.save_checkpoint()
+        try:
+            while self.step < config.steps:
+                if getattr(self.recipe, "step_each_loss", False):
+                    sums = self._iterate_stepping_each_loss(batches)
+                else:
+                    sums = self._iterate(batches)
+                self.step += 1
+                self._update_ema()
+                if self.step % config.log_every == 0 or self.step == config.steps:
+                    self.log(sums, time.perf_counter() - started)
+                if self.step % config.checkpoint_every == 0 or self.step == config.steps:
+                    self.save_checkpoint()
+        finally:
+            if self.writer is not None:  # its last events on disk now, also when a run stops early
+                self.writer.close()
         self.accelerator.wait_for_everyone()
         exported = Path(config.out) / "export"
         if self.accelerator.is_main_process:
