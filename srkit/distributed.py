@@ -72,8 +72,8 @@ def process_group() -> Iterator[Ranks]:
     try:
         yield ranks
         # No rank tears its connections down while another still works (rank 0 writes the merged report after the
-        # last gather): a gloo peer closing early aborted the other rank ("terminate called without an active
-        # exception") once in a loaded CI run.  Not on errors: a failing rank must not wait for the others.
+        # last gather).  Not on errors: a failing rank must not wait for the others.  (The rare abort at exit that
+        # this barrier was first meant to stop came from the interpreter's teardown: see exit_launched_process.)
         torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
